@@ -1,0 +1,5 @@
+import sys
+
+from deftune.cli import main
+
+sys.exit(main())

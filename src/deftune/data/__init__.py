@@ -1,0 +1,28 @@
+"""Datasets (GLUE, SQuAD) and locally computed metrics."""
+
+from deftune.data.glue import (
+    DATA_DIR_ENV,
+    GLUE_TASKS,
+    DataError,
+    Example,
+    GlueTask,
+    get_task,
+    load_glue,
+    make_batches,
+    subsample,
+)
+from deftune.data.metrics import METRICS, compute_metrics
+
+__all__ = [
+    "DATA_DIR_ENV",
+    "GLUE_TASKS",
+    "METRICS",
+    "DataError",
+    "Example",
+    "GlueTask",
+    "compute_metrics",
+    "get_task",
+    "load_glue",
+    "make_batches",
+    "subsample",
+]

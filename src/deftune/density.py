@@ -1,0 +1,456 @@
+"""Streaming activation-density measurement.
+
+:class:`ActivationRecorder` attaches forward hooks to every MLP activation site (see
+:mod:`deftune.arch`), and for every forward pass
+
+* accumulates per-layer counts (exact non-zeros in fp32, ``|a| > tau`` for each threshold,
+  positives) over *real* tokens — never storing activations;
+* optionally computes a differentiable per-layer density surrogate (``loss_fn``) used by the
+  DEFT regulariser (:mod:`deftune.regularizer`).
+
+Hooks are removed on ``__exit__``, also when the body raises.
+
+Which tokens are real: the recorder reads ``attention_mask`` (and, for encoder–decoder models,
+``decoder_attention_mask`` or ``labels != -100``) from the keyword arguments of the innermost
+``transformers`` model's forward call — after ``peft`` has extended the mask for virtual tokens.
+An activation of shape ``(B, T, F)`` uses the last ``T`` columns of the ``(B, T_mask)`` mask
+(right-aligned: this covers KV-cache decoding and prefix tuning); OPT's flattened ``(B*T, F)``
+activations use the flattened mask. ``count_padding=True`` counts every position, as the
+official DEFT code does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from deftune.arch import ActivationSite, SiteKind, find_activation_sites
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (1e-3, 1e-2)
+
+
+# ---- accumulated counts ------------------------------------------------------------------------
+
+
+@dataclass
+class SiteCounts:
+    """Running counts for one site (all over real tokens × features)."""
+
+    elements: int = 0
+    tokens: int = 0
+    nonzero: int = 0
+    positive: int = 0
+    above: list[int] = field(default_factory=list)  # one per threshold
+
+    def add(self, a: Tensor, mask: Tensor | None, thresholds: Sequence[float]) -> None:
+        # a: (N, F) fp32 rows of real tokens; mask applied by the caller when given.
+        a = a.detach()
+        if mask is not None:
+            a = a[mask]
+        if a.numel() == 0:
+            return
+        a = a.float()
+        self.tokens += a.shape[0]
+        self.elements += a.numel()
+        self.nonzero += int(torch.count_nonzero(a))
+        self.positive += int((a > 0).sum())
+        mag = a.abs()
+        if not self.above:
+            self.above = [0] * len(thresholds)
+        for i, tau in enumerate(thresholds):
+            self.above[i] += int((mag > tau).sum())
+
+
+@dataclass
+class LayerDensity:
+    """Density of one layer. Fractions are in [0, 1]."""
+
+    stack: str
+    exact: float
+    positive: float
+    thresholded: dict[str, float]
+    tokens: int
+    features: int
+
+
+@dataclass
+class DensityResult:
+    """Per-layer, per-stack and overall activation density.
+
+    ``exact`` is the fraction of activations that are not exactly zero (in the dtype the model
+    ran in; fp32 for the paper's metric), ``thresholded[str(tau)]`` the fraction with
+    ``|a| > tau``, ``positive`` the fraction ``> 0``. Stack and overall values are weighted by
+    element count.
+    """
+
+    per_layer: dict[str, LayerDensity]
+    per_stack: dict[str, float]
+    overall: float
+    thresholds: tuple[float, ...]
+    count_padding: bool
+    dtype: str
+    site: str
+
+    # -- derived views
+    @property
+    def exact_per_layer(self) -> dict[str, float]:
+        return {name: layer.exact for name, layer in self.per_layer.items()}
+
+    def thresholded_overall(self, tau: float) -> float:
+        key = _tau_key(tau)
+        total = sum(layer.tokens * layer.features for layer in self.per_layer.values())
+        hit = sum(
+            layer.thresholded[key] * layer.tokens * layer.features for layer in self.per_layer.values()
+        )
+        return hit / max(total, 1)
+
+    # -- serialisation
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["thresholds"] = list(self.thresholds)
+        return out
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "DensityResult":
+        data = dict(data)
+        data["per_layer"] = {k: LayerDensity(**v) for k, v in data["per_layer"].items()}
+        data["thresholds"] = tuple(data["thresholds"])
+        return cls(**data)
+
+    def table(self, title: str = "Activation density") -> str:
+        """A plain-text table (one row per layer)."""
+        taus = [_tau_key(t) for t in self.thresholds]
+        head = f"{'layer':<12}{'exact':>8}{'positive':>10}" + "".join(f"{'|a|>' + t:>12}" for t in taus)
+        lines = [title, head, "-" * len(head)]
+        for name, layer in self.per_layer.items():
+            lines.append(
+                f"{name:<12}{layer.exact:>8.4f}{layer.positive:>10.4f}"
+                + "".join(f"{layer.thresholded[t]:>12.4f}" for t in taus)
+            )
+        lines.append("-" * len(head))
+        for stack, value in self.per_stack.items():
+            lines.append(f"{stack + ' (all)':<12}{value:>8.4f}")
+        lines.append(f"{'overall':<12}{self.overall:>8.4f}")
+        return "\n".join(lines)
+
+
+def _tau_key(tau: float) -> str:
+    return f"{tau:g}"
+
+
+# ---- mask alignment ----------------------------------------------------------------------------
+
+
+def align_mask(mask: Tensor | None, activation: Tensor) -> Tensor | None:
+    """Boolean mask over the leading dims of ``activation`` (``a.shape[:-1]``), or ``None``.
+
+    Right-aligns a ``(B, T_mask)`` mask to an activation ``(B, T, F)`` with ``T <= T_mask``;
+    flattens it for ``(B*T, F)`` activations. Returns ``None`` (count all) when shapes don't fit.
+    """
+    if mask is None:
+        return None
+    lead = activation.shape[:-1]
+    mask = mask.to(device=activation.device).bool()
+    if len(lead) == 2 and mask.dim() == 2 and lead[0] == mask.shape[0] and lead[1] <= mask.shape[1]:
+        return mask[:, mask.shape[1] - lead[1] :]
+    if len(lead) == 1 and mask.numel() == lead[0]:
+        return mask.reshape(-1)
+    return None
+
+
+# ---- recorder ----------------------------------------------------------------------------------
+
+
+def _innermost_hf_model(model: nn.Module) -> nn.Module:
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return model
+
+
+class ActivationRecorder:
+    """Context manager that hooks every MLP activation site of a model.
+
+    Args:
+        model: a ``transformers`` model (optionally wrapped by ``peft``).
+        sites: activation sites; default :func:`deftune.arch.find_activation_sites`.
+        site: ``"act"`` or ``"product"`` (gated MLPs), used when ``sites`` is None.
+        thresholds: ``tau`` values for the thresholded density ``|a| > tau``.
+        count_padding: count padding tokens too (the official DEFT code's convention).
+        loss_fn: elementwise density surrogate; when set, each forward stores a per-site
+            differentiable mean in :attr:`losses` (popped with :meth:`pop_losses`).
+        track_stats: accumulate counts (turn off to save time when only the loss is needed).
+        skip_leading: positions at the start of each sequence to exclude (prompt-tuning virtual
+            tokens), applied after alignment.
+
+    Example::
+
+        with ActivationRecorder(model) as rec:
+            model(**batch)
+        print(rec.result().table())
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[ActivationSite] | None = None,
+        *,
+        site: SiteKind = "act",
+        thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+        count_padding: bool = False,
+        loss_fn: Callable[[Tensor], Tensor] | None = None,
+        track_stats: bool = True,
+        skip_leading: int = 0,
+    ) -> None:
+        for tau in thresholds:
+            if not (isinstance(tau, (int, float)) and tau >= 0 and math.isfinite(tau)):
+                raise ValueError(f"thresholds must be finite and >= 0, got {tau!r}")
+        if skip_leading < 0:
+            raise ValueError(f"skip_leading must be >= 0, got {skip_leading}")
+        self.model = model
+        self.sites = list(sites) if sites is not None else find_activation_sites(model, site)
+        self.site_kind = site
+        self.thresholds = tuple(float(t) for t in thresholds)
+        self.count_padding = count_padding
+        self.loss_fn = loss_fn
+        self.track_stats = track_stats
+        self.skip_leading = skip_leading
+        self.counts: dict[str, SiteCounts] = {s.name: SiteCounts() for s in self.sites}
+        self.features: dict[str, int] = {}
+        self.losses: dict[str, Tensor] = {}
+        self.enabled = True
+        self._masks: dict[str, Tensor | None] = {}
+        self._dtype: str = ""
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._warned = False
+
+    # -- life cycle
+    def __enter__(self) -> "ActivationRecorder":
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        if self._handles:
+            raise RuntimeError("ActivationRecorder is already attached")
+        modules = dict(self.model.named_modules())
+        try:
+            root = _innermost_hf_model(self.model)
+            self._handles.append(root.register_forward_pre_hook(self._capture_masks, with_kwargs=True))
+            for s in self.sites:
+                module = modules.get(s.module_path)
+                if module is None:
+                    raise KeyError(f"activation site {s.name}: no module named {s.module_path!r}")
+                if s.hook == "output":
+                    handle = module.register_forward_hook(self._make_output_hook(s))
+                else:
+                    handle = module.register_forward_pre_hook(self._make_input_hook(s))
+                self._handles.append(handle)
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._masks.clear()
+        self.losses.clear()
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    # -- masks
+    def set_masks(self, attention_mask: Tensor | None, decoder_mask: Tensor | None = None) -> None:
+        """Set the real-token masks explicitly (overrides what the forward call passes)."""
+        self._masks = {"encoder": attention_mask, "decoder": decoder_mask}
+
+    def _capture_masks(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        attention = kwargs.get("attention_mask")
+        if attention is None and len(args) > 1 and isinstance(args[1], Tensor):
+            attention = args[1]  # positional (input_ids, attention_mask, ...)
+        if getattr(module.config, "is_encoder_decoder", False):
+            decoder = kwargs.get("decoder_attention_mask")
+            labels = kwargs.get("labels")
+            if decoder is None and isinstance(labels, Tensor):
+                decoder = labels != -100
+            self._masks = {"encoder": attention, "decoder": decoder}
+        else:
+            self._masks = {"encoder": attention, "decoder": attention}
+
+    def _real_mask(self, site: ActivationSite, a: Tensor) -> Tensor | None:
+        if self.count_padding:
+            mask = None
+        else:
+            mask = align_mask(self._masks.get(site.stack), a)
+            if mask is None and self._masks.get(site.stack) is not None and not self._warned:
+                warnings.warn(
+                    f"attention mask {tuple(self._masks[site.stack].shape)} does not fit activation "
+                    f"{tuple(a.shape)} at {site.name}; counting all positions",
+                    stacklevel=2,
+                )
+                self._warned = True
+        if self.skip_leading and a.dim() == 3:
+            lead = torch.ones(a.shape[:-1], dtype=torch.bool, device=a.device)
+            lead[:, : self.skip_leading] = False
+            mask = lead if mask is None else mask & lead
+        return mask
+
+    # -- hooks
+    def _make_output_hook(self, site: ActivationSite):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            self._record(site, output)
+
+        return hook
+
+    def _make_input_hook(self, site: ActivationSite):
+        def hook(module: nn.Module, args: tuple) -> None:
+            self._record(site, args[0])
+
+        return hook
+
+    def _record(self, site: ActivationSite, a: Tensor) -> None:
+        if not self.enabled:
+            return
+        mask = self._real_mask(site, a)
+        self.features[site.name] = a.shape[-1]
+        self._dtype = str(a.dtype).replace("torch.", "")
+        if self.track_stats:
+            self.counts[site.name].add(a, mask, self.thresholds)
+        if self.loss_fn is not None and torch.is_grad_enabled():
+            values = self.loss_fn(a)  # (..., F), differentiable
+            if mask is None:
+                self.losses[site.name] = values.mean()
+            else:
+                m = mask.to(values.dtype).unsqueeze(-1)  # (..., 1)
+                denom = m.sum().clamp_min(1.0) * values.shape[-1]
+                self.losses[site.name] = (values * m).sum() / denom
+
+    # -- results
+    def pop_losses(self) -> dict[str, Tensor]:
+        """Per-site surrogate losses of the last forward pass(es); clears them."""
+        losses, self.losses = self.losses, {}
+        return losses
+
+    def reset(self) -> None:
+        self.counts = {s.name: SiteCounts() for s in self.sites}
+
+    def all_reduce(self) -> None:
+        """Sum counts over ``torch.distributed`` processes (no-op when not initialised)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        names = [s.name for s in self.sites]
+        n_tau = len(self.thresholds)
+        rows = []
+        for name in names:
+            c = self.counts[name]
+            above = c.above or [0] * n_tau
+            rows.append([c.elements, c.tokens, c.nonzero, c.positive, *above])
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        # float64 holds integers exactly up to 2**53: enough for any count we make
+        packed = torch.tensor(rows, dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        for name, row in zip(names, packed.cpu().tolist()):
+            ints = [int(round(v)) for v in row]
+            self.counts[name] = SiteCounts(*ints[:4], above=ints[4:])
+
+    def result(self) -> DensityResult:
+        """The accumulated density as a :class:`DensityResult`."""
+        per_layer: dict[str, LayerDensity] = {}
+        stack_elems: dict[str, list[int]] = {}
+        for s in self.sites:
+            c = self.counts[s.name]
+            if c.elements == 0:
+                continue
+            e = c.elements
+            per_layer[s.name] = LayerDensity(
+                stack=s.stack,
+                exact=c.nonzero / e,
+                positive=c.positive / e,
+                thresholded={_tau_key(t): c.above[i] / e for i, t in enumerate(self.thresholds)},
+                tokens=c.tokens,
+                features=self.features.get(s.name, e // max(c.tokens, 1)),
+            )
+            acc = stack_elems.setdefault(s.stack, [0, 0])
+            acc[0] += c.nonzero
+            acc[1] += e
+        if not per_layer:
+            raise RuntimeError(
+                "no activations were recorded: run at least one forward pass with real tokens "
+                "inside the recorder"
+            )
+        per_stack = {k: v[0] / v[1] for k, v in stack_elems.items()}
+        total_nz = sum(v[0] for v in stack_elems.values())
+        total = sum(v[1] for v in stack_elems.values())
+        return DensityResult(
+            per_layer=per_layer,
+            per_stack=per_stack,
+            overall=total_nz / total,
+            thresholds=self.thresholds,
+            count_padding=self.count_padding,
+            dtype=self._dtype,
+            site=self.site_kind,
+        )
+
+
+# ---- one-call measurement ----------------------------------------------------------------------
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def measure_density(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    *,
+    sites: Sequence[ActivationSite] | None = None,
+    site: SiteKind = "act",
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    count_padding: bool = False,
+    progress: bool = False,
+    description: str = "measuring density",
+) -> DensityResult:
+    """Run ``model`` over ``batches`` (dicts of model inputs) and measure MLP activation density.
+
+    The model is put in eval mode for the measurement and restored afterwards. Density is the
+    fraction of activations that are exactly non-zero, counted over real tokens (see
+    :class:`ActivationRecorder`). Run the model in fp32 for the paper's metric: bf16 rounds
+    small GELU/SiLU outputs to zero and changes the count.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with ActivationRecorder(
+            model, sites, site=site, thresholds=thresholds, count_padding=count_padding
+        ) as rec:
+            iterator = batches
+            if progress:
+                from deftune.progress import track
+
+                iterator = track(batches, description=description)
+            for batch in iterator:
+                model(**_to_device(batch, device))
+            rec.all_reduce()
+            return rec.result()
+    finally:
+        model.train(was_training)
