@@ -49,10 +49,9 @@ class SiteCounts:
     above: list[int] = field(default_factory=list)  # one per threshold
 
     def add(self, a: Tensor, mask: Tensor | None, thresholds: Sequence[float]) -> None:
-        # a: (N, F) fp32 rows of real tokens; mask applied by the caller when given.
+        # a: (..., F); mask: bool over a.shape[:-1] (None: every position counts)
         a = a.detach()
-        if mask is not None:
-            a = a[mask]
+        a = a[mask] if mask is not None else a.reshape(-1, a.shape[-1])  # (N_real, F)
         if a.numel() == 0:
             return
         a = a.float()
@@ -247,9 +246,14 @@ class ActivationRecorder:
         if self._handles:
             raise RuntimeError("ActivationRecorder is already attached")
         modules = dict(self.model.named_modules())
+        self.losses.clear()
         try:
             root = _innermost_hf_model(self.model)
             self._handles.append(root.register_forward_pre_hook(self._capture_masks, with_kwargs=True))
+            # peft's prefix tuning calls the backbone (model.bert) directly, bypassing the task model
+            backbone = getattr(root, "base_model", root)
+            if backbone is not root and not getattr(root.config, "is_encoder_decoder", False):
+                self._handles.append(backbone.register_forward_pre_hook(self._capture_masks, with_kwargs=True))
             for s in self.sites:
                 module = modules.get(s.module_path)
                 if module is None:
@@ -268,7 +272,6 @@ class ActivationRecorder:
             handle.remove()
         self._handles.clear()
         self._masks.clear()
-        self.losses.clear()
 
     @property
     def attached(self) -> bool:

@@ -1,0 +1,96 @@
+"""Turn a config dataclass into argparse options (help text from its docstring's Attributes)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from typing import Any
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``name -> help`` from the ``Attributes:`` section of ``cls.__doc__``."""
+    doc = cls.__doc__ or ""
+    section = doc.split("Attributes:", 1)[-1] if "Attributes:" in doc else ""
+    docs: dict[str, str] = {}
+    current: list[str] = []
+    text: list[str] = []
+    for line in section.splitlines():
+        m = re.match(r"^\s{4,8}([a-z_][\w, ]*):\s*(.*)$", line)
+        if m:
+            for name in current:
+                docs[name] = " ".join(text).strip()
+            current = [n.strip() for n in m.group(1).split(",")]
+            text = [m.group(2)]
+        elif current:
+            text.append(line.strip())
+    for name in current:
+        docs[name] = " ".join(text).strip()
+    return docs
+
+
+def _parse_bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _floats(value: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in value.split(",") if v)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (),
+                            defaults: dict[str, Any] | None = None) -> None:
+    """Add ``--field-name`` for each field of ``cls`` (skipping ``exclude``)."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        hint = hints[f.name]
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "") or f.name}
+        origin = typing.get_origin(hint)
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else hint
+        if base is bool:
+            kwargs["type"] = _parse_bool
+            kwargs["metavar"] = "BOOL"
+        elif base in (int, float, str):
+            kwargs["type"] = base
+        elif typing.get_origin(base) is tuple:
+            kwargs["type"] = _floats
+            kwargs["metavar"] = "X,Y,..."
+        elif typing.get_origin(base) is dict:
+            kwargs["type"] = _parse_mapping
+            kwargs["metavar"] = "K=V,..."
+        else:
+            continue
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+
+
+def _parse_mapping(value: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, value.split(",")):
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"expected KEY=VALUE pairs, got {item!r}")
+        key, raw = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                out[key] = cast(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = _parse_bool(raw) if raw.lower() in ("true", "false") else raw
+    return out
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)

@@ -1,0 +1,42 @@
+"""PEFT vs DEFT over tasks × methods: trains every (task, method, α) run not yet in the results
+file (resumable: finished runs are skipped, results are written atomically after each run), then
+writes a table and a metric-vs-density plot into the markdown report.
+
+Example:
+  deftune compare --tasks sst2,mrpc,rte,stsb --methods lora,dora,ia3,prefix,prompt,adapter,bitfit \
+      --data-dir ../shared/data/glue
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from deftune.cli._args import add_dataclass_arguments, dataclass_from_args
+from deftune.compare import CompareConfig
+
+COMMAND = "compare"
+HELP = "PEFT vs DEFT for every task x method; resumable; writes the GLUE table and plot"
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, CompareConfig, exclude=("tasks", "methods", "method_options"))
+    defaults = CompareConfig()
+    parser.add_argument("--tasks", type=_names, default=defaults.tasks, help="comma-separated GLUE tasks")
+    parser.add_argument("--methods", type=_names, default=defaults.methods, help="comma-separated PEFT methods")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deftune.compare import load_rows, run_compare, write_compare_report
+
+    config = dataclass_from_args(CompareConfig, args)
+    if args.report_only:
+        write_compare_report(load_rows(config.results_json), config)
+    else:
+        run_compare(config)
+    print(f"wrote {config.results_json} and {config.report_md}")
+    return 0

@@ -1,0 +1,54 @@
+"""Measure the MLP activation density of a model (or a run directory) on a GLUE task's sentences,
+without training: exact non-zero fraction (fp32), |a| > τ fractions, positives, per layer.
+
+Example:
+  deftune measure --model minilm --task sst2 --data-dir ../shared/data/glue --json density.json
+"""
+
+from __future__ import annotations
+
+import argparse
+
+COMMAND = "measure"
+HELP = "measure per-layer MLP activation density of a model on task data"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="minilm", help="model name or folder (ignored with --run-dir)")
+    parser.add_argument("--run-dir", default=None, help="measure a trained run instead of a base model")
+    parser.add_argument("--task", default="sst2", help="GLUE task whose dev sentences are fed")
+    parser.add_argument("--split", default="dev", help="dataset split")
+    parser.add_argument("--data-dir", default=None, help="GLUE folder (default $DEFTUNE_DATA_DIR)")
+    parser.add_argument("--limit", type=int, default=None, help="use at most this many examples")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size")
+    parser.add_argument("--max-length", type=int, default=128, help="max tokens per example")
+    parser.add_argument("--site", choices=("act", "product"), default="act", help="activation site (gated MLPs)")
+    parser.add_argument("--thresholds", default="1e-3,1e-2", help="comma-separated τ for |a| > τ")
+    parser.add_argument("--count-padding", action="store_true", help="count padding tokens (official DEFT code)")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
+
+
+def run(args: argparse.Namespace) -> int:
+    from deftune import models
+    from deftune.data.glue import get_task, load_glue, make_batches, subsample
+    from deftune.density import measure_density
+    from deftune.runs import write_json_atomic
+
+    task = get_task(args.task)
+    if args.run_dir:
+        from deftune.runs import load_run
+
+        model, tokenizer, _ = load_run(args.run_dir)
+    else:
+        model = models.load_for_classification(args.model, task.num_labels)
+        tokenizer = models.load_tokenizer(args.model)
+    examples = subsample(load_glue(task, args.split, args.data_dir), args.limit)
+    batches = make_batches(examples, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    thresholds = tuple(float(t) for t in args.thresholds.split(",") if t)
+    result = measure_density(
+        model, batches, site=args.site, thresholds=thresholds, count_padding=args.count_padding, progress=True
+    )
+    print(result.table(f"Activation density ({args.task} {args.split}, {result.dtype})"))
+    if args.json:
+        write_json_atomic(args.json, result.to_dict())
+    return 0

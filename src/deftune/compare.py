@@ -1,0 +1,314 @@
+"""PEFT vs DEFT over tasks × methods (``deftune compare``) and the α sweep (``deftune sweep alpha``).
+
+Both are resumable grids of :func:`deftune.train.train_glue` runs:
+
+* every finished run is a row in the results JSON (``docs/results/glue.json`` by default),
+  keyed by (task, method, alpha, steps, seed); a key already present is skipped;
+* the JSON is rewritten atomically after each run, so an interruption loses at most the run in
+  progress, whose half-written run directory is removed and restarted on the next invocation;
+* tables and plots are regenerated from the JSON at the end (and can be alone: ``--report-only``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from deftune.runs import RESULTS_FILE, read_json, write_json_atomic
+from deftune.train.config import TrainConfig
+
+# Learning rates per method for the documented budget (virtual-token methods need larger ones,
+# as in the PEFT papers; the DEFT paper's scripts tune them per task).
+METHOD_LR: dict[str, float] = {
+    "lora": 1e-3, "dora": 1e-3, "ia3": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-2,
+    "adapter": 1e-3, "bitfit": 5e-3, "full": 5e-5,
+}
+
+
+@dataclass
+class CompareConfig:
+    """A grid of runs: every task × method × alpha.
+
+    Attributes:
+        tasks: GLUE tasks.
+        methods: PEFT methods (names from deftune.methods.METHODS).
+        alphas: density-loss weights; 0 is PEFT.
+        steps: optimizer steps per run (the documented training budget).
+        train_subset: training examples per task (fixed random subset; None: all).
+        eval_subset: dev examples per task (None: the full dev set).
+        batch_size: batch size.
+        max_length: max tokens per example.
+        schedule: alpha schedule of the DEFT runs.
+        warmup_steps: alpha warm-up steps.
+        data_dir: GLUE folder.
+        runs_dir: where run directories go.
+        results_json: the results file (one row per run; resumable).
+        report_md: the markdown report written from the results file.
+        seed: random seed.
+    """
+
+    tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
+    methods: tuple[str, ...] = ("lora", "dora", "ia3", "prefix", "prompt", "adapter", "bitfit")
+    alphas: tuple[float, ...] = (0.0, 1.0)
+    steps: int = 250
+    train_subset: int | None = 8000
+    eval_subset: int | None = None
+    batch_size: int = 32
+    max_length: int = 128
+    schedule: str = "linear"
+    warmup_steps: int = 100
+    data_dir: str | None = None
+    runs_dir: str = "runs/compare"
+    results_json: str = "docs/results/glue.json"
+    report_md: str = "docs/results.md"
+    seed: int = 0
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from deftune.data.glue import get_task
+
+        for t in self.tasks:
+            get_task(t)
+        if not self.methods:
+            raise ValueError("methods must name at least one PEFT method")
+        if any(a < 0 for a in self.alphas):
+            raise ValueError(f"alphas must be >= 0, got {self.alphas}")
+
+    def runs(self) -> list[TrainConfig]:
+        out = []
+        for task in self.tasks:
+            for method in self.methods:
+                for alpha in self.alphas:
+                    name = f"{task}-{method}-a{alpha:g}"
+                    out.append(
+                        TrainConfig(
+                            task=task, method=method, alpha=alpha, steps=self.steps,
+                            method_options=dict(self.method_options.get(method, {})),
+                            lr=METHOD_LR.get(method, 1e-3), batch_size=self.batch_size,
+                            max_length=self.max_length, train_subset=self.train_subset,
+                            eval_subset=self.eval_subset, schedule=self.schedule,
+                            warmup_steps=self.warmup_steps, data_dir=self.data_dir,
+                            output_dir=str(Path(self.runs_dir) / name), seed=self.seed, name=name,
+                        )
+                    )
+        return out
+
+
+def run_key(row: dict[str, Any]) -> tuple:
+    return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)))
+
+
+def _row(config: TrainConfig, result) -> dict[str, Any]:
+    d = result.to_dict()
+    return {
+        "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
+        "seed": config.seed, "metric": d["metric"], "metrics": d["metrics"],
+        "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
+        "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],
+    }
+
+
+def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    data = read_json(path)
+    return list(data["runs"] if isinstance(data, dict) else data)
+
+
+def run_grid(configs: Sequence[TrainConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train every config not yet in ``results_json``; append each finished run atomically."""
+    from deftune.hardware import describe
+    from deftune.train import train_glue
+
+    rows = load_rows(results_json)
+    done = {run_key(r) for r in rows}
+    for i, config in enumerate(configs):
+        key = (config.task, config.method, float(config.alpha), config.steps, config.seed)
+        if key in done:
+            print(f"[{i + 1}/{len(configs)}] {config.run_name}: done, skipped")
+            continue
+        out = Path(config.output_dir) if config.output_dir else None
+        if out is not None and out.exists() and not (out / RESULTS_FILE).exists():
+            shutil.rmtree(out)  # an interrupted run: restart it cleanly
+        print(f"[{i + 1}/{len(configs)}] {config.run_name}: training")
+        result = train_glue(config, progress=progress)
+        rows.append(_row(config, result))
+        done.add(key)
+        write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
+    return rows
+
+
+def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Run (or resume) the grid, then write the markdown report and plot."""
+    rows = run_grid(config.runs(), config.results_json, progress=progress)
+    write_compare_report(rows, config)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-method PEFT-vs-DEFT averages over tasks where both runs exist."""
+    by = {(r["task"], r["method"], float(r["alpha"])): r for r in rows}
+    methods: dict[str, dict[str, list[float]]] = {}
+    for (task, method, alpha), r in by.items():
+        if alpha == 0:
+            continue
+        base = by.get((task, method, 0.0))
+        if base is None:
+            continue
+        m = methods.setdefault(method, {"dd": [], "dm": [], "pd": [], "dd_abs": []})
+        m["pd"].append(base["density"])
+        m["dd_abs"].append(r["density"])
+        m["dd"].append(100 * (base["density"] - r["density"]) / base["density"])
+        m["dm"].append(r["metric"]["value"] - base["metric"]["value"])
+    out = {}
+    for method, m in methods.items():
+        n = len(m["dd"])
+        out[method] = {
+            "tasks": n,
+            "density_reduction_pct": sum(m["dd"]) / n,
+            "metric_delta": sum(m["dm"]) / n,
+        }
+    return out
+
+
+def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> None:
+    """``docs/results.md``: the per-run table, per-method averages, and a metric-vs-density plot."""
+    from deftune.hardware import describe_line
+
+    md = Path(config.report_md)
+    img = md.parent / "img" / "glue_metric_vs_density.png"
+    plot_metric_vs_density(rows, img)
+    lines = [
+        "# GLUE: PEFT vs DEFT, every method",
+        "",
+        f"MiniLM (all-MiniLM-L6-v2), {config.steps} steps × batch {config.batch_size}, train subset "
+        f"{config.train_subset}, max length {config.max_length}, α schedule `{config.schedule}` "
+        f"(warm-up {config.warmup_steps}); dev metric on the full dev set; exact density in fp32 over real tokens.",
+        f"Hardware: {describe_line()}.",
+        "",
+        "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
+        + " --alphas " + ",".join(f"{a:g}" for a in config.alphas) + " --data-dir ../shared/data/glue`",
+        "",
+        "| task | method | α | metric | value | exact density | trainable params | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["alpha"])):
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['alpha']:g} | {r['metric']['name']} | {r['metric']['value']:.2f} | "
+            f"{r['density']:.4f} | {r['trainable_parameters']:,} | {r['train_seconds']:.0f} |"
+        )
+    summary = summarise(rows)
+    if summary:
+        lines += ["", "## Per method, averaged over tasks (DEFT vs PEFT)", "",
+                  "| method | tasks | density reduction | metric change (points) | meets ≥40% and ≤1 pt |",
+                  "|---|---|---|---|---|"]
+        for method, s in sorted(summary.items()):
+            ok = s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
+            lines.append(f"| {method} | {s['tasks']} | {s['density_reduction_pct']:.1f}% | {s['metric_delta']:+.2f} | "
+                         f"{'yes' if ok else 'no'} |")
+        allr = [s["density_reduction_pct"] for s in summary.values()]
+        allm = [s["metric_delta"] for s in summary.values()]
+        lines += ["", f"Average over methods: density −{sum(allr) / len(allr):.1f}%, metric "
+                  f"{sum(allm) / len(allm):+.2f} points."]
+    lines += ["", f"![metric vs density]({img.relative_to(md.parent).as_posix()})", ""]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, md)
+
+
+def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in rows if r["task"] == task):
+            marker = "o" if r["alpha"] == 0 else "^"
+            ax.scatter(r["density"], r["metric"]["value"], marker=marker, label=f"{r['method']} a={r['alpha']:g}")
+        ax.set_title(task)
+        ax.set_xlabel("exact density")
+        ax.set_ylabel("dev metric")
+    axes[0][-1].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@dataclass
+class AlphaSweepConfig:
+    """The α sweep on one task and method.
+
+    Attributes:
+        task: GLUE task.
+        method: PEFT method.
+        alphas: the α values.
+        steps: optimizer steps per run.
+        train_subset: training examples (fixed subset).
+        schedule: alpha schedule.
+        warmup_steps: alpha warm-up steps.
+        data_dir: GLUE folder.
+        runs_dir: where run directories go.
+        results_json: results file (resumable).
+        plot: output PNG.
+        seed: random seed.
+    """
+
+    task: str = "sst2"
+    method: str = "lora"
+    alphas: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    steps: int = 250
+    train_subset: int | None = 8000
+    schedule: str = "linear"
+    warmup_steps: int = 100
+    data_dir: str | None = None
+    runs_dir: str = "runs/sweep_alpha"
+    results_json: str = "docs/results/sweep_alpha.json"
+    plot: str = "docs/img/sweep_alpha.png"
+    seed: int = 0
+
+
+def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    grid = CompareConfig(
+        tasks=(config.task,), methods=(config.method,), alphas=config.alphas, steps=config.steps,
+        train_subset=config.train_subset, schedule=config.schedule, warmup_steps=config.warmup_steps,
+        data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seed=config.seed,
+    )
+    rows = run_grid(grid.runs(), config.results_json, progress=progress)
+    rows = [r for r in rows if r["task"] == config.task and r["method"] == config.method]
+    plot_alpha_sweep(rows, Path(config.plot))
+    return rows
+
+
+def plot_alpha_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["alpha"])
+    xs = list(range(len(rows)))
+    fig, ax1 = plt.subplots(figsize=(6, 3.5))
+    ax1.plot(xs, [r["metric"]["value"] for r in rows], "o-", color="tab:blue")
+    ax1.set_ylabel(f"dev {rows[0]['metric']['name']}" if rows else "metric", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(xs, [r["density"] for r in rows], "s--", color="tab:red")
+    ax2.set_ylabel("exact density", color="tab:red")
+    ax1.set_xticks(xs, [f"{r['alpha']:g}" for r in rows])
+    ax1.set_xlabel("alpha")
+    if rows:
+        ax1.set_title(f"alpha sweep: {rows[0]['task']}, {rows[0]['method']}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+__all__ = ["AlphaSweepConfig", "CompareConfig", "METHOD_LR", "run_alpha_sweep", "run_compare"]

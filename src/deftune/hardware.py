@@ -1,0 +1,39 @@
+"""A one-line description of the machine, recorded next to every measured figure."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe() -> dict[str, str | int]:
+    """CPU model, usable cores, torch threads, torch version, and the GPU if one is used."""
+    import torch
+
+    info: dict[str, str | int] = {
+        "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def describe_line() -> str:
+    d = describe()
+    gpu = f", GPU {d['gpu']}" if "gpu" in d else ", no GPU"
+    return f"{d['cpu']} ({d['cores']} cores, {d['torch_threads']} torch threads){gpu}; torch {d['torch']}"

@@ -1,0 +1,45 @@
+"""Save / load a named subset of a model's parameters (deftune's own methods) as safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "adapter_model.safetensors"  # the file name peft uses for adapter weights
+
+
+def save_parameters(model: nn.Module, names: list[str], directory: Path) -> None:
+    """Write the parameters ``names`` of ``model`` to ``directory / WEIGHTS_FILE``."""
+    params = dict(model.named_parameters())
+    tensors = {name: params[name].detach().contiguous() for name in names}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(directory / WEIGHTS_FILE)
+
+
+@torch.no_grad()
+def load_parameters(model: nn.Module, names: list[str], directory: Path) -> None:
+    """Copy ``directory / WEIGHTS_FILE`` into the parameters ``names``; the sets must be equal."""
+    path = directory / WEIGHTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: not an adapter saved by deftune.methods.save_adapter"
+        )
+    tensors = load_file(str(path))
+    missing = sorted(set(names) - set(tensors))
+    unexpected = sorted(set(tensors) - set(names))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit this model: missing {missing[:5]} ({len(missing)}), "
+            f"unexpected {unexpected[:5]} ({len(unexpected)}); was it saved from another architecture?"
+        )
+    params = dict(model.named_parameters())
+    for name in names:
+        if params[name].shape != tensors[name].shape:
+            raise ValueError(
+                f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(params[name].shape)}"
+            )
+        params[name].copy_(tensors[name])

@@ -1,0 +1,104 @@
+"""Run directories: what a training run leaves behind, and how to load it back.
+
+A run directory holds
+
+* ``deftune.json`` — the :class:`~deftune.train.TrainConfig` that produced it (with the method
+  config) and the deftune version;
+* the adapter in the method's own format (PEFT's ``adapter_config.json`` +
+  ``adapter_model.safetensors`` for PEFT methods; deftune's for bottleneck adapters / BitFit; the
+  whole model for ``full``), written by :func:`deftune.methods.save_adapter`;
+* ``extension.safetensors`` — state of training extensions (e.g. ADA-DEFT gates), if any;
+* ``results.json`` — the :class:`RunResult`.
+
+All JSON is written atomically (temp file + ``os.replace``), so an interrupted run never leaves a
+half-written file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "deftune.json"
+RESULTS_FILE = "results.json"
+EXTENSION_FILE = "extension.safetensors"
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` atomically (same-folder temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@dataclass
+class RunResult:
+    """What one run measured. ``metric`` is the task's headline metric on the dev set (0–100);
+    ``density`` holds the exact (fp32, real-token) density overall and per layer."""
+
+    name: str
+    task: str
+    method: str
+    alpha: float
+    metric: dict[str, Any]
+    density: dict[str, Any]
+    train_seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    thresholded: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int = 0
+    steps: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def load_result(run_dir: str | os.PathLike) -> RunResult:
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished deftune run directory?")
+    return RunResult.from_dict(read_json(path))
+
+
+def load_run(run_dir: str | os.PathLike):
+    """``(model, tokenizer, config)`` of a finished GLUE run, in eval mode on the CPU.
+
+    Rebuilds the base model named in ``deftune.json`` and loads the trained adapter and task head.
+    """
+    from deftune.train.config import TrainConfig
+    from deftune.train.model import build_base_model
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a deftune run directory?")
+    config = TrainConfig.from_dict(read_json(cfg_path)["train"])
+    from deftune.methods import load_adapter
+
+    base, tokenizer = build_base_model(config)
+    model = load_adapter(base, run_dir)
+    model.eval()
+    return model, tokenizer, config

@@ -1,0 +1,17 @@
+"""Training with DEFT: a plain loop (:func:`train_glue`), evaluation, and a ``transformers.Trainer``
+integration (:class:`DeftTrainer`)."""
+
+from deftune.train.config import TrainConfig
+from deftune.train.evaluate import EvalResult, evaluate_batches, evaluate_glue, zero_small_activations
+from deftune.train.loop import TrainExtension, save_run, train_glue
+
+__all__ = [
+    "EvalResult",
+    "TrainConfig",
+    "TrainExtension",
+    "evaluate_batches",
+    "evaluate_glue",
+    "save_run",
+    "train_glue",
+    "zero_small_activations",
+]

@@ -1,0 +1,131 @@
+"""Validated configuration of one GLUE training run (PEFT when ``alpha == 0``, DEFT otherwise)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from deftune.losses import ALPHA_SCHEDULES, DENSITY_LOSSES, DensityLossConfig
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class TrainConfig:
+    """One fine-tuning run on a GLUE task.
+
+    Attributes:
+        task: GLUE task name (sst2, cola, mrpc, rte, stsb, qnli, mnli, qqp).
+        model: model name (``minilm``, ``minilm-relu``, a local folder or Hub id).
+        method: PEFT method name from :data:`deftune.methods.METHODS` (or ``full``).
+        method_options: overrides passed to :class:`deftune.methods.MethodConfig`.
+        alpha: density-loss weight α (0 = plain PEFT, the same code path).
+        loss, eps, beta, schedule, warmup_steps, site, count_padding, stack_weights: the density
+            loss (see :class:`deftune.losses.DensityLossConfig`).
+        steps: optimizer steps.
+        batch_size: training batch size (per process).
+        lr: peak learning rate of the method's parameters.
+        head_lr: learning rate of the task head (None: same as ``lr``).
+        lr_schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (after warm-up).
+        lr_warmup_steps: learning-rate warm-up steps.
+        weight_decay: AdamW weight decay.
+        max_length: maximum tokens per training example.
+        train_subset: use a fixed random subset of this many training examples (None: all).
+        eval_subset: evaluate on a fixed subset of the dev set (None: the full dev set).
+        eval_batch_size: batch size for evaluation and density measurement.
+        thresholds: τ values for the thresholded density |a| > τ.
+        data_dir: GLUE folder (None: ``$DEFTUNE_DATA_DIR`` or the Hub).
+        output_dir: run directory (None: nothing is saved).
+        seed: random seed (model head init, data order).
+        log_every: log (and measure training density) every this many steps.
+        name: run name used in results tables (default: ``{task}-{method}-a{alpha}``).
+    """
+
+    task: str = "sst2"
+    model: str = "minilm"
+    method: str = "lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    alpha: float = 1.0
+    loss: str = "l0"
+    eps: float = 1e-7
+    beta: float = 10.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    site: str = "act"
+    count_padding: bool = False
+    stack_weights: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 1.0})
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    head_lr: float | None = None
+    lr_schedule: str = "linear"
+    lr_warmup_steps: int = 30
+    weight_decay: float = 0.0
+    max_length: int = 64
+    train_subset: int | None = None
+    eval_subset: int | None = None
+    eval_batch_size: int = 128
+    thresholds: tuple[float, ...] = (1e-3, 1e-2)
+    data_dir: str | None = None
+    output_dir: str | None = None
+    seed: int = 0
+    log_every: int = 25
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        from deftune.data.glue import get_task
+
+        get_task(self.task)  # raises DataError naming the accepted tasks
+        positive_ints = ("steps", "batch_size", "max_length", "eval_batch_size", "log_every")
+        for key in positive_ints:
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("train_subset", "eval_subset"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
+        for key in ("lr", "weight_decay") + (("head_lr",) if self.head_lr is not None else ()):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        self.thresholds = tuple(float(t) for t in self.thresholds)
+        self.density_config()  # validates alpha, eps, loss name, schedule, site
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.task}-{self.method}-a{self.alpha:g}"
+
+    def density_config(self) -> DensityLossConfig:
+        return DensityLossConfig(
+            loss=self.loss,
+            alpha=self.alpha,
+            eps=self.eps,
+            beta=self.beta,
+            schedule=self.schedule,
+            warmup_steps=self.warmup_steps,
+            stack_weights=dict(self.stack_weights),
+            site=self.site,
+            count_padding=self.count_padding,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["thresholds"] = list(self.thresholds)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+__all__ = ["TrainConfig", "LR_SCHEDULES", "ALPHA_SCHEDULES", "DENSITY_LOSSES"]

@@ -1,0 +1,104 @@
+"""Evaluation of a GLUE model: task metrics, exact and thresholded density, and the metric when
+activations with |a| <= τ are really set to zero."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from deftune.arch import find_activation_sites
+from deftune.data.glue import GlueTask, get_task, load_glue, make_batches, subsample
+from deftune.data.metrics import compute_metrics
+from deftune.density import ActivationRecorder, DensityResult
+from deftune.progress import track
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    density: DensityResult
+    zeroed_metrics: dict[str, float] = field(default_factory=dict)  # str(τ) -> headline metric
+
+
+@contextmanager
+def zero_small_activations(model: nn.Module, tau: float) -> Iterator[None]:
+    """Within the block, every MLP activation with ``|a| <= tau`` is replaced by exactly 0.
+
+    Implemented with forward hooks that return the masked output (removed on exit).
+    """
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for site in find_activation_sites(model):
+            handles.append(
+                modules[site.module_path].register_forward_hook(
+                    lambda mod, args, out: out.masked_fill(out.abs() <= tau, 0.0)
+                )
+            )
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Sequence[dict], task: GlueTask, progress: bool = False):
+    """``(predictions, references)`` over ``batches``."""
+    device = next(model.parameters()).device
+    preds: list = []
+    refs: list = []
+    it = track(batches, description="evaluating") if progress else batches
+    for batch in it:
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits = model(**inputs).logits
+        if task.is_regression:
+            preds += logits.squeeze(-1).float().cpu().tolist()
+        else:
+            preds += logits.argmax(-1).cpu().tolist()
+        refs += batch["labels"].tolist()
+    return preds, refs
+
+
+def evaluate_batches(
+    model: nn.Module,
+    batches: Sequence[dict],
+    task: GlueTask,
+    *,
+    thresholds: Sequence[float] = (1e-3, 1e-2),
+    zeroed: bool = True,
+    count_padding: bool = False,
+    progress: bool = False,
+) -> EvalResult:
+    """Metrics and density of ``model`` on ``batches`` (eval mode; restores the mode after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with ActivationRecorder(model, thresholds=thresholds, count_padding=count_padding) as rec:
+            preds, refs = predict(model, batches, task, progress)
+            rec.all_reduce()
+            density = rec.result()
+        metrics = compute_metrics(task.metrics, preds, refs)
+        zeroed_metrics: dict[str, float] = {}
+        if zeroed:
+            for tau in thresholds:
+                with zero_small_activations(model, tau):
+                    p, r = predict(model, batches, task)
+                zeroed_metrics[f"{tau:g}"] = compute_metrics(task.metrics[:1], p, r)[task.metrics[0]]
+        return EvalResult(metrics, density, zeroed_metrics)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_glue(model: nn.Module, tokenizer, config, *, split: str = "dev", progress: bool = False) -> EvalResult:
+    """Evaluate a run's model on its task's ``split`` (the full dev set unless ``eval_subset``)."""
+    task = get_task(config.task)
+    examples = subsample(load_glue(task, split, config.data_dir), config.eval_subset, seed=config.seed)
+    batches = make_batches(
+        examples, tokenizer, batch_size=config.eval_batch_size, max_length=max(128, config.max_length),
+        regression=task.is_regression,
+    )
+    return evaluate_batches(model, batches, task, thresholds=config.thresholds, progress=progress)

@@ -1,0 +1,220 @@
+"""The training loop behind ``deftune train``: PEFT or DEFT on a GLUE task.
+
+Data flow of one step::
+
+    batch ─► model (PEFT-wrapped) ─► task loss ─┐
+              │ forward hooks (ActivationRecorder)│
+              └► per-layer surrogate φ(a) ───────►├─► total = task + α(step)·density (+ extensions)
+                                                  ┘        │ backward → only method/head params
+
+PEFT (α = 0) and DEFT take exactly this path. Under ``torchrun`` / ``accelerate launch`` the loop is
+data-parallel (``accelerate`` wraps the model in DDP; each process takes every ``world``-th batch)
+and the density counts are summed over processes before logging.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from deftune.data.glue import get_task, load_glue, make_batches, subsample
+from deftune.progress import track
+from deftune.regularizer import DensityRegularizer
+from deftune.runs import CONFIG_FILE, EXTENSION_FILE, RESULTS_FILE, RunResult, write_json_atomic
+from deftune.train.config import TrainConfig
+from deftune.train.evaluate import EvalResult, evaluate_batches
+from deftune.train.model import build_model, count_trainable, trainable_parameters
+
+
+@runtime_checkable
+class TrainExtension(Protocol):
+    """A subsystem that joins the training loop without editing it (e.g. ADA-DEFT gates)."""
+
+    def prepare(self, model: nn.Module) -> None: ...
+
+    def extra_loss(self, model: nn.Module, step: int) -> Tensor | None: ...
+
+    def trainable_parameters(self) -> list[nn.Parameter]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def log(self) -> dict[str, float]: ...
+
+
+def _lr_lambda(config: TrainConfig):
+    warm, total = config.lr_warmup_steps, config.steps
+
+    def fn(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+        if config.lr_schedule == "constant":
+            return ramp
+        return ramp * max(0.0, (total - step) / max(1, total - warm)) if step >= warm else ramp
+
+    return fn
+
+
+def _param_groups(model: nn.Module, config: TrainConfig, extra: Sequence[nn.Parameter]):
+    head_lr = config.head_lr if config.head_lr is not None else config.lr
+    head, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (head if ("classifier" in name or "score" in name) else rest).append(p)
+    groups = [{"params": rest, "lr": config.lr}, {"params": head, "lr": head_lr}]
+    if extra:
+        groups.append({"params": list(extra), "lr": config.lr})
+    return [g for g in groups if g["params"]]
+
+
+def _step_batches(batches: list[dict], steps: int, rank: int, world: int, seed: int):
+    """The batch of every step for this process, reshuffling the batch order each epoch."""
+    import random
+
+    rng = random.Random(seed)
+    order: list[int] = []
+    needed = steps * world
+    while len(order) < needed:
+        epoch = list(range(len(batches)))
+        rng.shuffle(epoch)
+        order.extend(epoch)
+    return [batches[order[s * world + rank]] for s in range(steps)]
+
+
+def train_glue(
+    config: TrainConfig,
+    extensions: Sequence[TrainExtension] = (),
+    *,
+    progress: bool = True,
+) -> RunResult:
+    """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` (+ DEFT when α > 0).
+
+    Evaluates on the dev set (task metric, exact density, thresholded density), saves the run
+    directory when ``config.output_dir`` is set, and returns the :class:`RunResult`.
+    """
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    rank, world = accelerator.process_index, accelerator.num_processes
+    task = get_task(config.task)
+    model, tokenizer = build_model(config)
+    for ext in extensions:
+        ext.prepare(model)
+
+    train = subsample(load_glue(task, "train", config.data_dir), config.train_subset, seed=config.seed)
+    dev = subsample(load_glue(task, "dev", config.data_dir), config.eval_subset, seed=config.seed)
+    batches = make_batches(
+        train, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
+        shuffle=True, seed=config.seed, regression=task.is_regression,
+    )
+    plan = _step_batches(batches, config.steps, rank, world, config.seed)
+
+    extra_params = [p for ext in extensions for p in ext.trainable_parameters()]
+    optimizer = torch.optim.AdamW(_param_groups(model, config, extra_params), weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    from deftune.methods import virtual_token_count
+
+    inner = accelerator.unwrap_model(model)
+    regularizer = DensityRegularizer(
+        inner, config.density_config(), thresholds=config.thresholds,
+        skip_leading=virtual_token_count(inner), track_stats=False,
+    )
+    log_path = Path(config.output_dir) / "train_log.jsonl" if config.output_dir and accelerator.is_main_process else None
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+
+    model.train()
+    start = time.perf_counter()
+    with regularizer:
+        steps = track(range(config.steps), description=f"training {config.run_name}") if progress else range(config.steps)
+        for step in steps:
+            logging_step = step % config.log_every == 0 or step == config.steps - 1
+            regularizer.recorder.track_stats = logging_step  # exact counts only when they are logged
+            batch = {k: v.to(accelerator.device) for k, v in plan[step].items()}
+            outputs = model(**batch)
+            loss, parts = regularizer.total_loss(outputs.loss, step)
+            for ext in extensions:
+                term = ext.extra_loss(inner, step)
+                if term is not None:
+                    loss = loss + term
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if logging_step:
+                regularizer.recorder.all_reduce()  # sum counts over processes (no-op alone)
+                density = regularizer.recorder.result().overall
+                elements = sum(c.elements for c in regularizer.recorder.counts.values())
+                regularizer.recorder.reset()
+                record = {
+                    "step": step, "task_loss": parts.task, "density_loss": parts.density,
+                    "alpha": parts.alpha, "exact_density": density, "density_elements": elements,
+                    "world_size": world,
+                }
+                for ext in extensions:
+                    record.update(ext.log())
+                if log_path is not None:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+    train_seconds = time.perf_counter() - start
+
+    model = accelerator.unwrap_model(model)
+    dev_batches = make_batches(
+        dev, tokenizer, batch_size=config.eval_batch_size, max_length=max(128, config.max_length),
+        regression=task.is_regression,
+    )
+    evaluation = evaluate_batches(model, dev_batches, task, thresholds=config.thresholds, progress=progress)
+    result = _make_result(config, evaluation, train_seconds, count_trainable(model))
+    if config.output_dir and accelerator.is_main_process:
+        save_run(config, model, result, extensions)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _make_result(config: TrainConfig, ev: EvalResult, seconds: float, n_trainable: int) -> RunResult:
+    task = get_task(config.task)
+    headline = task.metrics[0]
+    return RunResult(
+        name=config.run_name,
+        task=config.task,
+        method=config.method,
+        alpha=config.alpha,
+        metric={"name": headline, "value": ev.metrics[headline]},
+        density={"exact": ev.density.overall, "per_layer": ev.density.exact_per_layer},
+        train_seconds=seconds,
+        metrics=ev.metrics,
+        thresholded={
+            f"{t:g}": {"density": ev.density.thresholded_overall(t), "metric": ev.zeroed_metrics.get(f"{t:g}")}
+            for t in config.thresholds
+        },
+        trainable_parameters=n_trainable,
+        steps=config.steps,
+    )
+
+
+def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extensions=()) -> Path:
+    """Write the run directory: adapter, ``deftune.json``, ``results.json``, extension state."""
+    import deftune
+    from deftune.methods import save_adapter
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, out)
+    write_json_atomic(out / CONFIG_FILE, {"deftune_version": deftune.__version__, "train": config.to_dict()})
+    states = {}
+    for i, ext in enumerate(extensions):
+        for key, value in ext.state_dict().items():
+            states[f"{i}.{key}"] = value.detach().cpu().contiguous()
+    if states:
+        from safetensors.torch import save_file
+
+        save_file(states, str(out / EXTENSION_FILE))
+    write_json_atomic(out / RESULTS_FILE, result.to_dict())
+    return out

@@ -1,0 +1,70 @@
+"""``transformers.Trainer`` integration.
+
+:class:`DeftTrainer` is a ``Trainer`` whose loss is ``task + α(step)·density`` and whose logs carry
+``task_loss``, ``density_loss``, ``alpha`` and ``exact_density`` (summed over processes under
+``torchrun`` / ``accelerate launch``)::
+
+    model = get_peft_model(base, LoraConfig(...))
+    trainer = DeftTrainer(model=model, args=TrainingArguments(...), train_dataset=...,
+                          density_config=DensityLossConfig(alpha=1.0))
+    trainer.train()
+
+With ``alpha=0`` it is plain PEFT with the same hooks and logs.
+"""
+
+from __future__ import annotations
+
+from transformers import Trainer
+
+from deftune.losses import DensityLossConfig
+from deftune.regularizer import DensityRegularizer
+
+
+class DeftTrainer(Trainer):
+    """A ``Trainer`` that adds the DEFT density loss and logs density."""
+
+    def __init__(self, *args, density_config: DensityLossConfig | None = None, skip_leading: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.regularizer = DensityRegularizer(
+            self.model, density_config or DensityLossConfig(), skip_leading=skip_leading
+        )
+        self._parts_sum = {"task_loss": 0.0, "density_loss": 0.0}
+        self._parts_n = 0
+
+    def train(self, *args, **kwargs):
+        with self.regularizer:
+            return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        if not model.training:
+            return (task_loss, outputs) if return_outputs else task_loss
+        loss, parts = self.regularizer.total_loss(task_loss, self.state.global_step)
+        self._parts_sum["task_loss"] += parts.task
+        self._parts_sum["density_loss"] += parts.density
+        self._parts_n += 1
+        self._last_alpha = parts.alpha
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        recorder = self.regularizer.recorder
+        enabled, recorder.enabled = recorder.enabled, False  # eval passes don't count as training density
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            recorder.enabled = enabled
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._parts_n and "loss" in logs:
+            for key, total in self._parts_sum.items():
+                logs[key] = total / self._parts_n
+            logs["alpha"] = getattr(self, "_last_alpha", 0.0)
+            self._parts_sum = dict.fromkeys(self._parts_sum, 0.0)
+            self._parts_n = 0
+            recorder = self.regularizer.recorder
+            if recorder.attached and any(c.elements for c in recorder.counts.values()):
+                recorder.all_reduce()
+                logs["exact_density"] = recorder.result().overall
+                recorder.reset()
+        super().log(logs, *args, **kwargs)

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DEFTUNE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_bert(num_labels: int = 2, hidden_act: str = "gelu"):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64, num_labels=num_labels, hidden_act=hidden_act,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.fixture
+def bert():
+    return tiny_bert()
+
+
+def batch(vocab: int = 100, b: int = 3, t: int = 7, pad_last: int = 2, seed: int = 0) -> dict:
+    """A batch whose last example has ``pad_last`` padding positions at the end."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad_last:
+        mask[-1, t - pad_last :] = 0
+        ids[-1, t - pad_last :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture
+def data_dir():
+    """The shared GLUE folder, or skip."""
+    here = os.path.dirname(__file__)
+    path = os.environ.get("DEFTUNE_DATA_DIR") or os.path.join(here, "..", "..", "shared", "data", "glue")
+    if not os.path.isdir(path):
+        pytest.skip("GLUE data folder not available (set DEFTUNE_DATA_DIR)")
+    return path

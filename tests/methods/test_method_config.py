@@ -1,0 +1,59 @@
+"""MethodConfig validation and serialisation."""
+
+from __future__ import annotations
+
+import pytest
+
+from deftune.methods import METHODS, MethodConfig
+
+EXPECTED = {"lora", "dora", "ia3", "prefix", "prompt", "ptuning", "adapter", "bitfit", "full"}
+
+
+def test_registry_has_every_method():
+    assert set(METHODS) == EXPECTED
+
+
+def test_unknown_name_lists_the_methods():
+    with pytest.raises(ValueError, match="unknown method 'lorra'") as info:
+        MethodConfig(name="lorra")
+    for name in EXPECTED:
+        assert repr(name) in str(info.value)
+
+
+def test_deft_defaults():
+    cfg = MethodConfig(name="lora")
+    assert (cfg.r, cfg.lora_alpha, cfg.target_modules) == (8, 16, None)
+    assert MethodConfig(name="prompt").num_virtual_tokens == 60
+    adapter = MethodConfig(name="adapter")
+    assert (adapter.adapter_kind, adapter.reduction_factor) == ("pfeiffer", 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"name": "lora", "reduction_factor": 8}, "reduction_factor=8 does not apply to method 'lora'"),
+        ({"name": "full", "modules_to_save": ("pooler",)}, "does not apply to method 'full'"),
+        ({"name": "prompt", "r": 4}, r"r=4 does not apply .* lora, dora"),
+        ({"name": "lora", "r": 0}, "r must be an integer >= 1"),
+        ({"name": "lora", "lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+        (
+            {"name": "adapter", "adapter_kind": "lora"},
+            r"adapter_kind must be one of \('pfeiffer', 'houlsby'\)",
+        ),
+        ({"name": "adapter", "adapter_activation": "swish"}, "adapter_activation must be one of"),
+        ({"name": "adapter", "adapter_placement": "inside"}, "adapter_placement must be one of"),
+        ({"name": "lora", "task_type": "CLS"}, "task_type must be one of"),
+        ({"name": "lora", "target_modules": "query"}, "sequence of module names"),
+    ],
+)
+def test_invalid_values_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MethodConfig(**kwargs)
+
+
+def test_round_trip_through_dict():
+    cfg = MethodConfig(name="ia3", target_modules=["key", "value"], feedforward_modules=["value"])
+    assert cfg.target_modules == ("key", "value")  # lists (JSON) become tuples
+    assert MethodConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"unknown MethodConfig keys \['rank'\]"):
+        MethodConfig.from_dict({"name": "lora", "rank": 4})

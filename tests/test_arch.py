@@ -1,0 +1,127 @@
+"""Every registered architecture, proven on a tiny random config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+from deftune.arch import (
+    ActivationSite,
+    ArchSpec,
+    SitePattern,
+    UnsupportedArchitectureError,
+    find_activation_sites,
+    register_architecture,
+)
+from deftune.density import ActivationRecorder
+
+SMALL = dict(vocab_size=100)
+CASES = {
+    "bert": (T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **SMALL), T.AutoModel, ["encoder.0", "encoder.1"], 37),
+    "roberta": (T.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **SMALL), T.AutoModel, ["encoder.0", "encoder.1"], 37),
+    "distilbert": (T.DistilBertConfig(dim=32, n_layers=2, n_heads=2, hidden_dim=37, **SMALL), T.AutoModel, ["encoder.0", "encoder.1"], 37),
+    "electra": (T.ElectraConfig(hidden_size=32, embedding_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **SMALL), T.AutoModel, ["encoder.0", "encoder.1"], 37),
+    "t5-relu": (T.T5Config(d_model=32, d_ff=37, num_layers=2, num_decoder_layers=3, num_heads=2, d_kv=8, decoder_start_token_id=0, pad_token_id=0, **SMALL), T.AutoModelForSeq2SeqLM, ["encoder.0", "encoder.1", "decoder.0", "decoder.1", "decoder.2"], 37),
+    "flan-t5-gated-gelu": (T.T5Config(d_model=32, d_ff=37, num_layers=2, num_heads=2, d_kv=8, decoder_start_token_id=0, pad_token_id=0, feed_forward_proj="gated-gelu", **SMALL), T.AutoModelForSeq2SeqLM, ["encoder.0", "encoder.1", "decoder.0", "decoder.1"], 37),
+    "gpt2": (T.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_inner=37, bos_token_id=0, eos_token_id=0, **SMALL), T.AutoModelForCausalLM, ["decoder.0", "decoder.1"], 37),
+    "opt": (T.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=37, word_embed_proj_dim=32, **SMALL), T.AutoModelForCausalLM, ["decoder.0", "decoder.1"], 37),
+    "llama": (T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, **SMALL), T.AutoModelForCausalLM, ["decoder.0", "decoder.1"], 37),
+    "mistral": (T.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=37, **SMALL), T.AutoModelForCausalLM, ["decoder.0", "decoder.1"], 37),
+    "qwen2": (T.Qwen2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=37, **SMALL), T.AutoModelForCausalLM, ["decoder.0", "decoder.1"], 37),
+    "gemma": (T.GemmaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=37, head_dim=16, **SMALL), T.AutoModelForCausalLM, ["decoder.0", "decoder.1"], 37),
+}
+
+
+def _inputs(model, b=2, t=5):
+    ids = torch.randint(1, 100, (b, t))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones(b, t, dtype=torch.long)}
+    if model.config.is_encoder_decoder:
+        inputs["labels"] = torch.randint(1, 100, (b, 4))
+    return inputs
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sites_found_and_fire_once(case):
+    config, auto, names, features = CASES[case]
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    for site in ("act", "product"):
+        sites = find_activation_sites(model, site)
+        assert [s.name for s in sites] == names
+        modules = dict(model.named_modules())
+        assert len({id(modules[s.module_path]) for s in sites}) == len(sites)  # no shared module
+        with ActivationRecorder(model, sites) as rec:
+            with torch.no_grad():
+                model(**_inputs(model))
+        result = rec.result()
+        assert list(result.per_layer) == names
+        assert all(layer.features == features for layer in result.per_layer.values())
+        dec_tokens = 4 if model.config.is_encoder_decoder else 5
+        for s in sites:  # each site fired exactly once per example token
+            expected = 2 * (dec_tokens if s.stack == "decoder" and model.config.is_encoder_decoder else 5)
+            assert result.per_layer[s.name].tokens == expected
+
+
+def test_gated_product_site_differs_from_act():
+    config, auto, _, _ = CASES["llama"]
+    model = auto.from_config(config)
+    act = find_activation_sites(model, "act")
+    prod = find_activation_sites(model, "product")
+    assert act[0].module_path.endswith("mlp.act_fn") and act[0].hook == "output"
+    assert prod[0].module_path.endswith("mlp.down_proj") and prod[0].hook == "input"
+    assert act[0].mlp_path == prod[0].mlp_path
+
+
+def test_dense_t5_product_is_act_site():
+    config, auto, _, _ = CASES["t5-relu"]
+    model = auto.from_config(config)
+    assert find_activation_sites(model, "product") == find_activation_sites(model, "act")
+
+
+def test_sites_survive_peft_wrapping(bert):
+    from peft import LoraConfig, get_peft_model
+
+    plain = [s.name for s in find_activation_sites(bert)]
+    wrapped = get_peft_model(bert, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    sites = find_activation_sites(wrapped)
+    assert [s.name for s in sites] == plain
+    assert all(s.module_path.startswith("base_model.model.") for s in sites)
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = type("C", (), {"model_type": "toy-unregistered"})()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))])
+
+
+def test_unsupported_architecture_error_is_helpful():
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        find_activation_sites(_Toy())
+    msg = str(err.value)
+    assert "_Toy" in msg and "toy-unregistered" in msg and "bert" in msg and "register_architecture" in msg
+
+
+def test_register_custom_pattern_and_callable():
+    spec = register_architecture(
+        ArchSpec(family="toy", model_types=("toy-unregistered",),
+                 act=SitePattern(r"(?P<mlp>blocks\.(?P<layer>\d+))\.1$"), down_proj="2"),
+        overwrite=True,
+    )
+    sites = find_activation_sites(_Toy())
+    assert [(s.name, s.module_path, s.mlp_path) for s in sites] == [("encoder.0", "blocks.0.1", "blocks.0")]
+    with pytest.raises(ValueError, match="already registered"):
+        register_architecture(spec)
+
+    def finder(model, site):
+        return [ActivationSite("decoder.0", "decoder", 0, "blocks.0.1", "output", "blocks.0")]
+
+    register_architecture(ArchSpec(family="toy2", model_types=("toy-unregistered",), act=spec.act, finder=finder), overwrite=True)
+    assert find_activation_sites(_Toy())[0].stack == "decoder"
+
+
+def test_bad_site_kind():
+    with pytest.raises(ValueError, match="product"):
+        find_activation_sites(_Toy(), "gate")  # type: ignore[arg-type]

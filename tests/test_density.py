@@ -1,0 +1,163 @@
+"""Density recorder: hand-computed values, masking, hook removal, serialisation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from deftune.arch import ArchSpec, SitePattern, register_architecture
+from deftune.density import ActivationRecorder, DensityResult, align_mask, measure_density
+
+register_architecture(
+    ArchSpec(family="toy-density", model_types=("toy-density",),
+             act=SitePattern(r"(?P<mlp>layers\.(?P<layer>\d+))\.act$"), down_proj="down"),
+    overwrite=True,
+)
+
+
+class Toy(nn.Module):
+    """Two 'layers' whose activation module is the identity: activations equal the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("C", (), {"model_type": "toy-density", "is_encoder_decoder": False})()
+        self.layers = nn.ModuleList([nn.ModuleDict({"act": nn.Identity()}) for _ in range(2)])
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, attention_mask=None, fail=False):
+        for layer in self.layers:
+            x = layer["act"](x * self.scale)
+        if fail:
+            raise RuntimeError("boom")
+        return x
+
+
+# (B=1, T=3, F=4); the third token is padding
+A = torch.tensor([[[0.0, 1e-4, 0.5, -2.0], [0.0, 0.0, 0.02, 3.0], [9.0, 9.0, 9.0, 9.0]]])
+MASK = torch.tensor([[1, 1, 0]])
+
+
+def test_hand_computed_density_real_tokens():
+    model = Toy()
+    with ActivationRecorder(model, thresholds=(1e-3, 1e-1)) as rec:
+        model(A, attention_mask=MASK)
+    r = rec.result()
+    layer = r.per_layer["encoder.0"]
+    # real tokens: 8 values; non-zero: 1e-4, .5, -2, .02, 3 -> 5/8
+    assert layer.exact == pytest.approx(5 / 8)
+    assert layer.positive == pytest.approx(4 / 8)
+    assert layer.thresholded["0.001"] == pytest.approx(4 / 8)
+    assert layer.thresholded["0.1"] == pytest.approx(3 / 8)
+    assert layer.tokens == 2 and layer.features == 4
+    assert r.overall == pytest.approx(5 / 8) and r.per_stack == {"encoder": pytest.approx(5 / 8)}
+
+
+def test_count_padding_matches_official_convention():
+    model = Toy()
+    with ActivationRecorder(model, count_padding=True) as rec:
+        model(A, attention_mask=MASK)
+    assert rec.result().overall == pytest.approx(9 / 12)
+
+
+def test_streaming_accumulates_over_batches():
+    model = Toy()
+    with ActivationRecorder(model) as rec:
+        model(A, attention_mask=MASK)
+        model(torch.zeros(1, 2, 4), attention_mask=torch.ones(1, 2))
+    assert rec.result().overall == pytest.approx(5 / 16)
+
+
+def test_hooks_removed_after_exception():
+    model = Toy()
+    with pytest.raises(RuntimeError, match="boom"):
+        with ActivationRecorder(model):
+            model(A, attention_mask=MASK, fail=True)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_loss_is_masked_mean_and_differentiable():
+    model = Toy()
+    fn = lambda a: a.abs()  # noqa: E731
+    with ActivationRecorder(model, loss_fn=fn, track_stats=False) as rec:
+        model(A, attention_mask=MASK)
+    losses = rec.pop_losses()
+    expected = (1e-4 + 0.5 + 2.0 + 0.02 + 3.0) / 8
+    assert losses["encoder.0"].item() == pytest.approx(expected, rel=1e-5)
+    losses["encoder.1"].backward()
+    assert model.scale.grad is not None and model.scale.grad.abs() > 0
+    assert rec.pop_losses() == {}
+
+
+def test_no_loss_under_no_grad():
+    model = Toy()
+    with ActivationRecorder(model, loss_fn=torch.abs) as rec, torch.no_grad():
+        model(A, attention_mask=MASK)
+    assert rec.losses == {}
+
+
+def test_align_mask_right_aligns_and_flattens():
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
+    a = torch.zeros(2, 1, 5)  # one decoding step with a cache
+    assert align_mask(mask, a).tolist() == [[True], [False]]
+    flat = torch.zeros(8, 5)  # OPT flattens (B*T, F)
+    assert align_mask(mask, flat).tolist() == [False, True, True, True, True, True, True, False]
+    assert align_mask(mask, torch.zeros(3, 9, 5)) is None
+
+
+def test_skip_leading_excludes_virtual_tokens():
+    model = Toy()
+    with ActivationRecorder(model, skip_leading=1) as rec:
+        model(A, attention_mask=MASK)
+    # only the second token counts: 0, 0, .02, 3 -> 2/4
+    assert rec.result().overall == pytest.approx(0.5)
+
+
+def test_result_json_roundtrip_and_table():
+    model = Toy()
+    with ActivationRecorder(model) as rec:
+        model(A, attention_mask=MASK)
+    r = rec.result()
+    again = DensityResult.from_dict(json.loads(r.to_json()))
+    assert again == r
+    table = r.table()
+    assert "encoder.0" in table and "overall" in table
+
+
+def test_empty_recording_raises():
+    with ActivationRecorder(Toy()) as rec:
+        pass
+    with pytest.raises(RuntimeError, match="no activations"):
+        rec.result()
+
+
+def test_bad_thresholds():
+    with pytest.raises(ValueError, match="thresholds"):
+        ActivationRecorder(Toy(), thresholds=(-1.0,))
+
+
+def test_measure_density_on_bert_counts_real_tokens_only(bert):
+    from tests.conftest import batch
+
+    b = batch()
+    r_real = measure_density(bert, [b])
+    r_all = measure_density(bert, [b], count_padding=True)
+    layer = r_real.per_layer["encoder.0"]
+    assert layer.tokens == int(b["attention_mask"].sum()) and r_all.per_layer["encoder.0"].tokens == b["input_ids"].numel()
+    assert 0 < r_real.overall <= 1 and r_real.dtype == "float32"
+    assert not bert.training
+
+
+def test_save_reload_same_density(bert, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tests.conftest import batch, tiny_bert
+
+    model = get_peft_model(bert, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value", "intermediate.dense"], init_lora_weights=False))
+    before = measure_density(model, [batch()])
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    assert measure_density(again, [batch()]) == before

@@ -1,0 +1,79 @@
+"""Density losses and schedules: hand-computed values, validation, the total-loss identity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deftune.losses import DensityLossConfig, combine_layer_losses
+from deftune.regularizer import DensityRegularizer
+
+
+def test_l0_hand_values():
+    fn = DensityLossConfig(loss="l0", eps=1e-7).surrogate()
+    a = torch.tensor([0.0, 1e-3, -1.0])
+    expected = [0.0, 1e-6 / (1e-6 + 1e-7), 1.0 / (1.0 + 1e-7)]
+    assert fn(a).tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("tanh", math.tanh(2 * 0.5)), ("sigmoid", 2 / (1 + math.exp(-2 * 0.5)) - 1), ("l1", 0.5),
+])
+def test_other_surrogates(name, value):
+    fn = DensityLossConfig(loss=name, beta=2.0).surrogate()
+    assert fn(torch.tensor([-0.5])).item() == pytest.approx(value, rel=1e-6)
+    assert fn(torch.tensor([0.0])).item() == 0.0
+
+
+def test_schedules():
+    const = DensityLossConfig(alpha=2.0)
+    assert const.alpha_at(0) == const.alpha_at(99) == 2.0
+    lin = DensityLossConfig(alpha=2.0, schedule="linear", warmup_steps=10)
+    assert [lin.alpha_at(s) for s in (0, 5, 10, 50)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
+    sine = DensityLossConfig(alpha=2.0, schedule="sine", warmup_steps=10)
+    assert sine.alpha_at(5) == pytest.approx(2.0 * math.sin(math.pi / 4))
+    assert sine.alpha_at(20) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"loss": "l2"}, "unknown density loss 'l2'.*l0"),
+    ({"alpha": -1.0}, "alpha must be"),
+    ({"eps": -1e-7}, "eps must be"),
+    ({"eps": 0.0}, "eps must be > 0"),
+    ({"schedule": "cosine"}, "unknown alpha schedule"),
+    ({"site": "gate"}, "site must be"),
+    ({"warmup_steps": -1}, "warmup_steps"),
+    ({"stack_weights": {"middle": 1.0}}, "stack_weights"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DensityLossConfig(**kwargs)
+
+
+def test_combine_per_stack_weights():
+    losses = {"encoder.0": torch.tensor(1.0), "encoder.1": torch.tensor(3.0), "decoder.0": torch.tensor(4.0)}
+    stacks = {"encoder.0": "encoder", "encoder.1": "encoder", "decoder.0": "decoder"}
+    # encoder mean 2, decoder mean 4; weights 1 and 3 -> (2 + 12) / 4
+    assert combine_layer_losses(losses, stacks, {"encoder": 1.0, "decoder": 3.0}).item() == pytest.approx(3.5)
+    with pytest.raises(RuntimeError, match="no density loss"):
+        combine_layer_losses({}, stacks, {})
+
+
+def test_total_loss_is_task_plus_alpha_density(bert):
+    from tests.conftest import batch
+
+    reg = DensityRegularizer(bert, DensityLossConfig(alpha=0.7))
+    b = dict(batch(), labels=torch.tensor([0, 1, 0]))
+    with reg:
+        out = bert(**b)
+        total, parts = reg.total_loss(out.loss, step=0)
+    assert total.item() == pytest.approx(out.loss.item() + 0.7 * parts.density, rel=1e-6)
+    assert parts.alpha == 0.7 and 0 < parts.density <= 1
+    # alpha = 0: PEFT, same code path, total == task
+    reg0 = DensityRegularizer(bert, DensityLossConfig(alpha=0.0))
+    with reg0:
+        out = bert(**b)
+        total0, parts0 = reg0.total_loss(out.loss, step=0)
+    assert total0.item() == pytest.approx(out.loss.item()) and parts0.density > 0
