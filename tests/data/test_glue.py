@@ -1,0 +1,84 @@
+"""GLUE loaders: the real files when present, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from deftune.data.glue import DataError, get_task, load_glue, make_batches, read_glue_tsv, subsample
+from deftune.data.metrics import compute_metrics
+
+
+def test_real_tasks_load(data_dir):
+    expected = {"sst2": 872, "cola": 1043, "mrpc": 408, "rte": 277, "stsb": 1500, "qnli": 1000}
+    for name, n in expected.items():
+        dev = load_glue(name, "dev", data_dir)
+        assert len(dev) == n
+        task = get_task(name)
+        if task.is_regression:
+            assert all(0.0 <= e.label <= 5.0 for e in dev)
+        else:
+            assert {e.label for e in dev} == set(range(task.num_labels))
+        assert (dev[0].text_b is None) == (len(task.text_cols) == 1)
+    # MRPC starts with a BOM: the header must still be found
+    assert load_glue("mrpc", "train", data_dir)[0].text_b
+
+
+def test_env_variable_is_used(data_dir, monkeypatch):
+    monkeypatch.setenv("DEFTUNE_DATA_DIR", data_dir)
+    assert len(load_glue("rte", "dev")) == 277
+
+
+def test_missing_folder_and_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*--data-dir"):
+        load_glue("sst2", "dev", tmp_path / "nope")
+    with pytest.raises(DataError, match="task folder .*SST-2"):
+        load_glue("sst2", "dev", tmp_path)
+    (tmp_path / "SST-2").mkdir()
+    with pytest.raises(DataError, match="dev.tsv.*not found"):
+        load_glue("sst2", "dev", tmp_path)
+
+
+def test_malformed_row_names_file_and_line(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad row without label\n")
+    with pytest.raises(DataError, match=r"dev.tsv:3: expected at least 2"):
+        load_glue("sst2", "dev", tmp_path)
+    (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t7\n")
+    with pytest.raises(DataError, match=r"dev.tsv:2: label '7' is not one of"):
+        load_glue("sst2", "dev", tmp_path)
+
+
+def test_empty_dataset(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    (folder / "dev.tsv").write_text("sentence\tlabel\n")
+    with pytest.raises(DataError, match="empty dataset"):
+        read_glue_tsv(get_task("sst2"), folder / "dev.tsv")
+    with pytest.raises(DataError, match="empty dataset"):
+        make_batches([], tokenizer=None, batch_size=2)
+
+
+def test_unknown_task_and_split():
+    with pytest.raises(DataError, match="unknown GLUE task 'sst3'.*sst2"):
+        get_task("sst3")
+    with pytest.raises(DataError, match="unknown split"):
+        load_glue("sst2", "validate", "/")
+
+
+def test_subsample_is_fixed():
+    items = list(range(100))
+    assert subsample(items, 10, seed=3) == subsample(items, 10, seed=3)
+    assert subsample(items, None) == items
+
+
+def test_metrics_hand_values():
+    m = compute_metrics(["accuracy", "f1", "matthews"], [1, 0, 1, 1], [1, 0, 0, 1])
+    assert m["accuracy"] == pytest.approx(75.0)
+    assert m["f1"] == pytest.approx(100 * 2 * 2 / (2 * 2 + 1 + 0))  # tp=2, fp=1, fn=0
+    assert m["matthews"] == pytest.approx(100 * (2 * 1 - 1 * 0) / ((3 * 2 * 1 * 2) ** 0.5))
+    r = compute_metrics(["pearson", "spearman"], [1.0, 2.0, 3.0], [2.0, 4.0, 7.0])
+    assert r["spearman"] == pytest.approx(100.0)
+    assert 95 < r["pearson"] < 100
+    with pytest.raises(ValueError, match="unknown metric"):
+        compute_metrics(["bleu"], [1], [1])

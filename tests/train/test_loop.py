@@ -1,0 +1,94 @@
+"""The training loop end to end on a tiny model: what trains, what is saved, what reloads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from deftune.runs import load_result, load_run
+from deftune.train import TrainConfig, evaluate_glue, train_glue
+from deftune.train.model import build_model
+
+
+def _config(tiny_setup, tmp_path, **kw):
+    model_dir, data_dir = tiny_setup
+    base = dict(task="sst2", model=str(model_dir), data_dir=str(data_dir), steps=4, batch_size=4,
+                log_every=1, lr_warmup_steps=0, output_dir=str(tmp_path / "run"), eval_batch_size=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_only_method_and_head_parameters_train(tiny_setup, tmp_path):
+    model, _ = build_model(_config(tiny_setup, tmp_path, method="lora"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_train_save_reload_same_density(tiny_setup, tmp_path, alpha):
+    cfg = _config(tiny_setup, tmp_path, alpha=alpha)
+    frozen_before = {n: p.clone() for n, p in build_model(cfg)[0].named_parameters() if not p.requires_grad}
+    result = train_glue(cfg, progress=False)
+    assert result.alpha == alpha and 0 < result.density["exact"] <= 1
+    assert set(result.density["per_layer"]) == {"encoder.0", "encoder.1"}
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["alpha"] for r in log] == [alpha] * 4  # same code path for PEFT and DEFT
+    assert all(r["density_loss"] > 0 for r in log)
+
+    model, tok, cfg2 = load_run(tmp_path / "run")
+    assert cfg2 == cfg
+    for n, p in model.named_parameters():  # the frozen base is untouched
+        key = n.replace("base_model.model.", "", 1)
+        if key in frozen_before:
+            assert torch.equal(p, frozen_before[key])
+    again = evaluate_glue(model, tok, cfg2)
+    assert again.density.overall == pytest.approx(result.density["exact"])
+    assert again.metrics[result.metric["name"]] == pytest.approx(result.metric["value"])
+    assert load_result(tmp_path / "run").density == result.density
+
+
+def test_cli_train_and_evaluate(tiny_setup, tmp_path, capsys):
+    from deftune.cli import main
+
+    model_dir, data_dir = tiny_setup
+    out = tmp_path / "cli"
+    code = main(["train", "--model", str(model_dir), "--data-dir", str(data_dir), "--steps", "2",
+                 "--batch-size", "4", "--output-dir", str(out), "--alpha", "0.5"])
+    assert code == 0
+    assert main(["evaluate", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "encoder.1" in text
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--alpha=-1"], "alpha must be"),
+    (["train", "--eps=-1e-7"], "eps must be"),
+    (["train", "--loss", "l7"], "unknown density loss 'l7'"),
+    (["train", "--task", "sst9"], "unknown GLUE task"),
+    (["train", "--data-dir", "/nonexistent/glue"], "does not exist"),
+    (["evaluate", "/nonexistent/run"], "deftune run directory"),
+])
+def test_cli_bad_input_is_one_clear_line(argv, needle, capsys):
+    from deftune.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_every_command_has_help(capsys):
+    from deftune.cli import build_parser, command_modules
+
+    parser = build_parser()
+    for name in command_modules():
+        with pytest.raises(SystemExit) as exit_:
+            parser.parse_args([name, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert "usage: deftune " + name in text
+    for action in parser._subparsers._group_actions[0].choices.values():
+        for a in action._actions:
+            if a.dest not in ("help",) and a.option_strings:
+                assert a.help, f"{action.prog} {a.option_strings} has no help"
