@@ -153,7 +153,6 @@ def test_measure_density_on_bert_counts_real_tokens_only(bert):
 
 def test_save_reload_same_density(bert, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
-
     from tests.conftest import batch, tiny_bert
 
     model = get_peft_model(bert, LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value", "intermediate.dense"], init_lora_weights=False))

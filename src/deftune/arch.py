@@ -18,8 +18,9 @@ callable ``finder(model) -> list[ActivationSite]``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from torch import nn
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from deftune.runs import RESULTS_FILE, read_json, write_json_atomic
 from deftune.train.config import TrainConfig

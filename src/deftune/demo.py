@@ -27,22 +27,29 @@ class DemoConfig:
         train_subset: the fixed training subset size (examples of SST-2 train).
         alpha: DEFT's density-loss weight.
         seed: random seed (same for both runs).
+        model: the encoder (default: the packaged all-MiniLM-L6-v2).
     """
 
     data_dir: str | None = None
     output_dir: str = "runs/demo"
     steps: int = 250
     train_subset: int = 8000
-    alpha: float = 1.0
+    alpha: float = 3.0
     seed: int = 0
+    model: str = "minilm"
     recipe: dict[str, Any] = field(
         default_factory=lambda: {
             "method": "lora",
-            "method_options": {"target_modules": ["query", "value", "intermediate.dense"], "bias": "lora_only"},
+            "method_options": {
+                "target_modules": ["query", "value", "intermediate.dense"],
+                "lora_bias": "lora_only",
+                "lora_dropout": 0.0,
+            },
             "schedule": "linear",
             "warmup_steps": 100,
             "batch_size": 32,
             "lr": 1e-3,
+            "bias_lr": 3e-2,
             "max_length": 64,
         }
     )
@@ -50,7 +57,7 @@ class DemoConfig:
     def run_config(self, name: str, alpha: float) -> TrainConfig:
         return TrainConfig(
             task="sst2",
-            model="minilm",
+            model=self.model,
             alpha=alpha,
             steps=self.steps,
             train_subset=self.train_subset,

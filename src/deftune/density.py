@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,7 @@ class DensityResult:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "DensityResult":
+    def from_dict(cls, data: Mapping) -> DensityResult:
         data = dict(data)
         data["per_layer"] = {k: LayerDensity(**v) for k, v in data["per_layer"].items()}
         data["thresholds"] = tuple(data["thresholds"])
@@ -235,7 +235,7 @@ class ActivationRecorder:
         self._warned = False
 
     # -- life cycle
-    def __enter__(self) -> "ActivationRecorder":
+    def __enter__(self) -> ActivationRecorder:
         self.attach()
         return self
 

@@ -22,8 +22,8 @@ Schedules (registry :data:`ALPHA_SCHEDULES`): ``constant``; ``linear`` warm-up f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def register_alpha_schedule(name: str):
 
 
 @register_density_loss("l0")
-def _l0(cfg: "DensityLossConfig") -> Callable[[Tensor], Tensor]:
+def _l0(cfg: DensityLossConfig) -> Callable[[Tensor], Tensor]:
     eps = cfg.eps
 
     def fn(a: Tensor) -> Tensor:
@@ -67,19 +67,19 @@ def _l0(cfg: "DensityLossConfig") -> Callable[[Tensor], Tensor]:
 
 
 @register_density_loss("tanh")
-def _tanh(cfg: "DensityLossConfig") -> Callable[[Tensor], Tensor]:
+def _tanh(cfg: DensityLossConfig) -> Callable[[Tensor], Tensor]:
     beta = cfg.beta
     return lambda a: torch.tanh(beta * a.float().abs())
 
 
 @register_density_loss("sigmoid")
-def _sigmoid(cfg: "DensityLossConfig") -> Callable[[Tensor], Tensor]:
+def _sigmoid(cfg: DensityLossConfig) -> Callable[[Tensor], Tensor]:
     beta = cfg.beta
     return lambda a: 2.0 * torch.sigmoid(beta * a.float().abs()) - 1.0
 
 
 @register_density_loss("l1")
-def _l1(cfg: "DensityLossConfig") -> Callable[[Tensor], Tensor]:
+def _l1(cfg: DensityLossConfig) -> Callable[[Tensor], Tensor]:
     return lambda a: a.float().abs()
 
 

@@ -89,8 +89,11 @@ def load_for_classification(name: str, num_labels: int, **kwargs):
     """A sequence-classification model (regression when ``num_labels == 1``)."""
     from transformers import AutoModelForSequenceClassification
 
+    import torch
+
     path, overrides = resolve(name)
     problem = "regression" if num_labels == 1 else "single_label_classification"
+    kwargs.setdefault("dtype", torch.float32)  # density is defined in fp32, whatever the file holds
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=num_labels, problem_type=problem, **overrides, **kwargs
     )

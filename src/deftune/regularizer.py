@@ -65,7 +65,7 @@ class DensityRegularizer:
         # per-layer weights (ADA-DEFT), name -> scalar tensor; None: uniform
         self.layer_weights: dict[str, Tensor] | None = None
 
-    def __enter__(self) -> "DensityRegularizer":
+    def __enter__(self) -> DensityRegularizer:
         self.recorder.attach()
         return self
 

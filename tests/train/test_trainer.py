@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tests.conftest import batch, tiny_bert
 from transformers import TrainingArguments
 
 from deftune.losses import DensityLossConfig
 from deftune.train.trainer import DeftTrainer
-from tests.conftest import batch, tiny_bert
 
 
 class _Data(torch.utils.data.Dataset):

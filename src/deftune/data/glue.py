@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 DATA_DIR_ENV = "DEFTUNE_DATA_DIR"
 

@@ -5,7 +5,7 @@ All metric values are returned on a 0–100 scale, as GLUE tables report them.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -25,6 +25,7 @@ TASK_TYPES: tuple[str, ...] = (
     "FEATURE_EXTRACTION",
 )
 ADAPTER_KINDS: tuple[str, ...] = ("pfeiffer", "houlsby")
+LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")
 ADAPTER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "identity")
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("sequential", "parallel")
 
@@ -47,6 +48,8 @@ class MethodConfig:
         r: LoRA / DoRA rank.
         lora_alpha: LoRA / DoRA scaling numerator (the update is scaled by ``lora_alpha / r``).
         lora_dropout: dropout on the LoRA / DoRA input.
+        lora_bias: peft's ``bias`` option: ``none``, ``lora_only`` (also train the biases of the
+            adapted layers) or ``all``.
         target_modules: module names to adapt (a name matches a module whose path equals it or
             ends with ``"." + name``); ``None``: per-architecture default (see ``targets.py``).
         feedforward_modules: IA3 modules whose *input* is scaled (the MLP down projections);
@@ -70,6 +73,7 @@ class MethodConfig:
     r: int = _for(*_LORA, default=8)
     lora_alpha: int = _for(*_LORA, default=16)
     lora_dropout: float = _for(*_LORA, default=0.1)
+    lora_bias: str = _for(*_LORA, default="none")
     target_modules: tuple[str, ...] | None = _for("lora", "dora", "ia3", "adapter")
     feedforward_modules: tuple[str, ...] | None = _for("ia3")
     num_virtual_tokens: int = _for(*_PROMPTS, default=60)
@@ -121,6 +125,7 @@ class MethodConfig:
         if not math.isfinite(self.adapter_scaling):
             raise ValueError(f"adapter_scaling must be finite, got {self.adapter_scaling!r}")
         choices = {
+            "lora_bias": LORA_BIAS,
             "adapter_kind": ADAPTER_KINDS,
             "adapter_activation": ADAPTER_ACTIVATIONS,
             "adapter_placement": ADAPTER_PLACEMENTS,

@@ -73,6 +73,7 @@ def _lora_builder(use_dora: bool) -> Builder:
             r=cfg.r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
+            bias=cfg.lora_bias,
             target_modules=list(targets),
             fan_in_fan_out=_fan_in_fan_out(model, targets),
             use_dora=use_dora,

@@ -27,6 +27,10 @@ class TrainConfig:
         batch_size: training batch size (per process).
         lr: peak learning rate of the method's parameters.
         head_lr: learning rate of the task head (None: same as ``lr``).
+        bias_lr: learning rate of trainable bias vectors outside the head, e.g. the biases of
+            LoRA-adapted layers with ``lora_bias=lora_only`` (None: same as ``lr``). A bias shifts
+            every pre-activation of a neuron, which is what moves GELU inputs to its exact-zero
+            region (x < -5.5 in fp32); see docs/recipe.md.
         lr_schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (after warm-up).
         lr_warmup_steps: learning-rate warm-up steps.
         weight_decay: AdamW weight decay.
@@ -59,6 +63,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     head_lr: float | None = None
+    bias_lr: float | None = None
     lr_schedule: str = "linear"
     lr_warmup_steps: int = 30
     weight_decay: float = 0.0
@@ -86,7 +91,8 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
-        for key in ("lr", "weight_decay") + (("head_lr",) if self.head_lr is not None else ()):
+        optional = tuple(k for k in ("head_lr", "bias_lr") if getattr(self, k) is not None)
+        for key in ("lr", "weight_decay") + optional:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
@@ -120,7 +126,7 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

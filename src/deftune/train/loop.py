@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +29,7 @@ from deftune.regularizer import DensityRegularizer
 from deftune.runs import CONFIG_FILE, EXTENSION_FILE, RESULTS_FILE, RunResult, write_json_atomic
 from deftune.train.config import TrainConfig
 from deftune.train.evaluate import EvalResult, evaluate_batches
-from deftune.train.model import build_model, count_trainable, trainable_parameters
+from deftune.train.model import build_model, count_trainable
 
 
 @runtime_checkable
@@ -60,12 +61,18 @@ def _lr_lambda(config: TrainConfig):
 
 def _param_groups(model: nn.Module, config: TrainConfig, extra: Sequence[nn.Parameter]):
     head_lr = config.head_lr if config.head_lr is not None else config.lr
-    head, rest = [], []
+    bias_lr = config.bias_lr if config.bias_lr is not None else config.lr
+    head, bias, rest = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (head if ("classifier" in name or "score" in name) else rest).append(p)
-    groups = [{"params": rest, "lr": config.lr}, {"params": head, "lr": head_lr}]
+        if "classifier" in name or "score" in name:
+            head.append(p)
+        elif name.endswith(".bias"):
+            bias.append(p)
+        else:
+            rest.append(p)
+    groups = [{"params": rest, "lr": config.lr}, {"params": bias, "lr": bias_lr}, {"params": head, "lr": head_lr}]
     if extra:
         groups.append({"params": list(extra), "lr": config.lr})
     return [g for g in groups if g["params"]]
