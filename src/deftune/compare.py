@@ -49,6 +49,7 @@ class CompareConfig:
         results_json: the results file (one row per run; resumable).
         report_md: the markdown report written from the results file.
         seed: random seed.
+        model: the model every run fine-tunes.
     """
 
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
@@ -66,6 +67,7 @@ class CompareConfig:
     results_json: str = "docs/results/glue.json"
     report_md: str = "docs/results.md"
     seed: int = 0
+    model: str = "minilm"
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -86,7 +88,7 @@ class CompareConfig:
                     name = f"{task}-{method}-a{alpha:g}"
                     out.append(
                         TrainConfig(
-                            task=task, method=method, alpha=alpha, steps=self.steps,
+                            task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
                             method_options=dict(self.method_options.get(method, {})),
                             lr=METHOD_LR.get(method, 1e-3), batch_size=self.batch_size,
                             max_length=self.max_length, train_subset=self.train_subset,
@@ -260,6 +262,7 @@ class AlphaSweepConfig:
         results_json: results file (resumable).
         plot: output PNG.
         seed: random seed.
+        model: the model fine-tuned.
     """
 
     task: str = "sst2"
@@ -274,6 +277,7 @@ class AlphaSweepConfig:
     results_json: str = "docs/results/sweep_alpha.json"
     plot: str = "docs/img/sweep_alpha.png"
     seed: int = 0
+    model: str = "minilm"
 
 
 def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -281,6 +285,7 @@ def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[
         tasks=(config.task,), methods=(config.method,), alphas=config.alphas, steps=config.steps,
         train_subset=config.train_subset, schedule=config.schedule, warmup_steps=config.warmup_steps,
         data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seed=config.seed,
+        model=config.model,
     )
     rows = run_grid(grid.runs(), config.results_json, progress=progress)
     rows = [r for r in rows if r["task"] == config.task and r["method"] == config.method]
