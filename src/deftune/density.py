@@ -335,13 +335,10 @@ class ActivationRecorder:
         if self.track_stats:
             self.counts[site.name].add(a, mask, self.thresholds)
         if self.loss_fn is not None and torch.is_grad_enabled():
-            values = self.loss_fn(a)  # (..., F), differentiable
-            if mask is None:
-                self.losses[site.name] = values.mean()
-            else:
-                m = mask.to(values.dtype).unsqueeze(-1)  # (..., 1)
-                denom = m.sum().clamp_min(1.0) * values.shape[-1]
-                self.losses[site.name] = (values * m).sum() / denom
+            # select real tokens first: the surrogate never runs on padding (cheaper than masking)
+            real = a[mask] if mask is not None else a.reshape(-1, a.shape[-1])  # (N_real, F)
+            if real.numel():
+                self.losses[site.name] = self.loss_fn(real).mean()
 
     # -- results
     def pop_losses(self) -> dict[str, Tensor]:
