@@ -1,0 +1,246 @@
+"""Module wrappers that gate or remove MLP blocks, per architecture family.
+
+Where an MLP block's output meets the residual stream differs between families, so "remove the
+block" differs too (registry :data:`SKIPPERS`, keyed by :attr:`deftune.arch.ArchSpec.family`):
+
+* ``llama`` (and GPT-2, DistilBERT, Mistral, Qwen, Gemma…): the decoder layer computes
+  ``h = residual + mlp(norm(h))``; the MLP module is replaced by :class:`SkippedMLP`, which returns
+  a zero tensor of the input's shape (a stride-0 view: no memory is written), so ``h = residual``.
+* ``t5``: ``T5LayerFF`` computes ``h + dropout(DenseReluDense(layer_norm(h)))``; the whole
+  ``T5LayerFF`` (the parent of the MLP block) is replaced by :class:`ResidualPassThrough`, which
+  returns ``h`` — equal to the MLP output zeroed, and the layer norm is skipped as well.
+* ``bert`` (RoBERTa, ELECTRA…): ``BertOutput`` adds the residual *inside* the block and applies
+  LayerNorm: ``LayerNorm(dropout(dense(intermediate(x))) + x)``. ``intermediate`` becomes
+  :class:`SkippedIntermediate` (returns its input, no compute) and ``output`` becomes
+  :class:`SkippedBertOutput`, which keeps the LayerNorm and returns ``LayerNorm(0 + x)``.
+* ``opt`` keeps ``fc1``/``fc2`` on the decoder layer itself: nothing can be swapped without
+  patching ``forward``, so skipping raises :class:`NotImplementedError`.
+
+Gates (training) are applied by :class:`MLPGates`: forward hooks on each block's down projection
+that multiply its output by ``g_l``. Hooks, not wrappers, because training runs on a ``peft``
+model whose adapter is saved by module name; a wrapper would rename the adapter's keys. Scaling
+the down projection's output scales the block's whole contribution to the residual stream in
+every family (dropout is linear; BERT's LayerNorm comes after the residual add).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from deftune.arch import ActivationSite, arch_spec
+
+
+class SkippedMLP(nn.Module):
+    """A removed MLP block whose caller adds its output to the residual: returns zeros.
+
+    Holds no weights. Output: a stride-0 zero view of the input's shape ``(B, T, H)``.
+    """
+
+    def __init__(self, block: str = "") -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states.new_zeros(()).expand(hidden_states.shape)  # (B, T, H), stride 0
+
+    def extra_repr(self) -> str:
+        return f"block={self.block!r}"
+
+
+class ResidualPassThrough(nn.Module):
+    """Replaces a pre-norm residual feed-forward sub-layer (``h + f(norm(h))``): returns ``h``."""
+
+    def __init__(self, block: str = "") -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states
+
+    def extra_repr(self) -> str:
+        return f"block={self.block!r}"
+
+
+class SkippedIntermediate(nn.Module):
+    """BERT's removed ``intermediate``: returns its input unchanged (``SkippedBertOutput`` ignores it)."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return hidden_states
+
+
+class SkippedBertOutput(nn.Module):
+    """BERT's removed ``output`` (dense + dropout): ``LayerNorm(0 + input_tensor)``.
+
+    Keeps the block's LayerNorm under the same attribute name, so its state-dict keys are unchanged.
+    """
+
+    def __init__(self, layer_norm: nn.Module, block: str = "") -> None:
+        super().__init__()
+        self.LayerNorm = layer_norm
+        self.block = block
+
+    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
+        return self.LayerNorm(input_tensor)  # (B, T, H)
+
+    def extra_repr(self) -> str:
+        return f"block={self.block!r}"
+
+
+# ---- skip rules per family ---------------------------------------------------------------------
+
+Replacement = dict[str, nn.Module]  # module path -> new module
+SkipRule = Callable[[nn.Module, ActivationSite], Replacement]
+SKIPPERS: dict[str, SkipRule] = {}
+
+
+def register_skipper(*families: str):
+    """Decorator: register ``rule(model, site) -> {module path: replacement}`` for ``families``."""
+
+    def deco(rule: SkipRule) -> SkipRule:
+        for family in families:
+            SKIPPERS[family] = rule
+        return rule
+
+    return deco
+
+
+@register_skipper("llama", "gpt2", "distilbert")
+def _skip_caller_adds_residual(model: nn.Module, site: ActivationSite) -> Replacement:
+    return {site.mlp_path: SkippedMLP(site.name)}
+
+
+@register_skipper("t5")
+def _skip_t5(model: nn.Module, site: ActivationSite) -> Replacement:
+    parent = site.mlp_path.rsplit(".", 1)[0]  # ...block.N.layer.K (T5LayerFF)
+    return {parent: ResidualPassThrough(site.name)}
+
+
+@register_skipper("bert")
+def _skip_bert(model: nn.Module, site: ActivationSite) -> Replacement:
+    output = model.get_submodule(f"{site.mlp_path}.output")
+    return {
+        f"{site.mlp_path}.intermediate": SkippedIntermediate(),
+        f"{site.mlp_path}.output": SkippedBertOutput(output.LayerNorm, site.name),
+    }
+
+
+def skip_replacements(model: nn.Module, site: ActivationSite) -> Replacement:
+    """The module swaps that remove the MLP block of ``site``."""
+    family = arch_spec(model).family
+    rule = SKIPPERS.get(family)
+    if rule is None:
+        raise NotImplementedError(
+            f"skipping MLP blocks is not implemented for the {family!r} family (supported: "
+            f"{sorted(SKIPPERS)}); register a rule with deftune.ada.wrappers.register_skipper"
+        )
+    return rule(model, site)
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Replace the module at ``path`` with ``module``; returns the old one."""
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    old = parent.get_submodule(name)
+    setattr(parent, name, module)
+    return old
+
+
+# ---- gates -------------------------------------------------------------------------------------
+
+
+def down_proj_path(model: nn.Module, site: ActivationSite) -> str:
+    """Module path of the down projection of ``site``'s MLP block."""
+    return f"{site.mlp_path}.{arch_spec(model).down_proj}"
+
+
+@dataclass
+class GateState:
+    """Gate values of the current forward pass, shared between the hooks and the loss."""
+
+    values: Tensor | None = None  # (L,)
+
+
+class MLPGates:
+    """Forward hooks scaling each MLP block's down-projection output by its gate.
+
+    Args:
+        model: the (possibly ``peft``-wrapped) model.
+        sites: one site per gated block, in gate order.
+        gate_fn: returns the ``(L,)`` gates for the current forward pass; called once per pass
+            (at the first gated block), so stochastic gates share one sample across blocks.
+        on_gates: optional callback receiving the gates of each pass (e.g. to set density weights).
+
+    Use as a context manager, or :meth:`attach` / :meth:`detach`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sites: Sequence[ActivationSite],
+        gate_fn: Callable[[], Tensor],
+        on_gates: Callable[[Tensor], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.sites = list(sites)
+        self.gate_fn = gate_fn
+        self.on_gates = on_gates
+        self.state = GateState()
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> MLPGates:
+        self.attach()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def attach(self) -> None:
+        if self._handles:
+            raise RuntimeError("MLPGates is already attached")
+        try:
+            for index, site in enumerate(self.sites):
+                module = self.model.get_submodule(down_proj_path(self.model, site))
+                self._handles.append(module.register_forward_hook(self._make_hook(index)))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.state.values = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+            if index == 0 or self.state.values is None:
+                self.state.values = self.gate_fn()
+                if self.on_gates is not None:
+                    self.on_gates(self.state.values)
+            g = self.state.values[index].to(device=output.device, dtype=output.dtype)
+            return output * g  # (..., H)
+
+        return hook
+
+
+def fold_scale_(module: nn.Module, scale: float) -> None:
+    """Multiply an affine layer's output by ``scale`` by scaling its weight and bias in place."""
+    weight = getattr(module, "weight", None)
+    is_affine = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    if not is_affine or not isinstance(weight, Tensor):
+        raise NotImplementedError(
+            f"cannot fold a gate into {type(module).__name__}: only nn.Linear / Conv1D down "
+            "projections are supported; merge adapters first (peft's merge_and_unload)"
+        )
+    with torch.no_grad():
+        module.weight.mul_(scale)
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(scale)

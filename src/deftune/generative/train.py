@@ -1,0 +1,267 @@
+"""``train_generative(cfg) -> GenRunResult``: DEFT (or PEFT, or ReLU-fication) on SQuAD-style QA.
+
+The run:
+
+1. loads SQuAD v1.1 and splits it by article (``cfg.eval_articles`` held out; only the dev file
+   exists here, so both parts come from it);
+2. loads the model (``smollm2`` by default), optionally ReLU-fies it (:mod:`.relufy`), applies
+   the PEFT method (``peft.get_peft_model``);
+3. optionally evaluates it first (EM / F1, density, perplexity);
+4. trains with ``task loss + alpha(step) * density loss`` inside a
+   :class:`deftune.regularizer.DensityRegularizer` — the same code path for ``alpha = 0``;
+5. evaluates again and saves the run folder: ``adapter/`` (peft format), ``deftune.json``
+   (the config), ``results.json``, ``log.jsonl`` and ``predictions.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deftune.data.squad import SquadExample, load_squad, split_by_article
+from deftune.generative.config import GenConfig
+from deftune.generative.evaluate import EvalReport, evaluate_generative, is_seq2seq
+from deftune.generative.format import DoesNotFit, Encoded, encode_example, resolve_style, training_batch
+from deftune.generative.models import load_generative
+from deftune.generative.peft_methods import apply_method
+from deftune.generative.relufy import relufy
+from deftune.regularizer import DensityRegularizer
+
+
+@dataclass
+class GenRunResult:
+    """What a run measured. ``before`` is None when ``cfg.eval_before`` is off."""
+
+    name: str
+    config: dict
+    before: EvalReport | None
+    after: EvalReport
+    train_seconds: float
+    seconds_per_step: float
+    train_questions: int
+    eval_questions: int
+    trainable_parameters: int
+    skipped_questions: int = 0
+    relufied: list[str] = field(default_factory=list)
+    log: list[dict] = field(default_factory=list, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "before": self.before.summary() if self.before else None,
+            "after": self.after.summary(),
+            "train_seconds": self.train_seconds,
+            "seconds_per_step": self.seconds_per_step,
+            "train_questions": self.train_questions,
+            "eval_questions": self.eval_questions,
+            "trainable_parameters": self.trainable_parameters,
+            "skipped_questions": self.skipped_questions,
+            "relufied_modules": len(self.relufied),
+        }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass
+class SquadData:
+    """Encoded training and evaluation questions of one run."""
+
+    train: list[Encoded]
+    eval_examples: list[SquadExample]
+    eval_items: list[Encoded]
+    ppl_texts: list[str]
+    skipped: int = 0  # questions that did not fit max_length
+
+
+def prepare_squad(cfg: GenConfig, tokenizer, seq2seq: bool) -> SquadData:
+    """Split SQuAD by article, sample and encode both parts, and pick perplexity paragraphs."""
+    examples = load_squad("dev", cfg.data_dir)
+    train, held = split_by_article(examples, cfg.eval_articles, cfg.seed)
+    rng = random.Random(cfg.seed)
+    if cfg.train_subset is not None and cfg.train_subset < len(train):
+        train = rng.sample(train, cfg.train_subset)
+    eval_examples = rng.sample(held, min(cfg.eval_questions, len(held)))
+    style = resolve_style(cfg.prompt_style, tokenizer)
+
+    def encode_all(part: list[SquadExample]) -> tuple[list[SquadExample], list[Encoded]]:
+        kept, items = [], []
+        for e in part:
+            try:
+                items.append(encode_example(e, tokenizer, style=style, seq2seq=seq2seq, max_length=cfg.max_length,
+                                            max_context_tokens=cfg.max_context_tokens, seed=cfg.seed))
+                kept.append(e)
+            except DoesNotFit:
+                continue  # counted in the result as skipped
+        return kept, items
+
+    _, train_items = encode_all(train)
+    eval_kept, eval_items = encode_all(eval_examples)
+    paragraphs = list(dict.fromkeys(e.context for e in held))
+    ppl_texts = rng.sample(paragraphs, min(cfg.ppl_texts, len(paragraphs)))
+    skipped = len(train) - len(train_items) + len(eval_examples) - len(eval_items)
+    return SquadData(train_items, eval_kept, eval_items, ppl_texts, skipped)
+
+
+def _lr_lambda(cfg: GenConfig):
+    def fn(step: int) -> float:
+        if step < cfg.lr_warmup_steps:
+            return (step + 1) / cfg.lr_warmup_steps
+        progress = (step - cfg.lr_warmup_steps) / max(1, cfg.steps - cfg.lr_warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+def _device(cfg: GenConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _evaluate(model: nn.Module, tokenizer, data: SquadData, cfg: GenConfig) -> EvalReport:
+    return evaluate_generative(
+        model, tokenizer, data.eval_examples, data.eval_items, max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.eval_batch_size, ppl_texts=data.ppl_texts, ppl_max_length=cfg.max_length, site=cfg.site,
+    )
+
+
+def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: int) -> list[dict]:
+    """Optimise ``model``'s trainable parameters on ``items``; returns the log lines."""
+    device = next(model.parameters()).device
+    seq2seq = is_seq2seq(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    rng = random.Random(cfg.seed)
+    order: list[int] = []
+    log: list[dict] = []
+    model.train()
+    t0 = time.perf_counter()
+    with DensityRegularizer(model, cfg.density_config()) as reg:
+        acc = {"task": 0.0, "density": 0.0, "n": 0}
+        for step in range(cfg.steps):
+            for _ in range(cfg.grad_accum):
+                if len(order) < cfg.batch_size:
+                    order += rng.sample(range(len(items)), len(items))  # next epoch, reshuffled
+                chunk, order = order[: cfg.batch_size], order[cfg.batch_size :]
+                batch = training_batch([items[i] for i in chunk], pad_id, seq2seq)
+                out = model(**{k: v.to(device) for k, v in batch.items()})
+                loss, parts = reg.total_loss(out.loss, step)
+                (loss / cfg.grad_accum).backward()
+                acc["task"] += parts.task
+                acc["density"] += parts.density
+                acc["n"] += 1
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                density = reg.recorder.result().overall
+                reg.recorder.reset()
+                line = {
+                    "step": step + 1, "task_loss": acc["task"] / acc["n"],
+                    "density_loss": acc["density"] / acc["n"], "alpha": cfg.density_config().alpha_at(step),
+                    "train_density": density, "lr": sched.get_last_lr()[0],
+                    "seconds": time.perf_counter() - t0,
+                }
+                log.append(line)
+                print(json.dumps(line), flush=True)
+                acc = {"task": 0.0, "density": 0.0, "n": 0}
+    model.eval()
+    return log
+
+
+def train_generative(cfg: GenConfig) -> GenRunResult:
+    """Run one generative DEFT experiment (see the module docstring) and return what it measured."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg)
+    model, tokenizer = load_generative(cfg.model, cfg.seed)
+    seq2seq = is_seq2seq(model)
+    data = prepare_squad(cfg, tokenizer, seq2seq)
+    model.to(device)
+    replaced = relufy(model, cfg.relufy, cfg.relu_threshold) if cfg.relufy else []
+    torch.manual_seed(cfg.seed)
+    model = apply_method(cfg, model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    before = _evaluate(model, tokenizer, data, cfg) if cfg.eval_before else None
+    t0 = time.perf_counter()
+    log = train_loop(model, data.train, cfg, tokenizer.pad_token_id)
+    seconds = time.perf_counter() - t0
+    after = _evaluate(model, tokenizer, data, cfg)
+    name = Path(cfg.output_dir).name if cfg.output_dir else f"{cfg.model}-{cfg.method}-a{cfg.alpha:g}"
+    result = GenRunResult(
+        name=name, config=cfg.to_dict(), before=before, after=after, train_seconds=seconds,
+        seconds_per_step=seconds / cfg.steps, train_questions=len(data.train),
+        eval_questions=len(data.eval_examples), trainable_parameters=trainable, skipped_questions=data.skipped,
+        relufied=replaced, log=log,
+    )
+    if cfg.output_dir:
+        save_run(Path(cfg.output_dir), model, result)
+    return result
+
+
+def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:
+    """Adapter (peft format, or nothing for ``full``), config, results, log and predictions."""
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out / "adapter")
+    write_json_atomic(out / "deftune.json", {"kind": "generative", "config": result.config,
+                                             "relufied_modules": result.relufied})
+    full = result.summary()
+    full["after_density_per_layer"] = result.after.density_teacher_forced["per_layer"]
+    write_json_atomic(out / "results.json", full)
+    write_json_atomic(out / "predictions.json", result.after.predictions)
+    write_json_atomic(out / "log.json", result.log)
+
+
+def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, GenConfig]:
+    """``(model, tokenizer, cfg)`` of a saved run: base model, ReLU-fication replayed, adapter loaded.
+
+    ``full`` runs save no weights (only the config), so they cannot be reloaded; that raises.
+    """
+    run = Path(run_dir)
+    meta_path = run / "deftune.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a generative run folder (no deftune.json)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("kind") != "generative":
+        raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r} run, not a generative one")
+    cfg = GenConfig.from_dict(meta["config"])
+    if not (run / "adapter").is_dir():
+        raise FileNotFoundError(f"{str(run)!r} has no adapter/ folder (method {cfg.method!r} saves none)")
+    from peft import PeftModel
+
+    model, tokenizer = load_generative(cfg.model, cfg.seed)
+    if cfg.relufy:
+        relufy(model, cfg.relufy, cfg.relu_threshold)
+    model = PeftModel.from_pretrained(model, str(run / "adapter"))
+    return model.to(_device(cfg)).eval(), tokenizer, cfg
+
+
+def evaluate_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> EvalReport:
+    """Re-evaluate a saved run on its held-out questions (``overrides`` replace config fields)."""
+    model, tokenizer, cfg = load_generative_run(run_dir)
+    if overrides:
+        cfg = GenConfig.from_dict({**cfg.to_dict(), **overrides})
+    data = prepare_squad(cfg, tokenizer, is_seq2seq(model))
+    return _evaluate(model, tokenizer, data, cfg)

@@ -1,0 +1,519 @@
+"""Calibrated activation thresholds: make a target fraction of MLP activations exactly zero.
+
+For each MLP activation site ``l`` (:func:`deftune.arch.find_activation_sites`, ``site="act"``;
+for gated MLPs the *activated gate* ``act(W_gate x)``) we pick a threshold ``t_l`` so that on
+calibration data a fraction ``target`` of activations satisfies ``|a| > t_l``; at inference every
+``|a| <= t_l`` becomes an exact 0. For gated MLPs the product ``act(gate) * up`` then has zeros in the
+same places, so the rows of ``W_down`` they multiply can be skipped. This is the post-hoc
+thresholding of e.g. CATS (Lee et al., 2024, arXiv 2404.08763) and TEAL (Liu et al., 2024, arXiv
+2408.14690); it pairs naturally with DEFT (Runwal et al., AAAI 2025, arXiv 2402.01911), whose
+trained near-zeros cost little when they become exact zeros.
+
+Usage::
+
+    th = calibrate_thresholds(model, batches, CalibrationConfig(target=0.3))   # batches: a list
+    th.save("thresholds.json")                                 # Thresholds.load(...) reads it back
+    with thresholded(model, th):                               # or apply_thresholds / remove_thresholds
+        model(**batch)
+
+**Depth.** Thresholding layer ``l`` changes the inputs of every later layer, so thresholds chosen
+on the dense model undershoot the target in deep layers (MiniLM, target 0.1: the last layers land
+near 0.05). :func:`calibrate_thresholds` therefore makes ``refine_passes`` extra passes, each
+histogramming every layer *before its own threshold* with the current thresholds of all layers
+applied; after ``p`` passes the first ``p + 1`` layers are exact on the calibration data and the
+rest close (a fixed-point iteration that equals layer-by-layer greedy calibration after ``L``
+passes). :func:`collect_histograms` alone gives the single-pass histograms, from which
+``hist.thresholds(target)`` serves any target without new passes.
+
+**Quantile estimate.** Storing all activations is out of the question (SmolLM2: 30 layers x 1,536
+features per token), so each layer keeps a fixed-bin histogram of ``|a|`` whose bin edges are
+``0`` and ``2**(k / bins_per_octave)`` for ``min_log2 <= k / bins_per_octave <= max_log2`` (log-spaced:
+activations span many decades, and a *relative* resolution is what a threshold needs). Values are
+binned with ``torch.bucketize`` against the float32 edges, so a bin holds ``(e_{k-1}, e_k]``, and
+thresholds are always chosen *on an edge*. Two consequences:
+
+* the per-layer density reported on calibration data (``Thresholds.achieved``) is exact — it is
+  the count of ``|a| > t`` over real tokens, not an interpolation;
+* the only calibration error is granularity: ``|achieved - target|`` is at most half the mass of the
+  bin that holds the quantile (we take the nearer edge), and ``t`` is within a factor
+  ``2**(1/bins_per_octave)`` (0.27 % at the default 256) of the exact empirical quantile. Mass
+  concentrates into one bin only where many activations share nearly the same value, e.g. exact
+  zeros of ReLU (an explicit bin) or GELU's minimum ``-0.17``.
+
+A reservoir sample would also work, but its error is statistical (``sqrt(d(1-d)/n)``, 0.0015 for
+``n = 10**5``), it needs a random generator and it cannot give the exact achieved density; the
+histogram is deterministic, ~115 KB per layer, and merges by addition (data-parallel friendly).
+Held-out density differs from the calibration value by sampling error of the data itself; measure
+it on held-out data (the wrappers make zeros exact, so :func:`deftune.density.measure_density`
+counts it directly).
+
+**Modes.** ``layer``: every layer reaches ``target`` on its own. ``global``: one threshold shared by
+all layers (one rank over all activations pooled), chosen so the *overall* density reaches
+``target``; layers whose activations are smaller become sparser than others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from deftune.arch import ActivationSite, find_activation_sites
+from deftune.density import ActivationRecorder
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How to calibrate thresholds.
+
+    Attributes:
+        target: fraction of activations to keep (``|a| > t``) per layer (``layer`` mode) or overall
+            (``global`` mode), in (0, 1]; 1.0 gives ``t = 0`` (nothing changes).
+        mode: ``layer`` (a threshold per layer, each at the target) or ``global`` (one threshold).
+        bins_per_octave: histogram resolution: bins per factor of 2 in ``|a|``.
+        min_log2: smallest non-zero bin edge is ``2**min_log2``.
+        max_log2: largest bin edge is ``2**max_log2`` (larger values share one overflow bin).
+        count_padding: also count padding positions (the official DEFT code's convention).
+        refine_passes: extra calibration passes, each with the current thresholds applied, so that
+            every layer is calibrated on inputs that earlier layers' thresholds already changed
+            (after ``p`` passes the first ``p + 1`` layers are exact on the calibration data).
+    """
+
+    target: float = 0.5
+    mode: str = "layer"
+    bins_per_octave: int = 256
+    min_log2: int = -40
+    max_log2: int = 16
+    count_padding: bool = False
+    refine_passes: int = 2
+
+    def __post_init__(self) -> None:
+        _check_target(self.target)
+        if self.mode not in THRESHOLD_MODES:
+            raise ValueError(f"mode must be one of {sorted(THRESHOLD_MODES)}, got {self.mode!r}")
+        if not (isinstance(self.bins_per_octave, int) and 1 <= self.bins_per_octave <= 4096):
+            raise ValueError(f"bins_per_octave must be an integer in [1, 4096], got {self.bins_per_octave!r}")
+        if not (-126 <= self.min_log2 < self.max_log2 <= 127):
+            raise ValueError(
+                f"need -126 <= min_log2 < max_log2 <= 127 (float32 range), got {self.min_log2}, {self.max_log2}"
+            )
+        if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
+            raise ValueError(f"refine_passes must be an integer >= 0, got {self.refine_passes!r}")
+
+
+def _check_target(target: float) -> float:
+    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
+        raise ValueError(f"target must be a density in (0, 1], got {target!r}")
+    return float(target)
+
+
+# ---- the result --------------------------------------------------------------------------------
+
+
+@dataclass
+class Thresholds:
+    """Per-layer thresholds ``t`` (activations with ``|a| <= t`` become 0) and what they achieve.
+
+    Attributes:
+        values: layer name (``"encoder.3"``) -> threshold ``t`` (a float32 value).
+        target: the density asked for.
+        mode: ``layer`` or ``global``.
+        achieved: layer -> density ``|a| > t`` on the calibration data (exact, real tokens).
+        natural: layer -> exact non-zero density before this layer's threshold (calibration data,
+            earlier layers thresholded when refined).
+        elements: layer -> calibration activations counted (tokens x features).
+        site: the activation site kind the thresholds act on (``act``).
+        refine_passes: calibration passes made after the first, with thresholds applied (fewer than
+            asked when all thresholds are 0).
+    """
+
+    values: dict[str, float]
+    target: float
+    mode: str
+    achieved: dict[str, float]
+    natural: dict[str, float]
+    elements: dict[str, int]
+    site: str = "act"
+    refine_passes: int = 0
+
+    @property
+    def overall_achieved(self) -> float:
+        """Element-weighted density over all layers on the calibration data."""
+        total = sum(self.elements.values())
+        return sum(self.achieved[k] * n for k, n in self.elements.items()) / max(total, 1)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["overall_achieved"] = self.overall_achieved
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Thresholds:
+        names = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
+        from deftune.runs import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Thresholds:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def table(self) -> str:
+        lines = [
+            f"Thresholds ({self.mode}, target {self.target:g})",
+            f"{'layer':<12}{'t':>12}{'natural':>9}{'achieved':>10}",
+        ]
+        for name, t in self.values.items():
+            lines.append(f"{name:<12}{t:>12.4g}{self.natural[name]:>9.4f}{self.achieved[name]:>10.4f}")
+        lines.append(f"{'overall':<12}{'':>12}{'':>9}{self.overall_achieved:>10.4f}")
+        return "\n".join(lines)
+
+
+# ---- threshold choice (registry of modes) -----------------------------------------------------
+# Each mode maps (layer -> density above each edge, layer -> element count, target) to
+# layer -> chosen edge index. ``above[k]`` is the fraction with |a| > edges[k]; non-increasing in k.
+
+
+def _nearest_edge(above: Tensor, target: float) -> int:
+    # The nearer of the two edges around the target (ties: the denser one).
+    return int(torch.argmin((above - target).abs()))  # argmin returns the first (smallest k) minimum
+
+
+def _per_layer(above: dict[str, Tensor], elements: dict[str, int], target: float) -> dict[str, int]:
+    return {name: _nearest_edge(a, target) for name, a in above.items()}
+
+
+def _global(above: dict[str, Tensor], elements: dict[str, int], target: float) -> dict[str, int]:
+    total = sum(elements.values())
+    pooled = sum(above[name] * (elements[name] / total) for name in above)
+    k = _nearest_edge(pooled, target)  # type: ignore[arg-type]
+    return {name: k for name in above}
+
+
+THRESHOLD_MODES: dict[str, Callable[[dict[str, Tensor], dict[str, int], float], dict[str, int]]] = {
+    "layer": _per_layer,
+    "global": _global,
+}
+
+
+# ---- histogram --------------------------------------------------------------------------------
+
+
+@dataclass
+class MagnitudeHistogram:
+    """Per-layer histograms of ``|a|`` over log-spaced float32 edges (see the module docstring).
+
+    ``counts[layer][k]`` counts values in ``(edges[k-1], edges[k]]`` (``counts[0]``: exact zeros;
+    the last entry: values above ``edges[-1]``).
+    """
+
+    edges: Tensor  # (E,) float32, edges[0] = 0, strictly increasing
+    counts: dict[str, Tensor] = field(default_factory=dict)  # layer -> (E + 1,) int64
+    site: str = "act"
+
+    @classmethod
+    def empty(cls, config: CalibrationConfig) -> MagnitudeHistogram:
+        b = config.bins_per_octave
+        k = torch.arange(config.min_log2 * b, config.max_log2 * b + 1, dtype=torch.float64)
+        edges = torch.cat([torch.zeros(1, dtype=torch.float64), torch.exp2(k / b)]).float()  # (E,)
+        return cls(edges=edges)
+
+    def add(self, name: str, a: Tensor) -> None:
+        """Count the magnitudes of ``a`` (any shape; rows already restricted to real tokens)."""
+        mag = a.detach().reshape(-1).float().abs()
+        if mag.numel() == 0:
+            return
+        index = torch.bucketize(mag, self.edges.to(mag.device))  # (N,) in [0, E]
+        hist = torch.bincount(index, minlength=self.edges.numel() + 1).cpu()
+        if name in self.counts:
+            self.counts[name] += hist
+        else:
+            self.counts[name] = hist
+
+    def merge(self, other: MagnitudeHistogram) -> None:
+        """Add ``other``'s counts (same edges), e.g. from another process or data shard."""
+        if not torch.equal(self.edges, other.edges):
+            raise ValueError("cannot merge histograms with different bin edges")
+        for name, hist in other.counts.items():
+            self.counts[name] = self.counts[name] + hist if name in self.counts else hist.clone()
+
+    def density_above(self, name: str) -> Tensor:
+        """(E,) float64: fraction of ``|a| > edges[k]`` for every edge ``k``."""
+        hist = self.counts[name].double()
+        return 1.0 - torch.cumsum(hist, 0)[:-1] / hist.sum()
+
+    def thresholds(self, target: float, mode: str = "layer") -> Thresholds:
+        """Thresholds reaching ``target`` density (see :class:`CalibrationConfig`); no new data pass."""
+        target = _check_target(target)
+        if mode not in THRESHOLD_MODES:
+            raise ValueError(f"mode must be one of {sorted(THRESHOLD_MODES)}, got {mode!r}")
+        if not self.counts:
+            raise RuntimeError("the histogram is empty: run forward passes with real tokens first")
+        above = {name: self.density_above(name) for name in self.counts}
+        elements = {name: int(hist.sum()) for name, hist in self.counts.items()}
+        chosen = THRESHOLD_MODES[mode](above, elements, target)
+        return Thresholds(
+            values={name: float(self.edges[k]) for name, k in chosen.items()},
+            target=target,
+            mode=mode,
+            achieved={name: float(above[name][k]) for name, k in chosen.items()},
+            natural={name: float(above[name][0]) for name in above},
+            elements=elements,
+            site=self.site,
+        )
+
+
+class _HistogramRecorder(ActivationRecorder):
+    """An :class:`ActivationRecorder` that feeds real-token activations to a histogram.
+
+    Reuses the recorder's hooks and real-token masking; only what is done with a masked activation
+    differs (a histogram instead of counts).
+    """
+
+    def __init__(self, model: nn.Module, histogram: MagnitudeHistogram, *, count_padding: bool) -> None:
+        # A wrapped site is observed *before* its threshold (the wrapper's inner module): this is
+        # what the threshold is chosen on, while thresholds of earlier layers stay in effect.
+        sites = []
+        for s in find_activation_sites(model, "act"):
+            if isinstance(model.get_submodule(s.module_path), ThresholdedActivation):
+                s = replace(s, module_path=s.module_path + ".inner")
+            sites.append(s)
+        super().__init__(model, sites, thresholds=(), count_padding=count_padding, track_stats=False)
+        self.histogram = histogram
+
+    def _record(self, site: ActivationSite, a: Tensor) -> None:
+        if not self.enabled:
+            return
+        mask = self._real_mask(site, a)  # (B, T) bool or None
+        a = a.detach()
+        self.histogram.add(site.name, a if mask is None else a[mask])  # (N, F)
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def collect_histograms(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Tensor]],
+    config: CalibrationConfig | None = None,
+    *,
+    progress: bool = False,
+) -> MagnitudeHistogram:
+    """One pass over ``batches`` (dicts of model inputs): per-layer histograms of ``|a|``.
+
+    The model runs in eval mode (restored afterwards). Only real tokens count (the attention mask
+    of each forward call; see :class:`deftune.density.ActivationRecorder`). On a model with
+    thresholds applied, each layer is observed before its own threshold, after earlier layers'.
+    """
+    config = config or CalibrationConfig()
+    histogram = MagnitudeHistogram.empty(config)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with _HistogramRecorder(model, histogram, count_padding=config.count_padding):
+            iterator = batches
+            if progress:
+                from deftune.progress import track
+
+                iterator = track(batches, description="calibrating")
+            for batch in iterator:
+                model(**_to_device(batch, device))
+    finally:
+        model.train(was_training)
+    return histogram
+
+
+def calibrate_thresholds(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Tensor]],
+    config: CalibrationConfig | None = None,
+    *,
+    histogram: MagnitudeHistogram | None = None,
+    progress: bool = False,
+) -> Thresholds:
+    """Per-layer thresholds that reach ``config.target`` density on ``batches``.
+
+    ``1 + config.refine_passes`` passes over ``batches`` (a list: it is iterated again); pass a
+    ``histogram`` of the unthresholded model (:func:`collect_histograms`) to skip the first pass,
+    e.g. when calibrating several targets.
+    """
+    config = config or CalibrationConfig()
+    if histogram is None:
+        histogram = collect_histograms(model, batches, config, progress=progress)
+    th = histogram.thresholds(config.target, config.mode)
+    passes = 0
+    while passes < config.refine_passes and any(th.values.values()):  # all 0: a pass would change nothing
+        with thresholded(model, th):
+            histogram = collect_histograms(model, batches, config, progress=progress)
+        th = histogram.thresholds(config.target, config.mode)
+        passes += 1
+    th.refine_passes = passes
+    return th
+
+
+# ---- application -------------------------------------------------------------------------------
+
+
+class ThresholdedActivation(nn.Module):
+    """Wraps an activation module; outputs with ``|a| <= threshold`` become exactly 0.
+
+    The threshold is a plain float (not a buffer), so ``model.to(dtype)`` cannot round it; the
+    comparison runs in float32 for half-precision outputs, so it matches calibration exactly.
+    """
+
+    def __init__(self, inner: nn.Module, threshold: float) -> None:
+        super().__init__()
+        if not (math.isfinite(threshold) and threshold >= 0):
+            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
+        self.inner = inner
+        self.threshold = float(threshold)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        a = self.inner(*args, **kwargs)  # (..., F)
+        mag = a.abs() if a.dtype in (torch.float32, torch.float64) else a.abs().float()
+        return a.masked_fill(mag <= self.threshold, 0.0)
+
+    def extra_repr(self) -> str:
+        return f"threshold={self.threshold:.4g}"
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
+
+
+def _sites_for(model: nn.Module, thresholds: Thresholds) -> list[ActivationSite]:
+    if thresholds.site != "act":
+        raise NotImplementedError(f"thresholds act on site 'act' only, got site={thresholds.site!r}")
+    sites = {s.name: s for s in find_activation_sites(model, "act")}
+    unknown = sorted(set(thresholds.values) - set(sites))
+    if unknown:
+        raise KeyError(f"thresholds name layers {unknown} that the model lacks; its layers: {sorted(sites)}")
+    out = [sites[name] for name in thresholds.values]
+    for s in out:
+        if s.hook != "output":
+            raise NotImplementedError(
+                f"site {s.name} is an input-hook site; only module outputs can be wrapped"
+            )
+    return out
+
+
+def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> list[str]:
+    """Wrap every thresholded activation module of ``model`` in place; returns the wrapped paths.
+
+    An already wrapped module gets the new threshold (no double wrapping). Layers absent from
+    ``thresholds`` are left alone; a layer the model lacks raises ``KeyError``.
+    """
+    paths = []
+    for site in _sites_for(model, thresholds):
+        current = model.get_submodule(site.module_path)
+        t = thresholds.values[site.name]
+        if isinstance(current, ThresholdedActivation):
+            current.threshold = float(t)
+        else:
+            _set_module(model, site.module_path, ThresholdedActivation(current, t))
+        paths.append(site.module_path)
+    return paths
+
+
+def remove_thresholds(model: nn.Module) -> int:
+    """Put every wrapped activation module back (the original objects); returns how many."""
+    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, ThresholdedActivation)]
+    for name, module in wrapped:
+        _set_module(model, name, module.inner)
+    return len(wrapped)
+
+
+@contextmanager
+def thresholded(model: nn.Module, thresholds: Thresholds) -> Iterator[nn.Module]:
+    """Within the block ``model`` runs with ``thresholds`` applied; on exit every touched
+    activation module is exactly what it was before (also when the body raises)."""
+    before = {s.module_path: model.get_submodule(s.module_path) for s in _sites_for(model, thresholds)}
+    saved = {p: m.threshold for p, m in before.items() if isinstance(m, ThresholdedActivation)}
+    try:
+        apply_thresholds(model, thresholds)
+        yield model
+    finally:
+        for path, module in before.items():
+            if path in saved:
+                module.threshold = saved[path]  # type: ignore[assignment]
+            _set_module(model, path, module)
+
+
+# ---- metric vs target density ------------------------------------------------------------------
+
+
+@dataclass
+class SweepPoint:
+    """The task metric of a model thresholded for one target density.
+
+    Attributes:
+        target: the density asked for.
+        metrics: what ``evaluate`` returned (e.g. ``{"accuracy": 91.2}`` or ``{"perplexity": 12.3}``).
+        calibration_density: overall density ``|a| > t`` on the calibration data.
+        eval_density: overall exact non-zero density measured during evaluation (held-out data).
+        eval_per_layer: layer -> exact density during evaluation.
+        thresholds: layer -> t.
+    """
+
+    target: float
+    metrics: dict[str, float]
+    calibration_density: float
+    eval_density: float
+    eval_per_layer: dict[str, float]
+    thresholds: dict[str, float]
+
+
+def sweep_targets(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, Tensor]],
+    targets: Iterable[float],
+    evaluate: Callable[[nn.Module], Mapping[str, float]],
+    config: CalibrationConfig | None = None,
+    *,
+    histogram: MagnitudeHistogram | None = None,
+) -> list[SweepPoint]:
+    """For each target: calibrate on ``batches``, threshold ``model``, call ``evaluate(model)`` and
+    measure the exact density meanwhile.
+
+    ``evaluate`` runs forward passes (with attention masks) and returns metrics; the model is
+    restored after each point. ``config`` gives everything but the target; the unthresholded
+    histogram (pass 1) is collected once and shared by all targets.
+    """
+    config = config or CalibrationConfig()
+    if histogram is None:
+        histogram = collect_histograms(model, batches, config)
+    points = []
+    for target in targets:
+        th = calibrate_thresholds(model, batches, replace(config, target=target), histogram=histogram)
+        recorder = ActivationRecorder(model, thresholds=(), count_padding=config.count_padding)
+        with thresholded(model, th), recorder as rec:
+            metrics = dict(evaluate(model))
+            density = rec.result()
+        points.append(
+            SweepPoint(
+                target=th.target,
+                metrics={k: float(v) for k, v in metrics.items()},
+                calibration_density=th.overall_achieved,
+                eval_density=density.overall,
+                eval_per_layer=density.exact_per_layer,
+                thresholds=dict(th.values),
+            )
+        )
+    return points

@@ -1,0 +1,126 @@
+"""AdaExtension: gates in the forward pass, the penalty, density-loss weights, saved state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from deftune.ada import AdaConfig, AdaExtension, SkipPlan, load_gates, skip_mlps_
+from deftune.losses import DensityLossConfig
+from deftune.regularizer import DensityRegularizer
+
+
+def _set_logits(ext: AdaExtension, values):
+    with torch.no_grad():
+        ext.gates.theta.copy_(torch.tensor(values, dtype=torch.float32) / ext.gates.logit_scale)
+
+
+def test_open_gates_reproduce_the_model_exactly(case, logits):
+    model = case.build().eval()
+    inputs = case.inputs()
+    before = logits(model, inputs)
+    ext = AdaExtension(AdaConfig(gate="hard_concrete", init=0.99))  # inference gate clip(1.088) = 1
+    ext.prepare(model)
+    try:
+        assert all(v == 1.0 for v in ext.gate_values().values())
+        assert torch.equal(logits(model, inputs), before)
+    finally:
+        ext.close()
+
+
+def test_closed_gates_equal_skipped_blocks(case, logits):
+    model = case.build().eval()
+    inputs = case.inputs()
+    ext = AdaExtension(AdaConfig(gate="hard_concrete"))
+    ext.prepare(model)
+    n = len(ext.sites)
+    _set_logits(ext, [10.0] + [-10.0] * (n - 1))  # keep the first block, close the rest
+    gated = logits(model, inputs)
+    gates = ext.gate_values()
+    ext.close()
+    assert sorted(set(gates.values())) == [0.0, 1.0]
+    skip_mlps_(model, SkipPlan(skip=[k for k, v in gates.items() if v == 0.0]))
+    torch.testing.assert_close(logits(model, inputs), gated, rtol=0, atol=1e-6)
+
+
+def test_penalty_and_gradients_reach_the_gates(bert_case):
+    model = bert_case.build().train()
+    inputs = bert_case.inputs()
+    ext = AdaExtension(AdaConfig(gate="sigmoid", init=0.5, penalty=0.1, density_weighting="uniform"))
+    ext.prepare(model)
+    out = model(**inputs, labels=torch.tensor([0, 1]))
+    loss = out.loss + ext.extra_loss(model, step=0)
+    loss.backward()
+    grad = ext.gates.theta.grad
+    assert grad is not None and torch.isfinite(grad).all() and (grad != 0).all()
+    assert ext.trainable_parameters()[0] is ext.gates.theta
+    ext.close()
+
+
+def test_gates_weight_the_density_loss(bert_case):
+    model = bert_case.build().train()
+    inputs = bert_case.inputs()
+    ext = AdaExtension(AdaConfig(gate="sigmoid", density_weighting="gate"))
+    ext.prepare(model)
+    _set_logits(ext, [3.0, 0.0, -3.0])
+    reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0))
+    ext.bind_regularizer(reg)
+    with reg:
+        model(**inputs)
+        raw = {k: v.detach() for k, v in reg.recorder.losses.items()}
+        weighted = reg.density_loss()
+    g = torch.sigmoid(torch.tensor([3.0, 0.0, -3.0]))
+    w = g / g.mean()
+    expected = sum(w[i] * raw[f"encoder.{i}"] for i in range(3)) / 3
+    torch.testing.assert_close(weighted.detach(), expected)
+    assert set(ext.layer_weights) == {"encoder.0", "encoder.1", "encoder.2"}
+    assert ext.log()["ada/density_weighting_bound"] == 1.0
+    ext.close()
+
+
+def test_unbound_extension_warns_once(bert_case):
+    ext = AdaExtension(AdaConfig())
+    ext.prepare(bert_case.build())
+    with pytest.warns(UserWarning, match="bind_regularizer"):
+        ext.extra_loss(None, 0)
+    ext.close()
+
+
+def test_a_few_steps_close_gates_under_a_strong_penalty(bert_case):
+    torch.manual_seed(0)
+    model = bert_case.build().train()
+    inputs = bert_case.inputs()
+    labels = torch.tensor([0, 1])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ext = AdaExtension(
+        AdaConfig(gate="hard_concrete", penalty=1.0, logit_scale=10.0, density_weighting="uniform")
+    )
+    ext.prepare(model)
+    start = ext.gates.logits.detach().clone()
+    opt = torch.optim.Adam(ext.trainable_parameters(), lr=0.1)
+    for step in range(30):
+        loss = model(**inputs, labels=labels).loss + ext.extra_loss(model, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert (ext.gates.logits < start).all()
+    assert all(v == 0.0 for v in ext.gate_values().values())
+    ext.close()
+
+
+def test_state_dict_round_trips_through_a_run_dir(case, tmp_path):
+    model = case.build()
+    ext = AdaExtension(AdaConfig(gate="sigmoid"))
+    ext.prepare(model)
+    _set_logits(ext, [float(i) - 1.0 for i in range(len(ext.sites))])
+    state = {f"0.{k}": v for k, v in ext.state_dict().items()}  # the loop prefixes the index
+    save_file(state, str(tmp_path / "extension.safetensors"))
+    loaded = load_gates(tmp_path)
+    assert loaded is not None
+    assert list(loaded) == [s.name for s in ext.sites]
+    for name, value in ext.gate_values().items():
+        assert abs(loaded[name] - value) < 1e-6
+    assert load_gates(tmp_path / "missing") is None
+    ext.close()

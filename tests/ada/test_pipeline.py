@@ -1,0 +1,114 @@
+"""End to end on a tiny local model: train_glue + AdaExtension -> `deftune skip` -> reload."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step ADA-DEFT run of a tiny random BERT on a 40-row SST-2-format folder."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from deftune.ada import AdaConfig, AdaExtension
+    from deftune.train import TrainConfig, train_glue
+
+    root = tmp_path_factory.mktemp("ada_run")
+    words = ["good", "bad", "film", "great", "awful", "plot", "fun", "dull"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    model_dir = root / "model"
+    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(model_dir)
+    glue = root / "glue" / "SST-2"
+    glue.mkdir(parents=True)
+    rows = [
+        f"{words[i % 8]} {words[(3 * i) % 8]} film\t{int(words[i % 8] in ('good', 'great', 'fun'))}"
+        for i in range(40)
+    ]
+    for split in ("train", "dev"):
+        (glue / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    cfg = TrainConfig(
+        task="sst2",
+        model=str(model_dir),
+        method="lora",
+        alpha=1.0,
+        steps=2,
+        batch_size=8,
+        max_length=16,
+        eval_batch_size=16,
+        data_dir=str(root / "glue"),
+        lr_warmup_steps=0,
+        output_dir=str(root / "run"),
+        log_every=1,
+        method_options={"target_modules": ["query", "value"]},
+    )
+    ext = AdaExtension(AdaConfig(gate="sigmoid", init=0.5, density_weighting="uniform"))
+    result = train_glue(cfg, extensions=[ext], progress=False)
+    return root / "run", result, ext.gate_values()
+
+
+def test_skip_cli_reports_before_and_after_and_saves(tiny_run, capsys):
+    from deftune.ada import load_gates, load_skipped
+    from deftune.cli import main
+
+    run_dir, result, gates = tiny_run
+    saved_gates = load_gates(run_dir)
+    assert saved_gates == pytest.approx(gates)
+    code = main(["skip", str(run_dir), "--policy", "topk", "--keep", "2", "--score", "gate"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    # the unskipped model is the trained (gated) model: same metric as the run reported
+    assert summary["before"] == pytest.approx(result.metric["value"], abs=0.01)
+    assert summary["skipped"].startswith("1/3")
+    on_disk = json.loads((run_dir / "skipped" / "skip_result.json").read_text())
+    assert on_disk["param_bytes_after"] < on_disk["param_bytes_before"]
+    model, plan = load_skipped(run_dir / "skipped")
+    assert plan.skip == on_disk["skipped"]
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == on_disk["param_bytes_after"]
+
+
+def test_skip_cli_rejects_a_bad_policy(tiny_run, capsys):
+    from deftune.cli import main
+
+    run_dir, _, _ = tiny_run
+    assert main(["skip", str(run_dir), "--policy", "fastest"]) == 2
+    assert "unknown skip policy 'fastest'" in capsys.readouterr().err
+
+
+def test_density_policy_needs_no_gates(tiny_run, capsys):
+    from deftune.cli import main
+
+    run_dir, _, _ = tiny_run
+    code = main(
+        [
+            "skip",
+            str(run_dir),
+            "--policy",
+            "density",
+            "--tau-density",
+            "1.0",
+            "--density-threshold",
+            "0.01",
+            "--save",
+            "false",
+            "--density-examples",
+            "16",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["saved"] is None

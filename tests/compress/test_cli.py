@@ -1,0 +1,74 @@
+import pytest
+
+from deftune.cli import build_parser, main
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["sweep", "--help"], ["sweep", "quant", "--help"], ["sweep", "sparsity", "--help"], ["compress", "--help"]],
+)
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+def test_sweep_arguments_parse():
+    args = build_parser().parse_args(
+        ["sweep", "sparsity", "--levels", "0.5,0.7", "--pattern", "unstructured", "--pattern", "nm:2:4",
+         "--methods", "oneshot,recovery", "--steps", "10"]
+    )
+    assert args.levels == (0.5, 0.7) and args.patterns == ["unstructured", "nm:2:4"] and args.steps == 10
+    args = build_parser().parse_args(["sweep", "quant", "--bits", "4,8", "--granularities", "g128", "--asym"])
+    assert args.bits == (4, 8) and args.granularities == ("g128",) and args.asym
+
+
+def test_bad_values_give_one_line_errors(capsys, tmp_path):
+    assert main(["sweep", "quant", "--bits", "9", "--run-dir", str(tmp_path)]) == 2
+    assert "bits" in capsys.readouterr().err
+    assert main(["sweep", "sparsity", "--methods", "magic", "--run-dir", str(tmp_path)]) == 2
+    assert "magic" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path), "--pattern", "nm:2:4", "--pack"]) == 2
+    assert "quantization pattern" in capsys.readouterr().err
+
+
+def test_sparsity_sweep_points():
+    from deftune.compress.sweep import SparsitySweepConfig, expand_pattern
+
+    assert str(expand_pattern("block:4x4", 0.5)) == "block:4x4:0.5"
+    assert str(expand_pattern("channel:cols", 0.3)) == "channel:0.3:cols"
+    assert str(expand_pattern("nm:2:4", 0.9)) == "nm:2:4"
+    cfg = SparsitySweepConfig(levels=(0.3, 0.5), patterns=("unstructured", "nm:2:4"),
+                              methods=("oneshot", "recovery", "gmp"), train_levels=(0.5,))
+    pts = [(str(p), m) for p, m in cfg.points()]
+    assert ("unstructured:0.3", "oneshot") in pts and ("unstructured:0.3", "recovery") not in pts
+    assert ("unstructured:0.5", "gmp") in pts and ("nm:2:4", "recovery") in pts and ("nm:2:4", "gmp") not in pts
+
+
+def make_section(points, run_dir="runs/x", cmd="deftune sweep quant"):
+    return {"run_dir": run_dir, "task": "sst2", "metric_name": "accuracy", "baseline": 86.0, "dev_examples": 872,
+            "hardware": "cpu", "invocations": [{"command": cmd}], "points": points}
+
+
+def _qpoint(bits, method, metric):
+    return {"pattern": f"int{bits}:ch0:sym", "method": method, "bits": bits, "granularity": "ch0", "metric": metric,
+            "delta": metric - 86.0, "mean_output_rel_error": 0.1, "packed": {"ratio": 0.13}, "seconds": 1.0}
+
+
+def test_results_merge_plot_and_table(tmp_path):
+    from deftune.compress.results import markdown_table, merge_results, plot_quant
+
+    path = tmp_path / "r.json"
+    merge_results(str(path), "quant", make_section([_qpoint(4, "rtn", 85.0), _qpoint(8, "rtn", 86.0)]), key=("pattern", "method"))
+    merged = merge_results(str(path), "quant", make_section([_qpoint(4, "rtn", 84.0), _qpoint(4, "gptq", 85.5)], cmd="second"),
+                    key=("pattern", "method"))["quant"]
+    got = {(p["pattern"], p["method"]): p["metric"] for p in merged["points"]}
+    assert got == {("int4:ch0:sym", "rtn"): 84.0, ("int8:ch0:sym", "rtn"): 86.0, ("int4:ch0:sym", "gptq"): 85.5}
+    assert [i["command"] for i in merged["invocations"]] == ["deftune sweep quant", "second"]
+    table = markdown_table(merged)
+    assert "| `int4:ch0:sym` | gptq | 85.50 | -0.50 |" in table
+    plot_quant(merged, str(tmp_path / "q.png"))
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    other = merge_results(str(path), "quant", make_section([_qpoint(2, "rtn", 50.0)], run_dir="runs/other"), key=("pattern", "method"))
+    assert len(other["quant"]["points"]) == 1  # another run replaces the section

@@ -1,0 +1,125 @@
+import pytest
+import torch
+from torch import nn
+
+from deftune.compress import (
+    CompressedLinear,
+    MSEOptions,
+    QuantConfig,
+    SparsityConfig,
+    compress_,
+    compressed_layers,
+    decompress_,
+    fake_quantize,
+    select_linears,
+)
+
+N_BLOCK_LINEARS = 12  # 2 layers x (query, key, value, attention out, intermediate, output)
+
+
+def _inputs(batches):
+    return [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+
+
+def test_default_filter_picks_block_linears(tiny_bert):
+    names = list(select_linears(tiny_bert()))
+    assert len(names) == N_BLOCK_LINEARS
+    assert not any("classifier" in n or "pooler" in n for n in names)
+
+
+def test_quant_report_and_forward(tiny_bert, tiny_batches):
+    model = tiny_bert()
+    batch = _inputs(tiny_batches(1))[0]
+    report = compress_(model, QuantConfig("int8:ch"), calibration=tiny_batches(2))
+    assert len(report.layers) == N_BLOCK_LINEARS
+    assert all(isinstance(m, CompressedLinear) for m in compressed_layers(model).values())
+    assert all(lr.weight_sqnr_db > 35 and lr.output_rel_error < 0.05 for lr in report.layers)
+    layer = compressed_layers(model)["bert.encoder.layer.0.attention.self.query"]
+    assert torch.equal(layer.compressed_weight(), fake_quantize(layer.weight.detach(), "int8:ch"))
+    with torch.no_grad():
+        model(**batch)
+    assert "bert.encoder.layer.1.output.dense" in report.table()
+
+
+def test_sparsity_exact_and_zeroed_latents(tiny_bert):
+    model = tiny_bert()
+    report = compress_(model, SparsityConfig("unstructured:0.5"))
+    for lr in report.layers:
+        assert lr.sparsity == pytest.approx(0.5, abs=1e-9)
+    for layer in compressed_layers(model).values():
+        assert torch.equal(layer.weight == 0, ~layer.compressor.mask)
+    report = compress_(tiny_bert(), SparsityConfig("nm:2:4"))
+    assert report.sparsity == pytest.approx(0.5)
+
+
+def test_global_allocation_total(tiny_bert):
+    report = compress_(tiny_bert(), SparsityConfig("unstructured:0.7", allocation="global"))
+    assert report.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert len({lr.pattern for lr in report.layers}) > 1
+
+
+@pytest.mark.parametrize("method", ["gptq", "mse"])
+def test_reconstruction_lowers_output_error(tiny_bert, tiny_batches, method):
+    calib = tiny_batches(4)
+    fast = MSEOptions(steps=30)
+    rtn = compress_(tiny_bert(), QuantConfig("int3:ch"), calibration=calib)
+    rec = compress_(tiny_bert(), QuantConfig("int3:ch", reconstruct=method, mse=fast), calibration=calib)
+    assert rec.mean_output_error < rtn.mean_output_error
+    if method == "mse":
+        sp = compress_(tiny_bert(), SparsityConfig("unstructured:0.6"), calibration=calib)
+        sp_rec = compress_(tiny_bert(), SparsityConfig("unstructured:0.6", reconstruct="mse", mse=fast), calibration=calib)
+        assert sp_rec.mean_output_error < sp.mean_output_error
+        assert sp_rec.sparsity == pytest.approx(sp.sparsity)  # refitting keeps the mask
+
+
+def test_gptq_layers_stay_on_their_grid(tiny_bert, tiny_batches):
+    model = tiny_bert()
+    compress_(model, QuantConfig("int4:g16:asym", reconstruct="gptq"), calibration=tiny_batches(2))
+    for layer in compressed_layers(model).values():
+        assert torch.equal(layer.compressed_weight(), layer.weight)  # latent weight is the GPTQ result
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="quantization pattern"):
+        QuantConfig("nm:2:4")
+    with pytest.raises(ValueError, match="sparsity pattern"):
+        SparsityConfig("int4")
+    with pytest.raises(ValueError, match="reconstruct"):
+        SparsityConfig("nm:2:4", reconstruct="gptq")
+    with pytest.raises(ValueError, match="allocation"):
+        SparsityConfig("unstructured:0.5", allocation="random")
+
+
+def test_errors_without_calibration_or_targets(tiny_bert):
+    with pytest.raises(ValueError, match="calibration"):
+        compress_(tiny_bert(), QuantConfig("int4", reconstruct="gptq"))
+    with pytest.raises(ValueError, match="selected no"):
+        compress_(tiny_bert(), QuantConfig("int4"), filter_fn=lambda m, n: False)
+
+
+def test_filter_and_decompress(tiny_bert, tiny_batches):
+    model = tiny_bert()
+    report = compress_(model, QuantConfig("int4:ch"), filter_fn=lambda m, n: n.endswith("output.dense"))
+    assert len(report.layers) == 4  # attention output + MLP output, 2 layers
+    batch = _inputs(tiny_batches(1))[0]
+    with torch.no_grad():
+        before = model(**batch).logits
+    assert decompress_(model) == 4
+    assert not compressed_layers(model) and all(type(m) is nn.Linear for m in select_linears(model).values())
+    with torch.no_grad():
+        assert torch.allclose(model(**batch).logits, before, atol=1e-6)
+
+
+def test_peft_adapters_are_not_compressed(tiny_bert, tiny_batches):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=4, target_modules=["query", "value"]))
+    report = compress_(model, QuantConfig("int4:ch"))
+    assert len(report.layers) == N_BLOCK_LINEARS
+    assert all("lora_" not in lr.name for lr in report.layers)
+    assert sum(lr.name.endswith("base_layer") for lr in report.layers) == 4
+    batch = tiny_batches(1)[0]
+    model.train()
+    model(**batch).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n or "classifier" in n for n in grads)

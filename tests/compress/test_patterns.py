@@ -1,0 +1,55 @@
+import pytest
+
+from deftune.compress.patterns import (
+    NM,
+    Block,
+    Channel,
+    PatternError,
+    QuantPattern,
+    Threshold,
+    Unstructured,
+    parse_pattern,
+    with_sparsity,
+)
+
+CASES = [
+    ("int4:g128:asym", QuantPattern(4, "group", group_size=128, symmetric=False)),
+    ("int8", QuantPattern(8)),
+    ("int8:ch", QuantPattern(8, "channel", axis=0)),
+    ("int3:tensor:mse", QuantPattern(3, "tensor", clip="mse")),
+    ("int4:ch1:p99.9", QuantPattern(4, "channel", axis=1, clip="percentile", percentile=99.9)),
+    ("unstructured:0.5", Unstructured(0.5)),
+    ("threshold:0.01", Threshold(0.01)),
+    ("nm:2:4", NM(2, 4)),
+    ("block:4x4:0.8", Block(4, 4, 0.8)),
+    ("channel:0.5", Channel(0.5)),
+    ("channel:0.25:cols", Channel(0.25, axis=1)),
+]
+
+
+@pytest.mark.parametrize("text,expected", CASES)
+def test_parse_and_round_trip(text, expected):
+    p = parse_pattern(text)
+    assert p == expected
+    assert parse_pattern(str(p)) == p  # canonical string parses back to the same value
+
+
+@pytest.mark.parametrize(
+    "bad", ["int9", "int1", "int4:g0", "int4:g1", "int4:foo", "nm:4:2", "nm:2", "block:4x:0.5",
+            "block:4x4:1.5", "unstructured:1.0", "channel:0.5:diag", "sparse:0.5", "int4:p100x"],
+)
+def test_bad_strings_raise_with_forms(bad):
+    with pytest.raises(PatternError):
+        parse_pattern(bad)
+
+
+def test_quant_ranges():
+    assert (QuantPattern(4).qmin, QuantPattern(4).qmax) == (-7, 7)
+    assert (QuantPattern(4, symmetric=False).qmin, QuantPattern(4, symmetric=False).qmax) == (0, 15)
+    assert QuantPattern(8).qmax == 127
+
+
+def test_with_sparsity():
+    assert with_sparsity(Block(2, 2, 0.5), 0.75) == Block(2, 2, 0.75)
+    with pytest.raises(PatternError):
+        with_sparsity(NM(2, 4), 0.3)

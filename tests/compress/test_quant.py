@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from deftune.compress import (
+    PatternError,
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    parse_quant,
+    quantize,
+    relative_error,
+    sqnr_db,
+)
+
+
+def test_symmetric_grid_by_hand():
+    w = torch.tensor([[-1.0, 0.5, 0.25, 1.0, 0.0]])
+    # int3 symmetric: qmax = 3, scale = 1/3; w/scale = [-3, 1.5, 0.75, 3, 0] -> [-3, 2, 1, 3, 0]
+    params = choose_qparams(w, "int3:tensor")
+    assert params.scale.item() == pytest.approx(1 / 3)
+    assert quantize(w, params).tolist() == [[-3, 2, 1, 3, 0]]
+    expected = torch.tensor([[-1.0, 2 / 3, 1 / 3, 1.0, 0.0]])
+    assert torch.allclose(dequantize(quantize(w, params), params), expected)
+
+
+def test_asymmetric_grid_by_hand():
+    w = torch.tensor([[-1.0, 0.0, 1.0, 2.0]])
+    # int2 asymmetric: range [-1, 2] onto [0, 3]: scale 1, zero_point 1
+    params = choose_qparams(w, "int2:tensor:asym")
+    assert params.scale.item() == 1.0 and params.zero_point.item() == 1.0
+    q = quantize(w, params)
+    assert q.dtype == torch.uint8 and q.tolist() == [[0, 1, 2, 3]]
+    assert torch.equal(fake_quantize(w, params), w)
+
+
+def test_per_channel_scales_by_hand():
+    w = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
+    rows = choose_qparams(w, "int8:ch0")
+    cols = choose_qparams(w, "int8:ch1")
+    assert torch.allclose(rows.scale.flatten(), torch.tensor([2.0, 0.5]) / 127)
+    assert torch.allclose(cols.scale.flatten(), torch.tensor([1.0, 2.0]) / 127)
+
+
+def test_groups_by_hand():
+    w = torch.tensor([[1.0, 2.0, 4.0, 8.0]])
+    params = choose_qparams(w, "int4:g2")
+    assert torch.allclose(params.scale.flatten(), torch.tensor([2.0, 8.0]) / 7)
+    with pytest.raises(PatternError, match="group size 3"):
+        choose_qparams(w, "int4:g3")
+
+
+@pytest.mark.parametrize("text", ["int4:g16", "int4:g16:asym", "int3:ch1:asym", "int8:tensor"])
+def test_zero_stays_zero(text):
+    w = torch.randn(8, 32)
+    w[w.abs() < 0.5] = 0.0
+    out = fake_quantize(w, text)
+    assert torch.all(out[w == 0] == 0)
+
+
+@pytest.mark.parametrize("text", ["int8:ch", "int4:g32:asym", "int2:ch1:mse", "int6:tensor:p99"])
+def test_quantize_dequantize_equals_fake_quantize(text):
+    w = torch.randn(16, 64)
+    params = choose_qparams(w, text)
+    q = quantize(w, params)
+    p = parse_quant(text)
+    assert int(q.min()) >= p.qmin and int(q.max()) <= p.qmax
+    assert torch.equal(dequantize(q, params), fake_quantize(w, params))  # bit for bit
+
+
+def test_sqnr_floors_on_gaussian_weights():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512)
+    assert sqnr_db(w, fake_quantize(w, "int8:ch")) >= 35.0
+    assert sqnr_db(w, fake_quantize(w, "int8:tensor")) >= 30.0
+    assert sqnr_db(w, fake_quantize(w, "int4:g128")) >= 15.0
+    # about 6 dB per bit
+    by_bits = [sqnr_db(w, fake_quantize(w, f"int{b}:ch")) for b in range(2, 9)]
+    assert all(b - a > 4.0 for a, b in zip(by_bits, by_bits[1:]))
+
+
+def test_clipping_helps_with_an_outlier():
+    torch.manual_seed(0)
+    w = torch.randn(4, 256)
+    w[0, 0] = 40.0  # one outlier stretches the range of row 0
+    plain = relative_error(w[1:], fake_quantize(w, "int4:ch")[1:])
+    mse = fake_quantize(w, "int4:ch:mse")
+    perc = choose_qparams(w, "int4:ch:p99")
+    assert perc.scale[0] < choose_qparams(w, "int4:ch").scale[0]
+    # the MSE search never does worse than no clipping on any row
+    for r in range(4):
+        assert relative_error(w[r], mse[r]) <= relative_error(w[r], fake_quantize(w, "int4:ch")[r]) + 1e-7
+    assert plain < 0.2
+
+
+def test_errors_metrics():
+    x = torch.tensor([3.0, 4.0])
+    assert relative_error(x, torch.tensor([3.0, 3.5])) == pytest.approx(0.1)
+    assert sqnr_db(x, torch.tensor([3.0, 3.5])) == pytest.approx(20.0)
+    assert sqnr_db(x, x) == float("inf")

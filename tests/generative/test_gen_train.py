@@ -1,0 +1,145 @@
+"""The generative training entry point, its PEFT-method matrix, ReLU-fication and config checks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from gen_helpers import encode_all
+
+from deftune.generative import GenConfig, relufy, train_generative
+from deftune.generative.evaluate import perplexity, teacher_forced_density
+from deftune.generative.format import training_batch
+from deftune.generative.models import load_generative
+from deftune.generative.peft_methods import PEFT_METHODS, apply_method
+from deftune.generative.relufy import FATReLU, ShiftedReLU
+from deftune.generative.train import train_loop
+from deftune.regularizer import DensityRegularizer
+
+TINY = dict(steps=3, batch_size=2, eval_questions=4, ppl_texts=2, max_new_tokens=3, max_length=96,
+            max_context_tokens=48, eval_articles=1, eval_batch_size=4, log_every=1, lr=1e-2, prompt_style="plain")
+
+
+def test_train_generative_writes_a_run(squad_file, tmp_path):
+    cfg = GenConfig(model="tiny-llama", alpha=1.0, data_dir=str(squad_file), output_dir=str(tmp_path / "run"), **TINY)
+    result = train_generative(cfg)
+    run = tmp_path / "run"
+    for name in ("deftune.json", "results.json", "predictions.json", "log.json", "adapter/adapter_config.json"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["after"]["questions"] == 4
+    assert 0.0 <= saved["after"]["exact_match"] <= 100.0
+    assert result.before is not None and result.after.perplexity is not None
+    assert [line["step"] for line in result.log] == [1, 2, 3]
+    assert all(line["alpha"] == 1.0 and 0 < line["density_loss"] <= 1 for line in result.log)
+
+
+def test_alpha_zero_runs_the_same_path_and_logs_density(squad_file):
+    cfg = GenConfig(model="tiny-t5", alpha=0.0, data_dir=str(squad_file), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    assert all(line["alpha"] == 0.0 and line["density_loss"] > 0 for line in result.log)
+    assert set(result.after.density_teacher_forced["per_stack"]) == {"encoder", "decoder"}
+    assert result.after.perplexity is None  # seq2seq: no plain-text perplexity
+
+
+def test_density_loss_lowers_relu_density(examples):
+    """DEFT's l0 on a ReLU model: with alpha > 0 the exact density falls below plain training."""
+    densities = {}
+    for alpha in (0.0, 5.0):
+        model, tok = load_generative("tiny-llama-relu")
+        cfg = GenConfig(model="tiny-llama-relu", alpha=alpha, steps=10, batch_size=4, lr=5e-2, lr_warmup_steps=0,
+                        max_length=96, max_context_tokens=48, log_every=10)
+        model = apply_method(cfg, model)
+        items = encode_all(examples, tok, seq2seq=False, max_length=96)
+        train_loop(model, items, cfg, tok.pad_token_id)
+        densities[alpha] = teacher_forced_density(model, tok, items, batch_size=4).overall
+    assert densities[5.0] < densities[0.0] - 0.05, densities
+
+
+@pytest.mark.parametrize("method", sorted(PEFT_METHODS))
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-t5"])
+def test_peft_method_matrix(method, name, examples):
+    """Every registered method: only adapter weights train, and DEFT's loss reaches them."""
+    model, tok = load_generative(name)
+    seq2seq = name == "tiny-t5"
+    peft_model = apply_method(GenConfig(model=name, method=method), model)
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora" in n or "ia3" in n or "hada" in n or "lokr" in n) for n in trainable)
+    batch = training_batch(encode_all(examples[:2], tok, seq2seq), tok.pad_token_id, seq2seq)
+    with DensityRegularizer(peft_model, GenConfig(alpha=1.0).density_config()) as reg:
+        out = peft_model(**batch)
+        loss, parts = reg.total_loss(out.loss, step=0)
+    loss.backward()
+    assert math.isfinite(parts.total) and parts.density > 0
+    grads = [p.grad for p in peft_model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_fatrelu_and_shifted_relu_hand_computed():
+    x = torch.tensor([-1.0, 0.0, 0.05, 0.2, 1.0])
+    assert FATReLU(0.1)(x).tolist() == pytest.approx([0.0, 0.0, 0.0, 0.2, 1.0])
+    assert FATReLU(0.0)(x).tolist() == pytest.approx([0.0, 0.0, 0.05, 0.2, 1.0])
+    assert ShiftedReLU(0.1)(x).tolist() == pytest.approx([0.0, 0.0, 0.0, 0.1, 0.9])
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-t5"])
+def test_relufy_swaps_every_activation(name, examples):
+    model, tok = load_generative(name)
+    seq2seq = name == "tiny-t5"
+    items = encode_all(examples[:2], tok, seq2seq)
+    replaced = relufy(model, "relu")
+    assert len(replaced) == (4 if seq2seq else 2)
+    assert all(isinstance(model.get_submodule(p), FATReLU) for p in replaced)
+    result = teacher_forced_density(model, tok, items, batch_size=2)
+    assert 0.2 < result.overall < 0.8  # exact zeros now exist (SiLU/GELU gave none)
+    with pytest.raises(ValueError, match="unknown activation 'gelu'"):
+        relufy(model, "gelu")
+
+
+def test_perplexity_matches_the_model_loss():
+    model, tok = load_generative("tiny-llama")
+    text = "Paris is the capital of France."
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        expected = math.exp(float(model(input_ids=ids, labels=ids).loss))
+    got = perplexity(model, tok, [text, text + " It lies on the Seine."][:1], max_length=64, batch_size=2)
+    assert got == pytest.approx(expected, rel=1e-4)
+    padded = perplexity(model, tok, [text, "Short."], max_length=64, batch_size=2)
+    assert padded != pytest.approx(got)  # the second text counts; padding does not break it
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("method", "adapterx", "unknown method 'adapterx'"),
+        ("relufy", "swish", "unknown relufy activation 'swish'"),
+        ("prompt_style", "fancy", "prompt_style must be one of"),
+        ("steps", 0, "steps must be an integer >= 1, got 0"),
+        ("lr", -1.0, "lr must be a finite number >= 0"),
+        ("loss", "l3", "unknown density loss 'l3'"),
+        ("max_context_tokens", 300, "max_context_tokens \\(300\\) must be below max_length"),
+    ],
+)
+def test_config_errors_name_the_bad_value(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GenConfig(**{field: value})
+    with pytest.raises(ValueError, match="unknown GenConfig field"):
+        GenConfig.from_dict({"alpha_typo": 1})
+
+
+def test_saved_run_reloads_with_the_same_answers(squad_file, tmp_path):
+    from deftune.cli import main
+    from deftune.generative.train import evaluate_generative_run
+
+    cfg = GenConfig(model="tiny-llama", relufy="relu", alpha=1.0, data_dir=str(squad_file),
+                    output_dir=str(tmp_path / "run"), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    again = evaluate_generative_run(tmp_path / "run")
+    assert again.predictions == result.after.predictions
+    assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
+    assert main(["qa-eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json")]) == 0
+    assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 4
+    with pytest.raises(FileNotFoundError, match="not a generative run folder"):
+        evaluate_generative_run(tmp_path)

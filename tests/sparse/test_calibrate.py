@@ -1,0 +1,420 @@
+"""Calibrated thresholds: quantile accuracy on hand-made activations, exact zeroing, wrappers that
+restore the model, tiny BERT and tiny LLaMA built from configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from deftune.arch import find_activation_sites
+from deftune.density import measure_density
+from deftune.sparse.calibrate import (
+    CalibrationConfig,
+    MagnitudeHistogram,
+    ThresholdedActivation,
+    Thresholds,
+    apply_thresholds,
+    calibrate_thresholds,
+    collect_histograms,
+    remove_thresholds,
+    sweep_targets,
+    thresholded,
+)
+
+torch.set_num_threads(1)
+
+# Tolerance on the calibration density: half the mass of one bin. For continuous data with
+# 256 bins per octave (0.27 % relative width), a bin holds far less than this.
+TOL = 2e-3
+TARGETS = (1.0, 0.7, 0.5, 0.3, 0.1, 0.02)
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def batches(n: int = 3, b: int = 4, t: int = 12, seed: int = 0) -> list[dict]:
+    """Random token batches whose last positions are padding (different per row)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, 100, (b, t), generator=g)
+        lengths = torch.randint(t // 2, t + 1, (b,), generator=g)
+        mask = (torch.arange(t)[None, :] < lengths[:, None]).long()  # (B, T)
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+# ---- hand-made activations -----------------------------------------------------------------
+
+
+def exact_density(a: torch.Tensor, t: float) -> float:
+    return int((a.abs() > t).sum()) / a.numel()
+
+
+@pytest.mark.parametrize("dist", ["normal", "lognormal", "relu"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_histogram_hits_target(dist, target):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40_000, generator=g)
+    a = {"normal": x, "lognormal": torch.exp(3 * x), "relu": torch.relu(x)}[dist]
+    hist = MagnitudeHistogram.empty(CalibrationConfig())
+    hist.add("encoder.0", a[:25_000])
+    hist.add("encoder.0", a[25_000:])  # streaming: two chunks
+    th = hist.thresholds(target)
+    t = th.values["encoder.0"]
+    # the reported density is the exact count on the data, and near the target
+    assert th.achieved["encoder.0"] == pytest.approx(exact_density(a, t), abs=1e-12)
+    natural = int((a != 0).sum()) / a.numel()
+    assert th.natural["encoder.0"] == pytest.approx(natural, abs=1e-12)
+    assert th.achieved["encoder.0"] == pytest.approx(min(target, natural), abs=TOL)
+    if target == 1.0:
+        assert t == 0.0
+
+
+def test_threshold_is_close_to_exact_quantile():
+    a = torch.randn(100_000, generator=torch.Generator().manual_seed(2)).abs()
+    hist = MagnitudeHistogram.empty(CalibrationConfig(bins_per_octave=256))
+    hist.add("l", a)
+    t = hist.thresholds(0.4).values["l"]
+    exact = float(torch.quantile(a, 0.6))
+    assert abs(t / exact - 1) < 2 ** (1 / 256) - 1  # within one bin
+
+
+def test_global_mode_shares_one_threshold():
+    g = torch.Generator().manual_seed(3)
+    hist = MagnitudeHistogram.empty(CalibrationConfig())
+    hist.add("encoder.0", torch.randn(20_000, generator=g))  # small activations
+    hist.add("encoder.1", 10 * torch.randn(20_000, generator=g))  # large activations
+    th = hist.thresholds(0.5, mode="global")
+    assert th.values["encoder.0"] == th.values["encoder.1"]
+    assert th.overall_achieved == pytest.approx(0.5, abs=TOL)
+    assert th.achieved["encoder.0"] < 0.3 < 0.7 < th.achieved["encoder.1"]
+    per_layer = hist.thresholds(0.5, mode="layer")
+    assert per_layer.values["encoder.0"] < per_layer.values["encoder.1"]
+
+
+def test_histogram_merge_equals_single_pass():
+    a = torch.randn(5_000, generator=torch.Generator().manual_seed(4))
+    one, two, full = (MagnitudeHistogram.empty(CalibrationConfig()) for _ in range(3))
+    one.add("l", a[:2_000])
+    two.add("l", a[2_000:])
+    full.add("l", a)
+    one.merge(two)
+    assert torch.equal(one.counts["l"], full.counts["l"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target": 0.0}, "target"),
+        ({"target": 1.5}, "target"),
+        ({"mode": "median"}, "mode"),
+        ({"bins_per_octave": 0}, "bins_per_octave"),
+        ({"min_log2": 5, "max_log2": 2}, "min_log2"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CalibrationConfig(**kwargs)
+
+
+# ---- the wrapper ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wrapper_zeroes_exactly_the_small_entries(dtype):
+    x = torch.tensor([[-2.0, -0.5, -0.25, 0.0, 0.1, 0.25, 0.2500001, 3.0]], dtype=dtype)
+    wrapper = ThresholdedActivation(nn.Identity(), 0.25)
+    y = wrapper(x)
+    keep = x.float().abs() > 0.25
+    assert torch.equal(y[keep], x[keep])
+    assert torch.count_nonzero(y[~keep]) == 0
+    assert y.dtype == dtype
+
+
+def test_thresholds_json_round_trip(tmp_path):
+    hist = MagnitudeHistogram.empty(CalibrationConfig())
+    hist.add("decoder.0", torch.randn(1_000, generator=torch.Generator().manual_seed(5)))
+    th = hist.thresholds(0.3)
+    th.save(tmp_path / "th.json")
+    assert Thresholds.load(tmp_path / "th.json") == th
+    assert json.loads((tmp_path / "th.json").read_text())["overall_achieved"] == pytest.approx(
+        th.overall_achieved
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic write left no temp file
+
+
+# ---- tiny models ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [tiny_bert, tiny_llama], ids=["bert", "llama"])
+def test_calibrated_model_reaches_target_and_restores(build):
+    model = build()
+    data = batches()
+    with torch.no_grad():
+        reference = [model(**b).logits for b in data]
+    originals = {s.module_path: model.get_submodule(s.module_path) for s in find_activation_sites(model)}
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.4, refine_passes=1))
+    assert set(th.values) == {s.name for s in find_activation_sites(model)}
+    for name, achieved in th.achieved.items():
+        assert achieved == pytest.approx(0.4, abs=0.02), name  # few tokens: coarser than TOL
+    # applied on the same data, the measured exact density (real tokens) equals the calibration one:
+    # with 2 layers and 1 refinement pass both layers are exact
+    with thresholded(model, th):
+        assert all(isinstance(model.get_submodule(p), ThresholdedActivation) for p in originals)
+        density = measure_density(model, data)
+        with torch.no_grad():
+            changed = [model(**b).logits for b in data]
+    for name, value in density.exact_per_layer.items():
+        assert value == pytest.approx(th.achieved[name], abs=1e-9), name
+    assert any(not torch.equal(r, c) for r, c in zip(reference, changed))
+    # the context manager put back the very same modules; outputs are bit-identical again
+    for path, module in originals.items():
+        assert model.get_submodule(path) is module
+    with torch.no_grad():
+        assert all(torch.equal(model(**b).logits, r) for b, r in zip(data, reference))
+
+
+def test_apply_and_remove_restore_originals():
+    model = tiny_bert()
+    originals = {s.module_path: model.get_submodule(s.module_path) for s in find_activation_sites(model)}
+    keys = set(model.state_dict())
+    th = calibrate_thresholds(model, batches(n=1), CalibrationConfig(target=0.5))
+    paths = apply_thresholds(model, th)
+    assert sorted(paths) == sorted(originals)
+    assert set(model.state_dict()) == keys  # no new parameters or buffers
+    apply_thresholds(model, th)  # re-applying updates, never double-wraps
+    assert not any(
+        isinstance(m.inner, ThresholdedActivation)
+        for m in model.modules()
+        if isinstance(m, ThresholdedActivation)
+    )
+    assert remove_thresholds(model) == len(originals)
+    for path, module in originals.items():
+        assert model.get_submodule(path) is module
+
+
+def test_refinement_corrects_depth_drift():
+    """Dense-model thresholds drift in later layers; each refinement pass fixes one more layer.
+
+    MiniLM-shaped activations need depth to show the effect: a 4-layer tiny BERT at target 0.1.
+    """
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(
+        BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    ).eval()
+    data = batches(n=4)
+
+    def applied(th):
+        with thresholded(model, th):
+            return measure_density(model, data).exact_per_layer
+
+    one_pass = calibrate_thresholds(model, data, CalibrationConfig(target=0.1, refine_passes=0))
+    refined = calibrate_thresholds(model, data, CalibrationConfig(target=0.1, refine_passes=3))
+    assert refined.refine_passes == 3
+    drift_one = applied(one_pass)
+    drift_refined = applied(refined)
+    assert drift_one["encoder.0"] == pytest.approx(one_pass.achieved["encoder.0"], abs=1e-9)
+    for name in refined.values:  # 3 passes after the first: all 4 layers exact
+        assert drift_refined[name] == pytest.approx(refined.achieved[name], abs=1e-9), name
+    worst_one = max(abs(v - 0.1) for v in drift_one.values())
+    worst_refined = max(abs(v - 0.1) for v in drift_refined.values())
+    assert worst_refined < worst_one
+
+
+def test_histograms_of_a_thresholded_model_see_values_before_the_threshold():
+    model = tiny_bert()
+    data = batches(n=1)
+    dense = collect_histograms(model, data)
+    th = dense.thresholds(0.3)
+    with thresholded(model, th):
+        again = collect_histograms(model, data)
+    # layer 0 has no thresholded layer before it: its histogram is unchanged (values before t)
+    assert torch.equal(again.counts["encoder.0"], dense.counts["encoder.0"])
+    assert not torch.equal(again.counts["encoder.1"], dense.counts["encoder.1"])
+
+
+def test_unknown_layer_is_rejected():
+    model = tiny_bert()
+    th = Thresholds(
+        values={"encoder.7": 0.1},
+        target=0.5,
+        mode="layer",
+        achieved={"encoder.7": 0.5},
+        natural={"encoder.7": 1.0},
+        elements={"encoder.7": 10},
+    )
+    with pytest.raises(KeyError, match="encoder.7"):
+        apply_thresholds(model, th)
+
+
+def test_gated_mlp_product_has_the_same_zeros():
+    """For LLaMA the threshold acts on act(gate); the input of down_proj is zero in the same places."""
+    model = tiny_llama()
+    data = batches(n=1)
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.3))
+    seen: dict[str, torch.Tensor] = {}
+    mlp = model.model.layers[0].mlp
+    with thresholded(model, th), torch.no_grad():
+        assert isinstance(mlp.act_fn, ThresholdedActivation)
+        hooks = [
+            mlp.act_fn.register_forward_hook(lambda m, a, out: seen.__setitem__("act", out)),
+            mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("prod", a[0])),
+        ]
+        try:
+            model(**data[0])
+        finally:
+            for h in hooks:
+                h.remove()
+    zero_gate = seen["act"] == 0  # the thresholded act(gate)
+    assert zero_gate.float().mean() > 0.5
+    assert torch.equal(seen["prod"] == 0, zero_gate)
+
+
+def test_padding_is_not_counted():
+    """Activations at padding positions must not move the thresholds."""
+    model = tiny_bert()
+    data = batches(n=2)
+    base = collect_histograms(model, data)
+    garbage = [dict(b, input_ids=torch.where(b["attention_mask"] == 1, b["input_ids"], 99)) for b in data]
+    assert all(torch.equal(base.counts[k], collect_histograms(model, garbage).counts[k]) for k in base.counts)
+    padded = collect_histograms(model, garbage, CalibrationConfig(count_padding=True))
+    assert any(not torch.equal(base.counts[k], padded.counts[k]) for k in base.counts)
+
+
+def test_sweep_reports_metric_and_density():
+    model = tiny_llama()
+    data = batches(n=2)
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"loss": sum(float(m(**b, labels=b["input_ids"]).loss) for b in data)}
+
+    points = sweep_targets(model, data, [1.0, 0.2], evaluate, CalibrationConfig(refine_passes=1))
+    assert [p.target for p in points] == [1.0, 0.2]
+    assert points[0].eval_density == pytest.approx(points[0].calibration_density, abs=1e-9)
+    # evaluated on the calibration data with 2 layers and 1 refinement pass: exact
+    assert points[1].eval_density == pytest.approx(points[1].calibration_density, abs=1e-9)
+    assert points[1].eval_density == pytest.approx(0.2, abs=0.02)
+    assert points[1].metrics["loss"] != points[0].metrics["loss"]
+    assert not any(isinstance(m, ThresholdedActivation) for m in model.modules())
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def test_cli_help_lists_every_option(capsys):
+    from deftune.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--model", "--data", "--target", "--mode", "--sweep", "--refine-passes", "--output"):
+        assert option in out
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"models": ()}, "--model"), ({"data": "wiki"}, "data"), ({"target": 0.0}, "target"),
+     ({"labels": ("a", "b")}, "label"), ({"plot": "x.png"}, "--sweep"), ({"sweep": (2.0,)}, "target")],
+)
+def test_job_rejects_bad_values(kwargs, match):
+    from deftune.cli.calibrate import CalibrationJob
+
+    with pytest.raises(ValueError, match=match):
+        CalibrationJob(**{"models": ("m",), **kwargs})
+
+
+@pytest.fixture
+def tiny_lm_folder(tmp_path):
+    """A tiny LLaMA saved with the packaged MiniLM tokenizer (no downloads), and a tiny SQuAD file."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from deftune import models
+
+    tokenizer = models.load_tokenizer("minilm")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
+    model.save_pretrained(tmp_path / "lm")
+    tokenizer.save_pretrained(tmp_path / "lm")
+    words = "the river flows past old stone towers where people gather in the evening".split()
+    rng = torch.Generator().manual_seed(0)
+
+    def paragraph():
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (30,), generator=rng))
+
+    data = {"data": [{"title": f"a{i}", "paragraphs": [{"context": paragraph(), "qas": []} for _ in range(3)]}
+                     for i in range(4)]}
+    (tmp_path / "squad.json").write_text(json.dumps(data))
+    return tmp_path
+
+
+def test_cli_lm_sweep_writes_results_plot_and_thresholds(tiny_lm_folder):
+    from deftune.cli import main
+
+    tmp = tiny_lm_folder
+    code = main(["calibrate", "--model", str(tmp / "lm"), "--label", "tiny", "--data", "squad",
+                 "--squad-file", str(tmp / "squad.json"), "--sweep", "1,0.3", "--calib-size", "6",
+                 "--eval-size", "6", "--batch-size", "4", "--max-length", "32", "--refine-passes", "1",
+                 "--target", "0.3", "--output", str(tmp / "th.json"), "--name", "tiny-lm",
+                 "--results", str(tmp / "res.json"), "--plot", str(tmp / "plot.png")])
+    assert code == 0
+    th = Thresholds.load(tmp / "th.json")
+    assert th.target == 0.3 and th.refine_passes == 1 and len(th.values) == 2
+    record = json.loads((tmp / "res.json").read_text())["experiments"]["tiny-lm"]
+    points = record["models"]["tiny"]["points"]
+    assert [p["target"] for p in points] == [1.0, 0.3]
+    assert points[0]["metrics"]["perplexity"] > 1
+    assert points[1]["eval_density"] < points[0]["eval_density"]
+    assert (tmp / "plot.png").stat().st_size > 1000
+
+
+def test_squad_split_is_by_article(tiny_lm_folder):
+    from deftune.cli.calibrate import squad_paragraphs
+
+    data = json.loads((tiny_lm_folder / "squad.json").read_text())["data"]
+    first = {p["context"] for a in data[:2] for p in a["paragraphs"]}
+    calib = squad_paragraphs(tiny_lm_folder / "squad.json", "calib", 100)
+    held_out = squad_paragraphs(tiny_lm_folder / "squad.json", "eval", 100)
+    assert set(calib) == first and not set(held_out) & first
