@@ -10,7 +10,9 @@ from deftune.ada.measure import compare_latency, peak_memory, peak_rss_bytes
 
 def test_compare_latency_interleaves_and_counts_repeats():
     calls: list[str] = []
-    stats = compare_latency({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1)
+    stats = compare_latency(
+        {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=4, warmup=1
+    )
     assert calls == ["a", "b"] * 5  # round-robin: warm-up then timed, alternating
     for s in stats.values():
         assert s.repeats == 4 and s.p10_ms <= s.median_ms <= s.p90_ms

@@ -46,6 +46,9 @@ class TrainExtension(Protocol):
 
     def log(self) -> dict[str, float]: ...
 
+    # optional: ``bind_regularizer(regularizer)`` is called, when defined, once the density
+    # regulariser exists (ADA-DEFT uses it to weight each layer's density loss by its gate)
+
 
 def _lr_lambda(config: TrainConfig):
     warm, total = config.lr_warmup_steps, config.steps
@@ -132,6 +135,10 @@ def train_glue(
         inner, config.density_config(), thresholds=config.thresholds,
         skip_leading=virtual_token_count(inner), track_stats=False,
     )
+    for ext in extensions:  # optional: extensions that weight the density loss (ADA-DEFT gates)
+        bind = getattr(ext, "bind_regularizer", None)
+        if callable(bind):
+            bind(regularizer)
     log_path = Path(config.output_dir) / "train_log.jsonl" if config.output_dir and accelerator.is_main_process else None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
