@@ -2,6 +2,7 @@
 
 Sub-commands (each calls one typed library function)::
 
+  deftune sweep alpha --alphas 0,0.1,0.3,1,3 --task sst2 --method lora
   deftune sweep quant --bits 2,3,4,6,8 --granularities ch,g128 --methods rtn,gptq
   deftune sweep sparsity --levels 0.3,0.5,0.7,0.9 --pattern unstructured --pattern nm:2:4 \\
                          --methods oneshot,recovery --train-levels 0.5
@@ -16,7 +17,7 @@ import argparse
 from collections.abc import Callable
 
 COMMAND = "sweep"
-HELP = "sweep a compression knob (bits, sparsity) over a fine-tuned run and plot the task metric"
+HELP = "sweep alpha (DEFT), bits or weight sparsity (compression) and plot the task metric"
 
 
 def _ints(value: str) -> tuple[int, ...]:
@@ -104,9 +105,30 @@ def _run_sparsity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_alpha(p: argparse.ArgumentParser) -> None:
+    from deftune.cli._args import add_dataclass_arguments
+    from deftune.compare import AlphaSweepConfig
+
+    add_dataclass_arguments(p, AlphaSweepConfig)
+
+
+def _run_alpha(args: argparse.Namespace) -> int:
+    from deftune.cli._args import dataclass_from_args
+    from deftune.compare import AlphaSweepConfig, run_alpha_sweep
+
+    config = dataclass_from_args(AlphaSweepConfig, args)
+    rows = run_alpha_sweep(config)
+    for r in sorted(rows, key=lambda r: r["alpha"]):
+        print(f"alpha {r['alpha']:g}: {r['metric']['name']} {r['metric']['value']:.2f}, exact density {r['density']:.4f}")
+    print(f"wrote {config.results_json} and {config.plot}")
+    return 0
+
+
 SWEEPS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "quant": ("task metric against weight bits (RTN, GPTQ, MSE reconstruction)", _add_quant, _run_quant),
     "sparsity": ("task metric against weight sparsity (one-shot, recovery, GMP, RigL)", _add_sparsity, _run_sparsity),
+    "alpha": ("task metric and exact density against the density-loss weight alpha (DEFT's sweet spot)",
+              _add_alpha, _run_alpha),
 }
 
 
