@@ -279,7 +279,8 @@ class ActivationRecorder:
 
     # -- masks
     def set_masks(self, attention_mask: Tensor | None, decoder_mask: Tensor | None = None) -> None:
-        """Set the real-token masks explicitly (overrides what the forward call passes)."""
+        """Set the real-token masks for calls that bypass the Hugging Face model's ``forward``
+        (e.g. running a stack directly). The next HF ``forward`` call replaces them."""
         self._masks = {"encoder": attention_mask, "decoder": decoder_mask}
 
     def _capture_masks(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
