@@ -1,8 +1,13 @@
-"""Fine-tune a model on a GLUE task with a PEFT method, with (α > 0) or without (α = 0) the DEFT
-density loss; evaluate on the dev set and save the run directory.
+"""Fine-tune a model with a PEFT method, with (α > 0) or without (α = 0) the DEFT density loss;
+evaluate and save the run directory.
 
-Example:
+GLUE tasks (sst2, cola, mrpc, rte, stsb, qnli, ...) train a classifier (`deftune.train.train_glue`).
+`--task squad` trains a generative QA model (default `--model smollm2`) through
+`deftune.generative.train_generative`; `deftune qa-train --help` lists its full option set.
+
+Examples:
   deftune train --task sst2 --method lora --alpha 1 --data-dir ../shared/data/glue --output-dir runs/sst2-deft
+  deftune train --task squad --model smollm2 --alpha 1 --data-dir ../shared/data/squad --output-dir runs/squad-deft
 """
 
 from __future__ import annotations
@@ -14,14 +19,32 @@ from deftune.cli._args import add_dataclass_arguments, dataclass_from_args
 from deftune.train.config import TrainConfig
 
 COMMAND = "train"
-HELP = "fine-tune with PEFT (alpha=0) or DEFT (alpha>0) on a GLUE task and save the run"
+HELP = "fine-tune with PEFT (alpha=0) or DEFT (alpha>0) on a GLUE task (or squad) and save the run"
+
+# TrainConfig fields that carry over to the generative config for --task squad
+_SHARED_WITH_GENERATIVE = ("method", "alpha", "loss", "eps", "site", "stack_weights", "steps", "batch_size",
+                           "lr", "lr_warmup_steps", "weight_decay", "train_subset", "data_dir", "output_dir", "seed",
+                           "log_every")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainConfig, defaults={"output_dir": None})
 
 
+def _train_squad(args: argparse.Namespace) -> int:
+    from deftune.generative import GenConfig, train_generative
+
+    model = "smollm2" if args.model == "minilm" else args.model
+    values = {k: getattr(args, k) for k in _SHARED_WITH_GENERATIVE}
+    config = GenConfig(model=model, alpha_schedule=args.schedule, alpha_warmup_steps=args.warmup_steps, **values)
+    result = train_generative(config)
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.task.lower() == "squad":
+        return _train_squad(args)
     from deftune.train import train_glue
 
     config = dataclass_from_args(TrainConfig, args)
