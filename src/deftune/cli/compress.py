@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
     ))
     rep = out["report"]
-    print(f"{rep['config']}: {len(rep['layers'])} layers, sparsity {rep['sparsity']:.3f}, "
+    print(f"{rep['config']}: {len(rep['layers'])} layers, zero weights {rep['sparsity']:.1%}, "
           f"mean output error {rep['mean_output_rel_error'] if rep['mean_output_rel_error'] is not None else float('nan'):.4f}")
     if "metric_before" in out:
         print(f"dev metric {out['metric_before']:.2f} -> {out['metric_after']:.2f}")

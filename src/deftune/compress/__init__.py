@@ -11,8 +11,9 @@ Model level (in place, torchao-style verb + config)::
     pack_(model)                        # real int4/int8 storage, bytes measured
     compress_(model, SparsityConfig("nm:2:4"))
 
-Training (QAT/SAT, gradual magnitude pruning, SET/RigL) lives in :mod:`deftune.compress.training`;
-sweeps in :mod:`deftune.compress.sweep`.
+Training (QAT/SAT, QLoRA-style PEFT on a frozen compressed base, gradual magnitude pruning, SET/RigL)
+are :class:`deftune.train.TrainExtension` objects in :mod:`deftune.compress.training`; sweeps are in
+:mod:`deftune.compress.sweep` (results and plots in :mod:`deftune.compress.results`).
 """
 
 from deftune.compress.errors import relative_error, sqnr_db
@@ -49,9 +50,29 @@ from deftune.compress.quant import QuantParams, choose_qparams, dequantize, fake
 from deftune.compress.reconstruct import LayerCalibration, MSEOptions, capture_inputs, reconstruct_mse
 from deftune.compress.sparsity import allocate, compute_mask, erk_densities, register_mask, sparsity_of
 from deftune.compress.ste import ste
+from deftune.compress.training import (
+    CompressionExtension,
+    DynamicSchedule,
+    DynamicSparsity,
+    FinetuneConfig,
+    GradualPruning,
+    PruningSchedule,
+    finetune,
+    freeze_quantizers_,
+    polynomial_sparsity,
+)
 
 __all__ = [
     "METHODS",
+    "CompressionExtension",
+    "DynamicSchedule",
+    "DynamicSparsity",
+    "FinetuneConfig",
+    "GradualPruning",
+    "PruningSchedule",
+    "finetune",
+    "freeze_quantizers_",
+    "polynomial_sparsity",
     "NM",
     "Block",
     "Channel",

@@ -53,7 +53,7 @@ def markdown_table(section: dict) -> str:
     head += ["mean out-err", "packed/fp32 bytes", "s"] if quant else ["sparsity", "mean out-err", "s"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(section["points"], key=lambda p: (p["pattern"].split(":")[0], str(p.get("granularity", "")),
-                                                       p.get("bits", 0), p.get("level") or 0, p["method"]))
+                                                       p.get("bits", 0), p.get("level") or 0, p["pattern"], p["method"]))
     for p in order:
         err = p.get("mean_output_rel_error")
         cells = [f"`{p['pattern']}`", p["method"], f"{p['metric']:.2f}", f"{p['delta']:+.2f}"]

@@ -178,6 +178,10 @@ def train_glue(
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
     train_seconds = time.perf_counter() - start
+    for ext in extensions:  # optional clean-up (e.g. remove gradient hooks of dynamic sparsity)
+        close = getattr(ext, "close", None)
+        if callable(close):
+            close()
 
     model = accelerator.unwrap_model(model)
     dev_batches = make_batches(
