@@ -178,10 +178,6 @@ def train_glue(
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
     train_seconds = time.perf_counter() - start
-    for ext in extensions:  # optional clean-up (e.g. remove gradient hooks of dynamic sparsity)
-        close = getattr(ext, "close", None)
-        if callable(close):
-            close()
 
     model = accelerator.unwrap_model(model)
     dev_batches = make_batches(
@@ -193,6 +189,10 @@ def train_glue(
     if config.output_dir and accelerator.is_main_process:
         save_run(config, model, result, extensions)
     accelerator.wait_for_everyone()
+    for ext in extensions:  # optional clean-up once evaluated and saved (hooks of gates, RigL, ...)
+        close = getattr(ext, "close", None)
+        if callable(close):
+            close()
     return result
 
 
