@@ -304,7 +304,8 @@ def _merge_results(job: CalibrationJob, record: dict) -> None:
 
 
 def plot_sweep(record: dict, path: str | os.PathLike, title: str = "") -> None:
-    """Metric vs target density (left) and measured held-out density vs target (right)."""
+    """Metric vs the density measured on the evaluation data (left; one point per target) and
+    measured vs target density (right). ``record``: one experiment of the results JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,11 +316,11 @@ def plot_sweep(record: dict, path: str | os.PathLike, title: str = "") -> None:
     for label, entry in record["models"].items():
         pts = entry["points"]
         targets = [p["target"] for p in pts]
-        ax_m.plot(targets, [p["metrics"][metric] for p in pts], "o-", label=label)
+        ax_m.plot([p["eval_density"] for p in pts], [p["metrics"][metric] for p in pts], "o-", label=label)
         ax_d.plot(targets, [p["eval_density"] for p in pts], "o-", label=label)
     ax_d.plot([0, 1], [0, 1], "k:", lw=1, label="target")
-    ax_m.set(xlabel="target density (|a| > t)", ylabel=metric, title=title)
-    ax_d.set(xlabel="target density", ylabel="measured density (held-out)", title="calibration fidelity")
+    ax_m.set(xlabel="measured density on evaluation data (exact non-zeros)", ylabel=metric, title=title)
+    ax_d.set(xlabel="target density", ylabel="measured density (evaluation data)", title="calibration fidelity")
     if metric == "perplexity":
         ax_m.set_yscale("log")
     for ax in (ax_m, ax_d):
