@@ -31,6 +31,10 @@ def command_modules() -> dict[str, ModuleType]:
     return dict(sorted(found.items()))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the line breaks of each command's description (its examples)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deftune",
@@ -47,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=module.HELP,
             description=(module.__doc__ or module.HELP).strip(),
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -34,7 +34,22 @@ from deftune.sparse.reference import (
 )
 from deftune.sparse.triton_mlp import HAS_TRITON, KernelConfig
 
+from deftune.sparse.calibrate import (  # noqa: E402
+    CalibrationConfig,
+    Thresholds,
+    apply_thresholds,
+    calibrate_thresholds,
+    remove_thresholds,
+    thresholded,
+)
+
 __all__ = [
+    "CalibrationConfig",
+    "Thresholds",
+    "apply_thresholds",
+    "calibrate_thresholds",
+    "remove_thresholds",
+    "thresholded",
     "ACTIVATIONS",
     "GatedMLPWeights",
     "HAS_TRITON",
