@@ -43,3 +43,26 @@ def load_parameters(model: nn.Module, names: list[str], directory: Path) -> None
                 f"{name}: saved shape {tuple(tensors[name].shape)} != {tuple(params[name].shape)}"
             )
         params[name].copy_(tensors[name])
+
+
+def parameter_io(apply, trained_names):
+    """``(save, load)`` for a method whose state is a named subset of the model's parameters.
+
+    ``apply(model, cfg) -> (model, resolved_cfg)`` adds/unfreezes the method;
+    ``trained_names(model, resolved_cfg)`` lists the parameters it trains (what is saved).
+    """
+    from deftune.methods.registry import CONFIG_ATTR
+    from deftune.methods.targets import freeze_all
+
+    def save(model: nn.Module, directory: Path) -> None:
+        save_parameters(model, trained_names(model, getattr(model, CONFIG_ATTR)), directory)
+
+    def load(model: nn.Module, directory: Path, cfg, trainable: bool) -> nn.Module:
+        model, resolved = apply(model, cfg)
+        load_parameters(model, trained_names(model, resolved), directory)
+        if not trainable:
+            freeze_all(model)
+        return model
+
+    return save, load
+

@@ -8,8 +8,6 @@ merge / unmerge (``adapter_activation="identity"`` only: non-linear adapters can
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
 from deftune.methods.bottleneck.config import BottleneckConfig
@@ -23,8 +21,8 @@ from deftune.methods.bottleneck.model import (
     unmerge_adapters,
 )
 from deftune.methods.config import MethodConfig
-from deftune.methods.registry import CONFIG_ATTR, Method, register_method
-from deftune.methods.state import load_parameters, save_parameters
+from deftune.methods.registry import Method, register_method
+from deftune.methods.state import parameter_io
 from deftune.methods.targets import freeze_all, head_module_names, head_parameter_names, infer_task_type
 
 __all__ = ["BottleneckConfig", "BottleneckLayer", "adapter_layers", "add_adapters", "resolve_targets"]
@@ -50,16 +48,7 @@ def _apply(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, MethodConfig
     return model, resolved
 
 
-def _save(model: nn.Module, directory: Path) -> None:
-    save_parameters(model, _trained_names(model, getattr(model, CONFIG_ATTR)), directory)
-
-
-def _load(model: nn.Module, directory: Path, cfg: MethodConfig, trainable: bool) -> nn.Module:
-    model, resolved = _apply(model, cfg)
-    load_parameters(model, _trained_names(model, resolved), directory)
-    if not trainable:
-        freeze_all(model)
-    return model
+_save, _load = parameter_io(_apply, _trained_names)
 
 
 register_method(
