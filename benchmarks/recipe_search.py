@@ -10,6 +10,9 @@ production loop keeps fixed, to explore them quickly on a GPU:
 * ``cool`` (the last N steps without the density term), ``skip`` (leading tokens left out of the
   loss), ``lw`` (per-layer density-loss weights), ``route`` (density gradients only into the MLP
   up-projection's parameters, through a second ``autograd.grad``);
+* ``scale`` (learned activation scales, :mod:`deftune.act_scale`), ``scale_shape`` (``neuron``
+  or ``layer``), ``scale_lr``, ``scale_wd`` (AdamW weight decay on the log-scales), and
+  ``route="scale"`` (density gradients only into the scales; task gradients everywhere);
 * ``steps``, ``subset``, ``seed``.
 
 Usage (results of the search are in docs/results/recipe_search.json and docs/recipe.md)::
@@ -42,19 +45,25 @@ def run(c: dict, model_dir: str, data: dict, device: str) -> dict:
     lora = LoraConfig(task_type="SEQ_CLS", r=c.get("r", 8), lora_alpha=2 * c.get("r", 8), target_modules=c["targets"],
                       bias=c.get("bias", "none"), lora_dropout=0.0, use_dora=c.get("dora", False))
     model = get_peft_model(model, lora).to(device)
+    if c.get("scale"):
+        from deftune.act_scale import add_act_scales
+
+        add_act_scales(model, "layer" if c.get("scale_shape") == "layer" else "neuron")
     steps = c["steps"]
     train = subsample(data["train"], c.get("subset", 8000), seed=0)
     batches = make_batches(train, tok, batch_size=32, max_length=64, shuffle=True, seed=c.get("seed", 0))
 
-    groups: dict[str, list] = {"head": [], "bias": [], "int": [], "rest": []}
+    groups: dict[str, list] = {"head": [], "bias": [], "int": [], "rest": [], "scale": []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            key = ("head" if "classifier" in name else "bias" if name.endswith(".bias")
+            key = ("scale" if name.endswith("log_scale") else "head" if "classifier" in name
+                   else "bias" if name.endswith(".bias")
                    else "int" if "intermediate" in name else "rest")
             groups[key].append(p)
     lrs = {"head": c.get("head_lr", c["lr"]), "bias": c.get("bias_lr", c["lr"]),
-           "int": c.get("int_lr", c["lr"]), "rest": c["lr"]}
-    opt = torch.optim.AdamW([{"params": v, "lr": lrs[k]} for k, v in groups.items() if v], weight_decay=0.0)
+           "int": c.get("int_lr", c["lr"]), "rest": c["lr"], "scale": c.get("scale_lr", 0.03)}
+    opt = torch.optim.AdamW([{"params": v, "lr": lrs[k], "weight_decay": c.get("scale_wd", 0.0) if k == "scale" else 0.0}
+                             for k, v in groups.items() if v], weight_decay=0.0)
     warm = 30
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * (max(0.0, (steps - s) / (steps - warm)) if s >= warm else 1))
@@ -73,7 +82,13 @@ def run(c: dict, model_dir: str, data: dict, device: str) -> dict:
             loss, parts = reg.total_loss(out.loss, step)
             if step >= steps - c.get("cool", 0):
                 loss = out.loss + 0.0 * loss
-            if c.get("route"):
+            if c.get("route") == "scale":
+                grads = torch.autograd.grad(loss - out.loss, groups["scale"], retain_graph=True, allow_unused=True)
+                out.loss.backward()
+                for p, g in zip(groups["scale"], grads):
+                    if g is not None:
+                        p.grad = g if p.grad is None else p.grad + g
+            elif c.get("route"):
                 own = groups["int"] + groups["bias"]
                 grads = torch.autograd.grad(loss - out.loss, own, retain_graph=True, allow_unused=True)
                 out.loss.backward()

@@ -7,6 +7,9 @@ variants, interleaved step by step so that machine noise hits all alike:
 * ``deft_a0``    — deftune's path with α = 0 (hooks + density term computed, weighted by 0);
 * ``deft``       — DEFT, α = 1 (the ``l0`` loss of the paper).
 
+The model carries the demo recipe's learned activation scales (``--act-scale layer``, default) in
+all three variants, as the demo's PEFT and DEFT runs both do; ``--act-scale none`` drops them.
+
 Prints a table and writes ``docs/results/train_overhead.json`` with ``ratio`` = median(deft) /
 median(peft). Run: ``python benchmarks/train_overhead.py --data-dir ../shared/data/glue``.
 """
@@ -28,6 +31,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--act-scale", default="layer", choices=("none", "layer", "neuron"),
+                   help="learned activation scales on the model (all variants)")
     p.add_argument("--out", default="docs/results/train_overhead.json", help="JSON output")
     args = p.parse_args()
     if args.threads:
@@ -46,7 +51,7 @@ def main() -> None:
     batches = make_batches(examples, tok, batch_size=args.batch_size, max_length=64)
 
     torch.manual_seed(0)
-    model = apply_method(models.load_for_classification("minilm", 2), MethodConfig(name="lora"))
+    model = apply_method(models.load_for_classification("minilm", 2), MethodConfig(name="lora", act_scale=args.act_scale))
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4)
     regs = {
@@ -82,8 +87,8 @@ def main() -> None:
     print(f"hardware: {hw}")
     write_json_atomic(args.out, {
         "ratio": ratio, "ratio_alpha0_path": med["deft_a0"] / med["peft"], "median_seconds": med,
-        "repeats": args.repeats, "batch_size": args.batch_size, "model": "minilm + lora (query,value)",
-        "hardware": hw, "command": "python benchmarks/train_overhead.py --data-dir ../shared/data/glue",
+        "repeats": args.repeats, "batch_size": args.batch_size, "model": f"minilm + lora (query,value), act_scale={args.act_scale}",
+        "hardware": hw, "command": f"python benchmarks/train_overhead.py --data-dir ../shared/data/glue --act-scale {args.act_scale}",
     })
 
 

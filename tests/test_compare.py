@@ -37,6 +37,14 @@ def test_compare_writes_rows_report_and_resumes(tiny_setup, tmp_path, capsys):
     assert "| sst2 | bitfit | 1 |" in report and "Per method" in report
     assert (tmp_path / "img" / "glue_metric_vs_density.png").stat().st_size > 0
     assert set(summarise(rows)) == {"lora", "bitfit"}
+    assert {r["act_scale"] for r in rows} == {"layer"}  # the DEFT recipe's scales, in PEFT runs too
+
+    # hand-written notes below the marker survive a rewrite of the report
+    from deftune.compare import NOTES_MARKER, write_compare_report
+
+    (tmp_path / "results.md").write_text(report + NOTES_MARKER + "\nmy notes\n")
+    write_compare_report(rows, cfg)
+    assert (tmp_path / "results.md").read_text().endswith(NOTES_MARKER + "\nmy notes\n")
 
     # a half-written run directory (interrupted) is restarted; finished runs are skipped
     (tmp_path / "runs" / "sst2-lora-a3").mkdir(parents=True)

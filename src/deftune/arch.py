@@ -78,6 +78,10 @@ class ArchSpec:
     product: SitePattern | None = None  # None: non-gated, the product site is the act site
     gated: bool = False
     down_proj: str = ""  # attribute name of the down projection inside the MLP block
+    # attribute names (inside the MLP block) of the projection whose output enters the activation
+    # (the gate projection of gated MLPs); the first that exists is used (deftune.act_scale folds
+    # learned scales into it)
+    act_input: tuple[str, ...] = ()
     finder: Callable[[nn.Module, SiteKind], list[ActivationSite]] | None = None
 
 
@@ -119,6 +123,7 @@ register_architecture(
         # skipping is the pair (intermediate, output); we record the layer path.
         act=SitePattern(r"(?P<mlp>encoder\.layer\.(?P<layer>\d+))\.intermediate\.intermediate_act_fn$"),
         down_proj="output.dense",
+        act_input=("intermediate.dense",),
     )
 )
 register_architecture(
@@ -127,6 +132,7 @@ register_architecture(
         model_types=("distilbert",),
         act=SitePattern(r"(?P<mlp>transformer\.layer\.(?P<layer>\d+)\.ffn)\.activation$"),
         down_proj="lin2",
+        act_input=("lin1",),
     )
 )
 _T5_STACKS: dict[str, Stack] = {"encoder": "encoder", "decoder": "decoder"}
@@ -144,6 +150,7 @@ register_architecture(
             stack_names=_T5_STACKS,
         ),
         down_proj="wo",
+        act_input=("wi_0", "wi"),
     )
 )
 register_architecture(
@@ -152,6 +159,7 @@ register_architecture(
         model_types=("gpt2",),
         act=SitePattern(r"(?P<mlp>h\.(?P<layer>\d+)\.mlp)\.act$", default_stack="decoder"),
         down_proj="c_proj",
+        act_input=("c_fc",),
     )
 )
 register_architecture(
@@ -161,6 +169,7 @@ register_architecture(
         # OPT has no MLP submodule: fc1/activation_fn/fc2 sit on the decoder layer itself.
         act=SitePattern(r"(?P<mlp>decoder\.layers\.(?P<layer>\d+))\.activation_fn$", default_stack="decoder"),
         down_proj="fc2",
+        act_input=("fc1",),
     )
 )
 register_architecture(
@@ -171,6 +180,7 @@ register_architecture(
         product=SitePattern(r"(?P<mlp>layers\.(?P<layer>\d+)\.mlp)\.down_proj$", hook="input", default_stack="decoder"),
         gated=True,
         down_proj="down_proj",
+        act_input=("gate_proj",),
     )
 )
 

@@ -50,11 +50,17 @@ class CompareConfig:
         report_md: the markdown report written from the results file.
         seed: random seed.
         model: the model every run fine-tunes.
+        act_scale: learned activation scales for every method (``none``, ``layer``, ``neuron``;
+            see :mod:`deftune.act_scale`): PEFT and DEFT runs both carry them.
+        scale_lr: learning rate of those scales.
+        head_lr: learning rate of the task head (None: the method's learning rate). A head that
+            starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
+        method_options: per-method overrides of :class:`deftune.methods.MethodConfig`.
     """
 
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
     methods: tuple[str, ...] = ("lora", "dora", "ia3", "prefix", "prompt", "adapter", "bitfit")
-    alphas: tuple[float, ...] = (0.0, 1.0)
+    alphas: tuple[float, ...] = (0.0, 0.1)
     steps: int = 250
     train_subset: int | None = 8000
     eval_subset: int | None = None
@@ -68,6 +74,9 @@ class CompareConfig:
     report_md: str = "docs/results.md"
     seed: int = 0
     model: str = "minilm"
+    act_scale: str = "layer"
+    scale_lr: float = 0.1
+    head_lr: float | None = 5e-3
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,8 +98,8 @@ class CompareConfig:
                     out.append(
                         TrainConfig(
                             task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
-                            method_options=dict(self.method_options.get(method, {})),
-                            lr=METHOD_LR.get(method, 1e-3), batch_size=self.batch_size,
+                            method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
+                            lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr, batch_size=self.batch_size,
                             max_length=self.max_length, train_subset=self.train_subset,
                             eval_subset=self.eval_subset, schedule=self.schedule,
                             warmup_steps=self.warmup_steps, data_dir=self.data_dir,
@@ -98,6 +107,9 @@ class CompareConfig:
                         )
                     )
         return out
+
+
+NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 
 
 def run_key(row: dict[str, Any]) -> tuple:
@@ -108,7 +120,8 @@ def _row(config: TrainConfig, result) -> dict[str, Any]:
     d = result.to_dict()
     return {
         "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
-        "seed": config.seed, "metric": d["metric"], "metrics": d["metrics"],
+        "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
+        "metric": d["metric"], "metrics": d["metrics"],
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
         "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],
     }
@@ -181,6 +194,8 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     """``docs/results.md``: the per-run table, per-method averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
 
+    recorded = read_json(config.results_json).get("hardware") if Path(config.results_json).is_file() else None
+
     md = Path(config.report_md)
     img = md.parent / "img" / "glue_metric_vs_density.png"
     plot_metric_vs_density(rows, img)
@@ -190,7 +205,10 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"MiniLM (all-MiniLM-L6-v2), {config.steps} steps × batch {config.batch_size}, train subset "
         f"{config.train_subset}, max length {config.max_length}, α schedule `{config.schedule}` "
         f"(warm-up {config.warmup_steps}); dev metric on the full dev set; exact density in fp32 over real tokens.",
-        f"Hardware: {describe_line()}.",
+        f"Hardware: {describe_line(recorded if isinstance(recorded, dict) else None)}.",
+        f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
+        f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
+        "from `METHOD_LR`; regression heads start at the mean training label.",
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas) + " --data-dir ../shared/data/glue`",
@@ -217,6 +235,10 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         lines += ["", f"Average over methods: density −{sum(allr) / len(allr):.1f}%, metric "
                   f"{sum(allm) / len(allm):+.2f} points."]
     lines += ["", f"![metric vs density]({img.relative_to(md.parent).as_posix()})", ""]
+    if md.is_file():  # hand-written notes below the marker survive a rewrite
+        old = md.read_text(encoding="utf-8")
+        if NOTES_MARKER in old:
+            lines += [NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]]
     md.parent.mkdir(parents=True, exist_ok=True)
     tmp = md.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines), encoding="utf-8")
@@ -263,11 +285,14 @@ class AlphaSweepConfig:
         plot: output PNG.
         seed: random seed.
         model: the model fine-tuned.
+        act_scale: learned activation scales (as in :class:`CompareConfig`).
+        scale_lr: learning rate of those scales.
+        head_lr: learning rate of the task head (None: the method's).
     """
 
     task: str = "sst2"
     method: str = "lora"
-    alphas: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0, 3.0)
+    alphas: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0)
     steps: int = 250
     train_subset: int | None = 8000
     schedule: str = "linear"
@@ -278,6 +303,9 @@ class AlphaSweepConfig:
     plot: str = "docs/img/sweep_alpha.png"
     seed: int = 0
     model: str = "minilm"
+    act_scale: str = "layer"
+    scale_lr: float = 0.1
+    head_lr: float | None = 5e-3
 
 
 def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -285,7 +313,7 @@ def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[
         tasks=(config.task,), methods=(config.method,), alphas=config.alphas, steps=config.steps,
         train_subset=config.train_subset, schedule=config.schedule, warmup_steps=config.warmup_steps,
         data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seed=config.seed,
-        model=config.model,
+        model=config.model, act_scale=config.act_scale, scale_lr=config.scale_lr, head_lr=config.head_lr,
     )
     rows = run_grid(grid.runs(), config.results_json, progress=progress)
     rows = [r for r in rows if r["task"] == config.task and r["method"] == config.method]

@@ -34,7 +34,7 @@ class DemoConfig:
     output_dir: str = "runs/demo"
     steps: int = 250
     train_subset: int = 8000
-    alpha: float = 3.0
+    alpha: float = 0.125
     seed: int = 0
     model: str = "minilm"
     recipe: dict[str, Any] = field(
@@ -42,14 +42,14 @@ class DemoConfig:
             "method": "lora",
             "method_options": {
                 "target_modules": ["query", "value", "intermediate.dense"],
-                "lora_bias": "lora_only",
                 "lora_dropout": 0.0,
+                "act_scale": "layer",
             },
             "schedule": "linear",
             "warmup_steps": 100,
             "batch_size": 32,
-            "lr": 1e-3,
-            "bias_lr": 3e-2,
+            "lr": 2e-3,
+            "scale_lr": 0.1,
             "max_length": 64,
         }
     )

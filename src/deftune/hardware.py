@@ -33,7 +33,8 @@ def describe() -> dict[str, str | int]:
     return info
 
 
-def describe_line() -> str:
-    d = describe()
+def describe_line(d: dict | None = None) -> str:
+    """One line naming the hardware of ``d`` (a :func:`describe` result; default: this machine)."""
+    d = describe() if d is None else d
     gpu = f", GPU {d['gpu']}" if "gpu" in d else ", no GPU"
     return f"{d['cpu']} ({d['cores']} cores, {d['torch_threads']} torch threads){gpu}; torch {d['torch']}"

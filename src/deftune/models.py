@@ -91,9 +91,8 @@ def load_tokenizer(name: str):
 
 def load_for_classification(name: str, num_labels: int, **kwargs):
     """A sequence-classification model (regression when ``num_labels == 1``)."""
-    from transformers import AutoModelForSequenceClassification
-
     import torch
+    from transformers import AutoModelForSequenceClassification
 
     path, overrides = resolve(name)
     problem = "regression" if num_labels == 1 else "single_label_classification"

@@ -26,9 +26,9 @@ def test_only_method_and_head_parameters_train(tiny_setup, tmp_path):
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_train_save_reload_same_density(tiny_setup, tmp_path, alpha):
-    cfg = _config(tiny_setup, tmp_path, alpha=alpha)
+@pytest.mark.parametrize("alpha, options", [(0.0, {}), (1.0, {}), (1.0, {"act_scale": "layer"})])
+def test_train_save_reload_same_density(tiny_setup, tmp_path, alpha, options):
+    cfg = _config(tiny_setup, tmp_path, alpha=alpha, method_options=options, scale_lr=0.5)
     frozen_before = {n: p.clone() for n, p in build_model(cfg)[0].named_parameters() if not p.requires_grad}
     result = train_glue(cfg, progress=False)
     assert result.alpha == alpha and 0 < result.density["exact"] <= 1
@@ -47,6 +47,23 @@ def test_train_save_reload_same_density(tiny_setup, tmp_path, alpha):
     assert again.density.overall == pytest.approx(result.density["exact"])
     assert again.metrics[result.metric["name"]] == pytest.approx(result.metric["value"])
     assert load_result(tmp_path / "run").density == result.density
+    if options:  # the learned scales moved, were saved, and came back
+        from deftune.act_scale import scaled_activations
+
+        scales = [w.log_scale for w in scaled_activations(model).values()]
+        assert len(scales) == 2 and all(s.abs().max() > 0 for s in scales)
+
+
+def test_regression_head_starts_at_the_label_mean():
+    from tests.conftest import tiny_bert
+
+    from deftune.train.model import init_regression_head
+
+    model = tiny_bert(num_labels=1)
+    init_regression_head(model, 2.5)
+    assert torch.allclose(model.classifier.bias, torch.tensor([2.5]))
+    with pytest.raises(ValueError, match="single-output regression head"):
+        init_regression_head(tiny_bert(num_labels=2), 2.5)
 
 
 def test_cli_train_and_evaluate(tiny_setup, tmp_path, capsys):

@@ -23,8 +23,10 @@ import os
 from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deftune.act_scale import SCALE_FILE, ScaledActivation, act_scale_state, add_act_scales, load_act_scales
 from deftune.methods import bitfit, bottleneck, full, peft_methods  # noqa: F401  (register methods)
 from deftune.methods.bottleneck import BottleneckLayer
 from deftune.methods.config import MethodConfig
@@ -93,7 +95,7 @@ def _check_fresh(model: nn.Module) -> None:
                 f"this model already carries method {module.__dict__[CONFIG_ATTR].name!r}; "
                 "apply a method to a fresh base model"
             )
-        if isinstance(module, (BaseTunerLayer, BottleneckLayer)):
+        if isinstance(module, (BaseTunerLayer, BottleneckLayer, ScaledActivation)):
             raise ValueError(
                 f"this model already carries adapter layers ({type(module).__name__}); apply a method "
                 "to a fresh base model"
@@ -109,6 +111,8 @@ def apply_method(model: nn.Module, config: MethodConfig | str) -> nn.Module:
     cfg = MethodConfig(name=config) if isinstance(config, str) else config
     _check_fresh(model)
     adapted, resolved = METHODS[cfg.name].apply(model, cfg)
+    if cfg.act_scale != "none":
+        add_act_scales(adapted, cfg.act_scale)
     return _attach(adapted, resolved)
 
 
@@ -117,12 +121,17 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     peft methods: ``model.save_pretrained`` (``adapter_config.json`` + ``adapter_model.safetensors``);
     ``adapter`` / ``bitfit``: ``adapter_model.safetensors``; ``full``: the whole model through
-    ``save_pretrained``. Every method also writes ``deftune_method.json`` (the resolved config).
+    ``save_pretrained``. Every method also writes ``deftune_method.json`` (the resolved config), and
+    ``act_scales.safetensors`` when the config has ``act_scale``.
     """
     model, cfg = _require(model)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     METHODS[cfg.name].save(model, out)
+    if cfg.act_scale != "none":
+        tmp = out / (SCALE_FILE + ".tmp")
+        save_file(act_scale_state(model), str(tmp))
+        os.replace(tmp, out / SCALE_FILE)
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "method": cfg.to_dict()}, indent=2))
     os.replace(tmp, out / CONFIG_FILE)
@@ -143,7 +152,14 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         raise ValueError(f"{path}: format_version {saved.get('format_version')!r} != {FORMAT_VERSION}")
     cfg = MethodConfig.from_dict(saved["method"])
     _check_fresh(model)
-    return _attach(METHODS[cfg.name].load(model, Path(directory), cfg, trainable), cfg)
+    loaded = METHODS[cfg.name].load(model, Path(directory), cfg, trainable)
+    if cfg.act_scale != "none":
+        scales = Path(directory) / SCALE_FILE
+        if not scales.exists():
+            raise FileNotFoundError(f"{scales} does not exist, but {path} says act_scale={cfg.act_scale!r}")
+        add_act_scales(loaded, cfg.act_scale, trainable=trainable)
+        load_act_scales(loaded, load_file(str(scales)))
+    return _attach(loaded, cfg)
 
 
 def _merge_verb(model: nn.Module, verb: str) -> None:

@@ -28,6 +28,7 @@ ADAPTER_KINDS: tuple[str, ...] = ("pfeiffer", "houlsby")
 LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")
 ADAPTER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "identity")
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("sequential", "parallel")
+ACT_SCALES: tuple[str, ...] = ("none", "layer", "neuron")
 
 _LORA = ("lora", "dora")
 _PROMPTS = ("prefix", "prompt", "ptuning")
@@ -67,6 +68,10 @@ class MethodConfig:
         modules_to_save: extra modules trained and saved in full besides the task head.
         task_type: peft task type; ``None``: inferred from the model class
             (``*ForSequenceClassification`` -> ``SEQ_CLS``, ``*ForCausalLM`` -> ``CAUSAL_LM``, ...).
+        act_scale: ``none``, or learn a positive scale ``s`` on every MLP activation,
+            ``act(s·x)/s``, one per ``layer`` or per ``neuron`` (any method; saved with the adapter,
+            foldable into the weights). It lets the density loss move GELU / SiLU inputs into their
+            exact-zero range; see :mod:`deftune.act_scale` and ``docs/recipe.md``.
     """
 
     name: str = "lora"
@@ -86,6 +91,7 @@ class MethodConfig:
     adapter_scaling: float = _for("adapter", default=1.0)
     modules_to_save: tuple[str, ...] | None = _for(*_ADAPTED)
     task_type: str | None = _for(*_ADAPTED)
+    act_scale: str = "none"
 
     def __post_init__(self) -> None:
         from deftune.methods.registry import METHODS  # filled when deftune.methods is imported
@@ -129,6 +135,7 @@ class MethodConfig:
             "adapter_kind": ADAPTER_KINDS,
             "adapter_activation": ADAPTER_ACTIVATIONS,
             "adapter_placement": ADAPTER_PLACEMENTS,
+            "act_scale": ACT_SCALES,
         }
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:

@@ -12,6 +12,14 @@ Functional operator: :func:`sparse_gated_mlp`, :func:`sparse_mlp`, :func:`sparse
 measurements: ``docs/sparse.md`` and ``docs/benchmarks.md``.
 """
 
+from deftune.sparse.calibrate import (  # noqa: E402
+    CalibrationConfig,
+    Thresholds,
+    apply_thresholds,
+    calibrate_thresholds,
+    remove_thresholds,
+    thresholded,
+)
 from deftune.sparse.modules import (
     SparseGatedMLP,
     SparseInputLinear,
@@ -33,15 +41,6 @@ from deftune.sparse.reference import (
     threshold_activation,
 )
 from deftune.sparse.triton_mlp import HAS_TRITON, KernelConfig
-
-from deftune.sparse.calibrate import (  # noqa: E402
-    CalibrationConfig,
-    Thresholds,
-    apply_thresholds,
-    calibrate_thresholds,
-    remove_thresholds,
-    thresholded,
-)
 
 __all__ = [
     "CalibrationConfig",

@@ -31,6 +31,8 @@ class TrainConfig:
             LoRA-adapted layers with ``lora_bias=lora_only`` (None: same as ``lr``). A bias shifts
             every pre-activation of a neuron, which is what moves GELU inputs to its exact-zero
             region (x < -5.5 in fp32); see docs/recipe.md.
+        scale_lr: learning rate of the learned activation scales of
+            ``method_options={"act_scale": "layer"}`` (None: same as ``lr``).
         lr_schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (after warm-up).
         lr_warmup_steps: learning-rate warm-up steps.
         weight_decay: AdamW weight decay.
@@ -64,6 +66,7 @@ class TrainConfig:
     lr: float = 1e-3
     head_lr: float | None = None
     bias_lr: float | None = None
+    scale_lr: float | None = None
     lr_schedule: str = "linear"
     lr_warmup_steps: int = 30
     weight_decay: float = 0.0
@@ -91,7 +94,7 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
-        optional = tuple(k for k in ("head_lr", "bias_lr") if getattr(self, k) is not None)
+        optional = tuple(k for k in ("head_lr", "bias_lr", "scale_lr") if getattr(self, k) is not None)
         for key in ("lr", "weight_decay") + optional:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:

@@ -23,6 +23,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from deftune.act_scale import PARAM_NAME as SCALE_PARAM
 from deftune.data.glue import get_task, load_glue, make_batches, subsample
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
@@ -63,9 +64,10 @@ def _lr_lambda(config: TrainConfig):
 
 
 def _param_groups(model: nn.Module, config: TrainConfig, extra: Sequence[nn.Parameter]):
-    head_lr = config.head_lr if config.head_lr is not None else config.lr
-    bias_lr = config.bias_lr if config.bias_lr is not None else config.lr
-    head, bias, rest = [], [], []
+    def lr_or_default(value: float | None) -> float:
+        return value if value is not None else config.lr
+
+    head, bias, scale, rest = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -73,9 +75,16 @@ def _param_groups(model: nn.Module, config: TrainConfig, extra: Sequence[nn.Para
             head.append(p)
         elif name.endswith(".bias"):
             bias.append(p)
+        elif name.endswith("." + SCALE_PARAM):
+            scale.append(p)
         else:
             rest.append(p)
-    groups = [{"params": rest, "lr": config.lr}, {"params": bias, "lr": bias_lr}, {"params": head, "lr": head_lr}]
+    groups = [
+        {"params": rest, "lr": config.lr},
+        {"params": bias, "lr": lr_or_default(config.bias_lr)},
+        {"params": head, "lr": lr_or_default(config.head_lr)},
+        {"params": scale, "lr": lr_or_default(config.scale_lr)},
+    ]
     if extra:
         groups.append({"params": list(extra), "lr": config.lr})
     return [g for g in groups if g["params"]]
@@ -111,11 +120,12 @@ def train_glue(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     task = get_task(config.task)
-    model, tokenizer = build_model(config)
+    train = subsample(load_glue(task, "train", config.data_dir), config.train_subset, seed=config.seed)
+    label_mean = sum(float(e.label) for e in train) / len(train) if task.is_regression else None
+    model, tokenizer = build_model(config, label_mean)
     for ext in extensions:
         ext.prepare(model)
 
-    train = subsample(load_glue(task, "train", config.data_dir), config.train_subset, seed=config.seed)
     dev = subsample(load_glue(task, "dev", config.data_dir), config.eval_subset, seed=config.seed)
     batches = make_batches(
         train, tokenizer, batch_size=config.batch_size, max_length=config.max_length,

@@ -20,11 +20,32 @@ def build_base_model(config: TrainConfig):
     return model, tokenizer
 
 
-def build_model(config: TrainConfig) -> tuple[nn.Module, object]:
-    """``(adapted model, tokenizer)``: base model with the run's PEFT method applied."""
+@torch.no_grad()
+def init_regression_head(model: nn.Module, label_mean: float) -> None:
+    """Start a regression head at the mean training label (its output bias; weights unchanged).
+
+    A fresh head predicts ~0 while STS-B labels average ~2.7: with a small head learning rate the
+    first hundreds of steps would go into shifting the output, and the adapter is pushed to do it.
+    """
+    from deftune.methods.targets import head_module_names
+
+    names = head_module_names(model, "SEQ_CLS", None)
+    linears = [m for name in names for m in model.get_submodule(name).modules() if isinstance(m, nn.Linear)]
+    if not linears or linears[-1].out_features != 1 or linears[-1].bias is None:
+        raise ValueError(f"no single-output regression head with a bias among {names}")
+    linears[-1].bias.fill_(label_mean)
+
+
+def build_model(config: TrainConfig, label_mean: float | None = None) -> tuple[nn.Module, object]:
+    """``(adapted model, tokenizer)``: base model with the run's PEFT method applied.
+
+    ``label_mean``: for regression tasks, the head starts at this value (:func:`init_regression_head`).
+    """
     from deftune.methods import MethodConfig, apply_method
 
     base, tokenizer = build_base_model(config)
+    if label_mean is not None:
+        init_regression_head(base, label_mean)
     model = apply_method(base, MethodConfig(name=config.method, **config.method_options))
     return model, tokenizer
 

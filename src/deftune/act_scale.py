@@ -1,0 +1,202 @@
+"""Learned activation scales: ``act(s ⊙ x) / s`` with a trainable positive ``s`` per MLP neuron.
+
+Why: DEFT reports the fraction of *exactly* non-zero activations in fp32. GELU returns exactly 0
+only for inputs below about −5.5 and SiLU below about −88.7, while most pre-activations of a
+pre-trained model sit between −3 and 0. Moving them past the cliff with the weights alone takes
+shifts of several units per neuron, which costs accuracy. A per-neuron scale ``s`` does it with
+one number: ``act(s·x)/s`` equals ``act(x)`` at ``s = 1`` and tends to ``relu(x)`` as ``s`` grows,
+so the density loss can sharpen the activation exactly as far as the task allows (the task loss
+pulls the other way). The parameterisation is ``s = exp(θ)``, ``θ = 0`` at the start, with one
+``θ`` per layer (``granularity="layer"``, the demo's recipe: the task and density gradients of a
+whole layer meet in one number, which keeps it steady) or one per neuron (``"neuron"``).
+
+The scale is a reparameterisation, not a new layer: since ``s > 0``,
+``act(s ⊙ (W x + b)) / s`` followed by ``W_down`` equals ``act((diag(s) W) x + s ⊙ b)`` followed
+by ``W_down diag(1/s)`` — it can be folded into the up (gate) and down projections.
+
+The wrapper replaces the activation module of every site (:func:`deftune.arch.find_activation_sites`),
+so density hooks, which look for that module path, see ``act(s·x)/s`` — the same zeros as
+``act(s·x)``. Use it through ``MethodConfig(act_scale=True)``; the functions here are the
+mechanism (``add_act_scales``, ``act_scale_state``, ``load_act_scales``, ``remove_act_scales``,
+``fold_act_scales``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from deftune.arch import arch_spec, find_activation_sites
+
+GRANULARITIES: tuple[str, ...] = ("layer", "neuron")
+SCALE_FILE = "act_scales.safetensors"  # written by deftune.methods.save_adapter next to the adapter
+PARAM_NAME = "log_scale"
+
+
+class ScaledActivation(nn.Module):
+    """``act(s ⊙ x) / s`` with ``s = exp(log_scale)`` of shape ``(features,)`` (1: one per layer),
+    initially 1."""
+
+    def __init__(self, act: nn.Module, features: int) -> None:
+        super().__init__()
+        self.act = act
+        self.log_scale = nn.Parameter(torch.zeros(features))
+
+    def scale(self) -> Tensor:
+        return self.log_scale.exp()
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (..., features)
+        s = self.scale().to(x.dtype)
+        return self.act(x * s) / s
+
+    def extra_repr(self) -> str:
+        return f"features={self.log_scale.numel()}"
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _down(model: nn.Module, mlp_path: str) -> nn.Module:
+    spec = arch_spec(model)
+    if not spec.down_proj:
+        raise ValueError(
+            f"act_scale needs the down projection of each MLP, but the architecture family "
+            f"{spec.family!r} registers none; pass down_proj=... to register_architecture"
+        )
+    return model.get_submodule(_join(mlp_path, spec.down_proj))
+
+
+def _act_input(model: nn.Module, mlp_path: str) -> nn.Module:
+    spec = arch_spec(model)
+    for name in spec.act_input:
+        try:
+            return model.get_submodule(_join(mlp_path, name))
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"cannot fold activation scales for family {spec.family!r}: no projection named {spec.act_input} "
+        f"under {mlp_path!r}; register the architecture with act_input=(...)"
+    )
+
+
+def _features(model: nn.Module, mlp_path: str) -> int:
+    down = _down(model, mlp_path)
+    while isinstance(getattr(down, "base_layer", None), nn.Module):  # peft / bottleneck wrappers
+        down = down.base_layer
+    features = getattr(down, "in_features", None)
+    if features is None:  # GPT-2 Conv1D: weight (in, out)
+        features = down.weight.shape[0]
+    return int(features)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def scaled_activations(model: nn.Module) -> dict[str, ScaledActivation]:
+    """``{module path: wrapper}`` of the scales in ``model`` (empty when none were added)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ScaledActivation)}
+
+
+def add_act_scales(
+    model: nn.Module, granularity: str = "layer", *, trainable: bool = True
+) -> dict[str, ScaledActivation]:
+    """Wrap every MLP activation of ``model`` in a :class:`ScaledActivation` (in place).
+
+    ``granularity``: ``"layer"`` (one scale per MLP) or ``"neuron"`` (one per intermediate feature).
+    Returns ``{module path: wrapper}``. Raises when ``model`` already has scales.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"act_scale granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if scaled_activations(model):
+        raise ValueError("this model already has activation scales (add_act_scales was called before)")
+    added: dict[str, ScaledActivation] = {}
+    for site in find_activation_sites(model, "act"):
+        act = model.get_submodule(site.module_path)
+        ref = next(model.parameters())
+        features = _features(model, site.mlp_path) if granularity == "neuron" else 1
+        wrapper = ScaledActivation(act, features).to(device=ref.device)
+        wrapper.log_scale.requires_grad_(trainable)
+        _set_module(model, site.module_path, wrapper)
+        added[site.module_path] = wrapper
+    return added
+
+
+def remove_act_scales(model: nn.Module) -> None:
+    """Put the original activation modules back (the learned scales are dropped)."""
+    for path, wrapper in scaled_activations(model).items():
+        _set_module(model, path, wrapper.act)
+
+
+def act_scale_state(model: nn.Module) -> dict[str, Tensor]:
+    """``{module path: log_scale}`` (detached, CPU), what :data:`SCALE_FILE` stores."""
+    return {path: w.log_scale.detach().cpu().contiguous() for path, w in scaled_activations(model).items()}
+
+
+@torch.no_grad()
+def load_act_scales(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Copy ``state`` (from :func:`act_scale_state`) into the wrappers of ``model``; sets must match."""
+    wrappers = scaled_activations(model)
+    missing, unexpected = sorted(set(wrappers) - set(state)), sorted(set(state) - set(wrappers))
+    if missing or unexpected:
+        raise ValueError(f"activation scales do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for path, wrapper in wrappers.items():
+        if wrapper.log_scale.shape != state[path].shape:
+            raise ValueError(f"{path}: saved scale shape {tuple(state[path].shape)} != {tuple(wrapper.log_scale.shape)}")
+        wrapper.log_scale.copy_(state[path])
+
+
+def scale_summary(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Per wrapped layer: median, 90th percentile and max of ``s`` (for logs and docs)."""
+    out = {}
+    for path, w in scaled_activations(model).items():
+        s = w.scale().detach().float().cpu()
+        out[path] = {"median": s.median().item(), "p90": s.quantile(0.9).item(), "max": s.max().item()}
+    return out
+
+
+def _plain(module: nn.Module, role: str, path: str) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    if type(module) not in (nn.Linear, Conv1D):
+        raise TypeError(
+            f"cannot fold an activation scale into the {role} projection of {path!r}: it is a "
+            f"{type(module).__name__}, not nn.Linear / Conv1D. Merge and unload the adapter first "
+            "(peft: model.merge_and_unload()), then fold."
+        )
+    return module
+
+
+@torch.no_grad()
+def fold_act_scales(model: nn.Module) -> int:
+    """Fold every learned scale into the weights and unwrap the activations (in place).
+
+    ``act(s ⊙ (W x + b)) / s`` then ``W_down`` becomes ``act(W' x + b')`` then ``W_down'`` with
+    ``W' = diag(s) W``, ``b' = s ⊙ b``, ``W_down' = W_down diag(1/s)``: the model is a standard
+    architecture again, with the same outputs (up to rounding) and the same exact zeros. The up and
+    down projections must be plain ``nn.Linear`` / GPT-2 ``Conv1D`` (merge LoRA first). Returns the
+    number of layers folded.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    wrappers = scaled_activations(model)
+    sites = {site.module_path: site for site in find_activation_sites(model, "act")}
+    for path, wrapper in wrappers.items():
+        mlp = sites[path].mlp_path
+        up = _plain(_act_input(model, mlp), "input", path)
+        down = _plain(_down(model, mlp), "down", path)
+        s = wrapper.scale().to(up.weight.dtype)
+        if isinstance(up, Conv1D):  # weight (in, out)
+            up.weight.mul_(s.unsqueeze(0))
+        else:  # weight (out, in)
+            up.weight.mul_(s.unsqueeze(1))
+        if up.bias is not None:
+            up.bias.mul_(s)
+        if isinstance(down, Conv1D):  # weight (features, out)
+            down.weight.div_(s.unsqueeze(1))
+        else:  # weight (out, features)
+            down.weight.div_(s.unsqueeze(0))
+        _set_module(model, path, wrapper.act)
+    return len(wrappers)

@@ -1,0 +1,150 @@
+"""Learned activation scales: identity at init, exact zeros when sharpened, save/load, folding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.conftest import batch, tiny_bert
+
+from deftune.act_scale import (
+    ScaledActivation,
+    act_scale_state,
+    add_act_scales,
+    fold_act_scales,
+    load_act_scales,
+    remove_act_scales,
+    scaled_activations,
+)
+from deftune.density import measure_density
+from deftune.methods import MethodConfig, apply_method, load_adapter, save_adapter
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=2)).eval()
+
+
+def _out(model, b):
+    with torch.no_grad():
+        return model(**b).logits
+
+
+@pytest.mark.parametrize("granularity, features", [("layer", 1), ("neuron", 37)])
+def test_identity_at_init_and_shapes(granularity, features):
+    model, b = tiny_bert(), batch()
+    before = _out(model, b)
+    wrappers = add_act_scales(model, granularity)
+    assert len(wrappers) == 2
+    assert all(w.log_scale.shape == (features,) and w.log_scale.requires_grad for w in wrappers.values())
+    torch.testing.assert_close(_out(model, b), before)
+    remove_act_scales(model)
+    assert not scaled_activations(model)
+
+
+def test_rejects_unknown_granularity_and_double_wrapping():
+    model = tiny_bert()
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        add_act_scales(model, "channel")
+    add_act_scales(model)
+    with pytest.raises(ValueError, match="already has activation scales"):
+        add_act_scales(model)
+
+
+def test_sharpening_turns_gelu_negatives_into_exact_zeros():
+    x = torch.linspace(-3, 3, 601)
+    w = ScaledActivation(torch.nn.GELU(), 1)
+    assert (w(x) == 0).sum() == 0  # GELU is exactly zero only below about -5.5
+    with torch.no_grad():
+        w.log_scale.fill_(torch.log(torch.tensor(30.0)).item())
+    y = w(x)
+    assert (y[x < -0.2] == 0).all()  # 30 * -0.2 = -6 < -5.5
+    torch.testing.assert_close(y[x > 0.5], x[x > 0.5], atol=1e-6, rtol=0)  # ≈ relu on the positive side
+
+
+def test_density_loss_gradient_raises_the_scale():
+    from deftune import DensityLossConfig, DensityRegularizer
+
+    model = tiny_bert()
+    add_act_scales(model)
+    reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0, eps=1e-3))
+    with reg:
+        out = model(**batch(), labels=torch.tensor([0, 1, 0]))
+        total, parts = reg.total_loss(0.0 * out.loss, 0)  # the density term alone
+    total.backward()
+    grads = [w.log_scale.grad for w in scaled_activations(model).values()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all((g < 0).all() for g in grads)  # gradient descent increases log s: sharper, sparser
+
+
+@pytest.mark.parametrize("build", [tiny_bert, _tiny_llama, _tiny_gpt2], ids=["bert", "llama", "gpt2"])
+@pytest.mark.parametrize("granularity", ["layer", "neuron"])
+def test_fold_preserves_outputs_and_zeros(build, granularity):
+    model = build()
+    b = batch()
+    wrappers = add_act_scales(model, granularity)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for w in wrappers.values():
+            w.log_scale.copy_(torch.rand_like(w.log_scale) * 3)  # s in [1, 20]
+    expected = _out(model, b)
+    density = measure_density(model, [b]).overall
+    assert fold_act_scales(model) == 2
+    assert not scaled_activations(model)
+    torch.testing.assert_close(_out(model, b), expected, rtol=1e-4, atol=1e-4)
+    assert measure_density(model, [b]).overall == pytest.approx(density, abs=0.02)
+
+
+def test_fold_refuses_unmerged_lora():
+    model = apply_method(tiny_bert(), MethodConfig("lora", target_modules=("intermediate.dense",), act_scale="layer"))
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        fold_act_scales(model)
+
+
+@pytest.mark.parametrize("name", ["lora", "bitfit", "adapter"])
+def test_method_save_load_keeps_scales(tmp_path, name):
+    model = apply_method(tiny_bert(), MethodConfig(name, act_scale="neuron"))
+    with torch.no_grad():
+        for w in scaled_activations(model).values():
+            w.log_scale.uniform_(0, 2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("log_scale") for n in trainable)
+    b = batch()
+    expected = _out(model, b)
+    save_adapter(model, tmp_path)
+    assert (tmp_path / "act_scales.safetensors").exists()
+    loaded = load_adapter(tiny_bert(), tmp_path)
+    torch.testing.assert_close(_out(loaded, b), expected)
+    state = act_scale_state(loaded)
+    assert all(not w.log_scale.requires_grad for w in scaled_activations(loaded).values())
+    with pytest.raises(ValueError, match="do not fit"):
+        load_act_scales(loaded, {k + ".x": v for k, v in state.items()})
+
+
+def test_method_config_validates_act_scale():
+    with pytest.raises(ValueError, match="act_scale must be one of"):
+        MethodConfig("lora", act_scale="global")
+
+
+def test_train_config_puts_scales_in_their_own_lr_group():
+    from deftune.train.config import TrainConfig
+    from deftune.train.loop import _param_groups
+
+    model = apply_method(tiny_bert(), MethodConfig("lora", act_scale="layer"))
+    cfg = TrainConfig(lr=1e-3, scale_lr=0.1)
+    groups = _param_groups(model, cfg, [])
+    scale_ids = {id(w.log_scale) for w in scaled_activations(model).values()}
+    (group,) = [g for g in groups if {id(p) for p in g["params"]} == scale_ids]
+    assert group["lr"] == 0.1
+    with pytest.raises(ValueError, match="scale_lr"):
+        TrainConfig(scale_lr=-1.0)
