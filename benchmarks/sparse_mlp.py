@@ -241,11 +241,12 @@ def sweep(args, hw: dict) -> list[dict]:
 def _grids(batch: int) -> list[tuple[str, list[dict]]]:
     if batch == 1:
         gate = [
-            dict(gate_block_i=bi, gate_block_h=bh, gate_warps=w, gate_stages=st)
-            for bi in (4, 8, 16)
-            for bh in (512, 1024)
-            for w in (4, 8)
+            dict(gate_block_i=bi, gate_block_h=bh, gate_warps=w, gate_stages=st, gate_evict=ev)
+            for bi in (4, 8)
+            for bh in (512, 1024, 2048)
+            for w in (4, 8, 16)
             for st in (2, 3)
+            for ev in (False, True)
         ]
     else:
         gate = [

@@ -70,6 +70,7 @@ class KernelConfig:
     gate_block_h: int = 256  # hidden chunk of the gate / fused-up loop
     gate_warps: int = 4
     gate_stages: int = 3
+    gate_evict: bool = False  # stream gate / fused-up weights with evict_first (GEMV path)
     fuse_up: bool = True  # compute the up projection inside the gate kernel
     up_block_k: int = 16  # (unfused up) active neurons per program
     up_block_h: int = 256
@@ -102,11 +103,18 @@ def _sm_count(device_index: int) -> int:
 # Generic block sizes per row bucket ("b1": one row, FMA GEMV; "bn": 2..16 rows, tensor-core
 # tiles, >= 16 along every axis), measured on an H100 at 4096x14336 (benchmarks/NOTES_sparse.md).
 GENERIC_CONFIGS: dict[str, KernelConfig] = {
-    "b1": KernelConfig(gate_block_i=8, gate_block_h=512, gate_warps=8, gate_stages=2, down_block_k=64),
+    "b1": KernelConfig(gate_block_i=8, gate_block_h=512, gate_warps=8, gate_stages=2, gate_evict=True, down_block_k=64),
     "bn": KernelConfig(gate_block_i=64, gate_block_h=128, gate_warps=4, gate_stages=3, down_block_k=64),
 }
 #: Per-shape configurations found by ``benchmarks/sparse_mlp.py --tune``: (bucket, H, I) -> config.
-TUNED_CONFIGS: dict[tuple[str, int, int], KernelConfig] = {}
+TUNED_CONFIGS: dict[tuple[str, int, int], KernelConfig] = {
+    # H100, bf16 (docs/results/sparse_tune_h100.json): long rows (BH=2048), few neurons per
+    # program (BI=4) and evict_first weight loads bring the gate GEMV to cuBLAS's bandwidth
+    ("b1", 4096, 14336): KernelConfig(
+        gate_block_i=4, gate_block_h=2048, gate_warps=4, gate_stages=2, gate_evict=True,
+        down_block_k=128, down_block_h=64, down_split=8,
+    ),
+}
 
 
 def rows_bucket(rows: int) -> str:
@@ -180,11 +188,15 @@ if HAS_TRITON:
         BLOCK_W: tl.constexpr,
         BLOCK_H: tl.constexpr,
         USE_DOT: tl.constexpr,
+        EVEN_H: tl.constexpr = False,
+        EVICT: tl.constexpr = False,
     ):
         """acc[m, j] = sum_h x[m, h] * w[rows_w[j], h] in fp32, weight rows masked by mask_w.
 
         x_ptr points at the first row of the row block; mask_m (BLOCK_M,) masks rows of x.
-        Returns (BLOCK_M, BLOCK_W). USE_DOT=False needs BLOCK_M == 1 (a GEMV with FMAs).
+        Returns (BLOCK_M, BLOCK_W). USE_DOT=False needs BLOCK_M == 1 (a GEMV with FMAs); there
+        EVEN_H (H % BLOCK_H == 0) drops the column masks and EVICT streams the weights past L2
+        (``evict_first``: each weight is read once).
         """
         offs_h0 = tl.arange(0, BLOCK_H)
         if USE_DOT:
@@ -208,13 +220,18 @@ if HAS_TRITON:
             acc2 = tl.zeros([BLOCK_W, BLOCK_H], dtype=tl.float32)
             for h0 in range(0, H, BLOCK_H):
                 offs_h = h0 + offs_h0
-                mh = offs_h < H
-                xt = tl.load(x_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)  # (BH,)
-                wt = tl.load(
-                    w_ptr + rows_w[:, None] * H + offs_h[None, :],
-                    mask=mask_w[:, None] & mh[None, :],
-                    other=0.0,
-                )  # (BW, BH)
+                if EVEN_H:
+                    xt = tl.load(x_ptr + offs_h).to(tl.float32)  # (BH,)
+                    wmask = mask_w[:, None]
+                else:
+                    mh = offs_h < H
+                    xt = tl.load(x_ptr + offs_h, mask=mh, other=0.0).to(tl.float32)  # (BH,)
+                    wmask = mask_w[:, None] & mh[None, :]
+                wp = w_ptr + rows_w[:, None] * H + offs_h[None, :]
+                if EVICT:
+                    wt = tl.load(wp, mask=wmask, other=0.0, eviction_policy="evict_first")  # (BW, BH)
+                else:
+                    wt = tl.load(wp, mask=wmask, other=0.0)  # (BW, BH)
                 acc2 += wt.to(tl.float32) * xt[None, :]
             acc = tl.sum(acc2, axis=1)[None, :]  # (1, BW): one reduction after the loop
         return acc
@@ -247,6 +264,8 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_I: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        EVEN_H: tl.constexpr = False,
+        EVICT: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         offs_i = pid * BLOCK_I + tl.arange(0, BLOCK_I)
@@ -259,7 +278,8 @@ if HAS_TRITON:
             g = g.to(tl.float32)
         else:
             g = _rows_dot(
-                x_ptr, stride_xm, wg_ptr, mask_m, offs_i, mask_i, H, BLOCK_M, BLOCK_I, BLOCK_H, USE_DOT
+                x_ptr, stride_xm, wg_ptr, mask_m, offs_i, mask_i, H, BLOCK_M, BLOCK_I, BLOCK_H, USE_DOT,
+                EVEN_H, EVICT,
             )
         if HAS_BG:
             g += tl.load(bg_ptr + offs_i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
@@ -282,6 +302,8 @@ if HAS_TRITON:
                     BLOCK_I,
                     BLOCK_H,
                     USE_DOT,
+                    EVEN_H,
+                    EVICT,
                 )
             if HAS_BU:
                 u += tl.load(bu_ptr + offs_i, mask=mask_i, other=0.0).to(tl.float32)[None, :]
@@ -570,6 +592,8 @@ def launch_sparse_mlp(
         BLOCK_M=block_m,
         BLOCK_I=block_i,
         BLOCK_H=max(16, cfg.gate_block_h),
+        EVEN_H=H % max(16, cfg.gate_block_h) == 0,
+        EVICT=cfg.gate_evict,
         num_warps=cfg.gate_warps,
         num_stages=cfg.gate_stages,
     )
