@@ -181,3 +181,38 @@ def test_triton_module_imports_without_triton():
         "assert not m.HAS_TRITON and not s.HAS_TRITON\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_dispatch_passes_the_right_weights(monkeypatch, gated):
+    """The glue of the Triton path (CPU: the launcher is replaced by a reference twin)."""
+    from deftune.sparse import ops
+    from deftune.sparse.reference import resolve_activation
+
+    calls = []
+
+    def fake_launch(x2d, *, w_gate, w_down_t, threshold, activation, w_up=None, b_gate=None, b_up=None,
+                    b_down=None, gate_values=None, scheme="union", gate="triton", config=None, out=None):
+        calls.append({"w_up": w_up is not None, "gate_values": gate_values is not None})
+        a = resolve_activation(activation)(F.linear(x2d, w_gate, b_gate)) if gate_values is None else gate_values
+        h = torch.where(a.abs() > threshold, a, torch.zeros_like(a))
+        if w_up is not None:
+            h = h * F.linear(x2d, w_up, b_up)
+        y = h @ w_down_t + (0 if b_down is None else b_down)
+        return y if out is None else out.copy_(y)
+
+    monkeypatch.setattr(ops, "use_triton", lambda *a, **k: True)
+    monkeypatch.setattr(ops.triton_mlp, "launch_sparse_mlp", fake_launch)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    if gated:
+        w = _gated(8, 12, bias=True)
+        y = sparse_gated_mlp(x, w, 0.1, "silu")
+        ref = gated_mlp_reference(x, w, 0.1, "silu")
+    else:
+        w = MLPWeights(torch.randn(12, 8, dtype=torch.float64), torch.randn(12, 8, dtype=torch.float64),
+                       torch.randn(12, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
+        y = sparse_mlp(x, w, 0.1, "gelu")
+        ref = mlp_reference(x, w, 0.1, "gelu")
+    assert calls == [{"w_up": gated, "gate_values": False}]
+    torch.testing.assert_close(y, ref)

@@ -150,25 +150,7 @@ def sparse_gated_mlp(
     w = weights
     if not use_triton(x, config, w.w_gate, w.w_up, w.w_down_t, w.b_gate, w.b_up, w.b_down):
         return _finish(gated_mlp_reference(x, w, threshold, activation), x.shape, out)
-    x2d = x.reshape(-1, w.hidden)
-    act, gate_values = _kernel_activation(x2d, w.w_gate, w.b_gate, activation)
-    y2d = triton_mlp.launch_sparse_mlp(
-        x2d,
-        w_gate=w.w_gate,
-        w_up=w.w_up,
-        w_down_t=w.w_down_t,
-        b_gate=w.b_gate,
-        b_up=w.b_up,
-        b_down=w.b_down,
-        threshold=threshold,
-        activation=act,
-        gate_values=gate_values,
-        scheme=_scheme(config),
-        gate=_gate(config, x2d.shape[0]),
-        config=config.kernel,
-        out=_out2d(out, w.hidden),
-    )
-    return _finish(y2d, x.shape, out)
+    return _launch(x, w.w_gate, w.b_gate, w.w_up, w.b_up, w.w_down_t, w.b_down, threshold, activation, config, out)
 
 
 def sparse_mlp(
@@ -183,21 +165,42 @@ def sparse_mlp(
     w = weights
     if not use_triton(x, config, w.w_up, w.w_down_t, w.b_up, w.b_down):
         return _finish(mlp_reference(x, w, threshold, activation), x.shape, out)
-    x2d = x.reshape(-1, w.hidden)
-    act, gate_values = _kernel_activation(x2d, w.w_up, w.b_up, activation)
+    return _launch(x, w.w_up, w.b_up, None, None, w.w_down_t, w.b_down, threshold, activation, config, out)
+
+
+def _launch(
+    x: Tensor,
+    w_act: Tensor,
+    b_act: Tensor | None,
+    w_up: Tensor | None,
+    b_up: Tensor | None,
+    w_down_t: Tensor,
+    b_down: Tensor | None,
+    threshold: float,
+    activation: Activation,
+    config: SparseMLPConfig,
+    out: Tensor | None,
+) -> Tensor:
+    """The Triton path of both MLP kinds: ``w_act`` ``(I, H)`` feeds the activation (the gate, or
+    the up projection of a non-gated MLP); ``w_up`` is the gated MLP's up projection (None: non-gated)."""
+    hidden = w_act.shape[1]
+    x2d = x.reshape(-1, hidden)  # (M, H)
+    act, gate_values = _kernel_activation(x2d, w_act, b_act, activation)
     y2d = triton_mlp.launch_sparse_mlp(
         x2d,
-        w_gate=w.w_up,
-        w_down_t=w.w_down_t,
-        b_gate=w.b_up,
-        b_down=w.b_down,
+        w_gate=w_act,
+        w_up=w_up,
+        w_down_t=w_down_t,
+        b_gate=b_act,
+        b_up=b_up,
+        b_down=b_down,
         threshold=threshold,
         activation=act,
         gate_values=gate_values,
         scheme=_scheme(config),
         gate=_gate(config, x2d.shape[0]),
         config=config.kernel,
-        out=_out2d(out, w.hidden),
+        out=_out2d(out, hidden),
     )
     return _finish(y2d, x.shape, out)
 
