@@ -149,7 +149,8 @@ def load_act_scales(model: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def scale_summary(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per wrapped layer: median, 90th percentile and max of ``s`` (for logs and docs)."""
+    """Per wrapped layer (module path): median, 90th percentile and max of ``s`` (the training log
+    of ``train_glue`` records the medians)."""
     out = {}
     for path, w in scaled_activations(model).items():
         s = w.scale().detach().float().cpu()

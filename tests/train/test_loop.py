@@ -52,6 +52,8 @@ def test_train_save_reload_same_density(tiny_setup, tmp_path, alpha, options):
 
         scales = [w.log_scale for w in scaled_activations(model).values()]
         assert len(scales) == 2 and all(s.abs().max() > 0 for s in scales)
+        assert all(set(r["act_scale"]) == {"encoder.0", "encoder.1"} for r in log)
+        assert all(v > 0 for r in log for v in r["act_scale"].values())
 
 
 def test_regression_head_starts_at_the_label_mean():

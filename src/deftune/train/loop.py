@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
+from deftune.act_scale import scale_summary, scaled_activations
+from deftune.arch import find_activation_sites
 from deftune.data.glue import get_task, load_glue, make_batches, subsample
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
@@ -154,6 +156,7 @@ def train_glue(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
 
+    scale_names = {site.module_path: site.name for site in find_activation_sites(inner)} if scaled_activations(inner) else {}
     model.train()
     start = time.perf_counter()
     with regularizer:
@@ -182,6 +185,8 @@ def train_glue(
                     "alpha": parts.alpha, "exact_density": density, "density_elements": elements,
                     "world_size": world,
                 }
+                if scale_names:  # learned activation scales: the median s of each layer
+                    record["act_scale"] = {scale_names[k]: v["median"] for k, v in scale_summary(inner).items()}
                 for ext in extensions:
                     record.update(ext.log())
                 if log_path is not None:
