@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
@@ -34,17 +32,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from deftune.arch import find_activation_sites
+from deftune.runs import write_json_atomic as write_json
 from deftune.sparse import restore_mlps_, sparse_modules, sparsify_mlps_, use_triton
 from deftune.sparse.triton_mlp import default_config, load_tuned_configs
-
-
-def write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 class StaticDecoder:

@@ -20,15 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from deftune.runs import write_json_atomic as write_json
 from deftune.sparse.triton_mlp import (
     KernelConfig,
     default_config,
@@ -76,15 +75,6 @@ def hardware() -> dict:
         "triton": __import__("triton").__version__,
         "cuda": torch.version.cuda,
     }
-
-
-def write_json(path: str, payload: dict) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
 
 
 class Problem:
