@@ -1,11 +1,10 @@
-"""Learned activation scales: ``act(s ⊙ x) / s`` with a trainable positive ``s`` per MLP neuron.
+"""Learned activation scales: ``act(s ⊙ x) / s`` with a trainable positive ``s`` per MLP layer or neuron.
 
 Why: DEFT reports the fraction of *exactly* non-zero activations in fp32. GELU returns exactly 0
 only for inputs below about −5.5 and SiLU below about −88.7, while most pre-activations of a
 pre-trained model sit between −3 and 0. Moving them past the cliff with the weights alone takes
-shifts of several units per neuron, which costs accuracy. A per-neuron scale ``s`` does it with
-one number: ``act(s·x)/s`` equals ``act(x)`` at ``s = 1`` and tends to ``relu(x)`` as ``s`` grows,
-so the density loss can sharpen the activation exactly as far as the task allows (the task loss
+shifts of several units per neuron, which costs accuracy. A scale ``s`` does it with one number:
+``act(s·x)/s`` equals ``act(x)`` at ``s = 1`` and tends to ``relu(x)`` as ``s`` grows, so the density loss can sharpen the activation exactly as far as the task allows (the task loss
 pulls the other way). The parameterisation is ``s = exp(θ)``, ``θ = 0`` at the start, with one
 ``θ`` per layer (``granularity="layer"``, the demo's recipe: the task and density gradients of a
 whole layer meet in one number, which keeps it steady) or one per neuron (``"neuron"``).
@@ -14,11 +13,14 @@ The scale is a reparameterisation, not a new layer: since ``s > 0``,
 ``act(s ⊙ (W x + b)) / s`` followed by ``W_down`` equals ``act((diag(s) W) x + s ⊙ b)`` followed
 by ``W_down diag(1/s)`` — it can be folded into the up (gate) and down projections.
 
+For SiLU models the zero lies below −88.7: a scale breaks the model long before it reaches it
+(``benchmarks/act_scale_probe.py``, ``docs/generative.md``), so this is a tool for GELU models.
+
 The wrapper replaces the activation module of every site (:func:`deftune.arch.find_activation_sites`),
 so density hooks, which look for that module path, see ``act(s·x)/s`` — the same zeros as
-``act(s·x)``. Use it through ``MethodConfig(act_scale=True)``; the functions here are the
-mechanism (``add_act_scales``, ``act_scale_state``, ``load_act_scales``, ``remove_act_scales``,
-``fold_act_scales``).
+``act(s·x)``. Use it through ``MethodConfig(act_scale="layer")`` (or ``"neuron"``); the functions
+here are the mechanism (``add_act_scales``, ``act_scale_state``, ``load_act_scales``,
+``remove_act_scales``, ``fold_act_scales``).
 """
 
 from __future__ import annotations
