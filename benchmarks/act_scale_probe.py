@@ -44,7 +44,6 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=256, help="tokens per paragraph (--causal-lm)")
     p.add_argument("--out", required=True, help="JSON output")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from deftune.density import measure_density
     from deftune.hardware import describe
@@ -67,9 +66,10 @@ def main() -> None:
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from deftune.cli.calibrate import causal_lm_path, perplexity, squad_paragraphs, text_batches
+        from deftune import models
+        from deftune.cli.calibrate import perplexity, squad_paragraphs, text_batches
 
-        path = causal_lm_path(args.causal_lm)
+        path = models.resolve(args.causal_lm)[0]
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(path)
         batches = text_batches(squad_paragraphs(args.squad_file, "eval", args.eval_size), tok, 8, args.max_length)

@@ -39,9 +39,10 @@ class ScaledActivation(nn.Module):
     """``act(s ⊙ x) / s`` with ``s = exp(log_scale)`` of shape ``(features,)`` (1: one per layer),
     initially 1."""
 
-    def __init__(self, act: nn.Module, features: int) -> None:
+    def __init__(self, act: nn.Module, features: int, site: str = "") -> None:
         super().__init__()
         self.act = act
+        self.site = site  # the activation site's stable name ("encoder.3"), for logs
         self.log_scale = nn.Parameter(torch.zeros(features))
 
     def scale(self) -> Tensor:
@@ -119,7 +120,7 @@ def add_act_scales(
         act = model.get_submodule(site.module_path)
         ref = next(model.parameters())
         features = _features(model, site.mlp_path) if granularity == "neuron" else 1
-        wrapper = ScaledActivation(act, features).to(device=ref.device)
+        wrapper = ScaledActivation(act, features, site.name).to(device=ref.device)
         wrapper.log_scale.requires_grad_(trainable)
         _set_module(model, site.module_path, wrapper)
         added[site.module_path] = wrapper
@@ -150,14 +151,9 @@ def load_act_scales(model: nn.Module, state: dict[str, Tensor]) -> None:
         wrapper.log_scale.copy_(state[path])
 
 
-def scale_summary(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per wrapped layer (module path): median, 90th percentile and max of ``s`` (the training log
-    of ``train_glue`` records the medians)."""
-    out = {}
-    for path, w in scaled_activations(model).items():
-        s = w.scale().detach().float().cpu()
-        out[path] = {"median": s.median().item(), "p90": s.quantile(0.9).item(), "max": s.max().item()}
-    return out
+def scale_medians(model: nn.Module) -> dict[str, float]:
+    """``{site name: median s}`` of every wrapped layer (what ``train_glue`` logs)."""
+    return {w.site: w.scale().detach().median().item() for w in scaled_activations(model).values()}
 
 
 def _plain(module: nn.Module, role: str, path: str) -> nn.Module:

@@ -10,8 +10,8 @@ A run directory holds
 * ``extension.safetensors`` — state of training extensions (e.g. ADA-DEFT gates), if any;
 * ``results.json`` — the :class:`RunResult`.
 
-All JSON is written atomically (temp file + ``os.replace``), so an interrupted run never leaves a
-half-written file behind.
+All JSON and safetensors files are written atomically (temp file + ``os.replace``), so an
+interrupted run never leaves a half-written file behind.
 """
 
 from __future__ import annotations
@@ -26,6 +26,20 @@ from typing import Any
 CONFIG_FILE = "deftune.json"
 RESULTS_FILE = "results.json"
 EXTENSION_FILE = "extension.safetensors"
+
+
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (name -> contiguous tensor) to ``path`` atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

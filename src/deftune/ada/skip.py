@@ -225,12 +225,6 @@ def skip_mlps_(model: nn.Module, plan: SkipPlan, *, fold_gates: bool = True) -> 
 # ---- save / reload -----------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_skipped(model: nn.Module, out_dir: str | os.PathLike, plan: SkipPlan, tokenizer=None) -> Path:
     """Save a skipped ``transformers`` model: config, weights (removed blocks absent), plan.
 
@@ -239,7 +233,7 @@ def save_skipped(model: nn.Module, out_dir: str | os.PathLike, plan: SkipPlan, t
     Reload with :func:`load_skipped` (``from_pretrained`` refuses the folder: there is no
     ``model.safetensors``, so removed blocks can never be silently re-initialised at random).
     """
-    from safetensors.torch import save_file
+    from deftune.runs import write_json_atomic, write_safetensors_atomic
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
@@ -263,13 +257,11 @@ def save_skipped(model: nn.Module, out_dir: str | os.PathLike, plan: SkipPlan, t
             continue
         owner[ident] = key
         tensors[key] = tensor.detach().contiguous().cpu()
-    tmp = out / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / WEIGHTS_FILE)
+    write_safetensors_atomic(out / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
     config.architectures = [type(model).__name__]
     config.save_pretrained(out)
     manifest = {"plan": plan.to_dict(), "aliases": aliases, "class": type(model).__name__}
-    _write_json_atomic(out / PLAN_FILE, manifest)
+    write_json_atomic(out / PLAN_FILE, manifest)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out

@@ -117,36 +117,6 @@ def is_run_dir(path: str) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
-def causal_lm_path(name: str) -> str:
-    """``models.resolve(name)``; for ``smollm2`` a fallback conversion when that fails.
-
-    transformers 5 marks a dequantised GGUF model as quantised, so ``save_pretrained`` refuses it
-    (``ValueError: ... quantized with gguf and is not serializable``). The fallback drops the
-    quantizer (the weights are plain float32 tensors by then) before saving to the same cache path.
-    """
-    from deftune import models
-
-    try:
-        return models.resolve(name)[0]
-    except ValueError as err:
-        if name != "smollm2" or "not serializable" not in str(err):
-            raise
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    target = models.cache_dir() / "smollm2-135m-instruct"
-    gguf = models.package_file("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
-    return str(target)
-
-
 def squad_paragraphs(path: str | os.PathLike, part: str, n: int, seed: int = 0) -> list[str]:
     """``n`` context paragraphs of SQuAD v1.1 (a fixed sample): ``part="calib"`` from the first
     half of the articles, ``"eval"`` from the second half (split by article)."""
@@ -227,7 +197,9 @@ def _setup(job: CalibrationJob, model_name: str) -> _Setup:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = causal_lm_path(model_name)
+    from deftune import models
+
+    path = models.resolve(model_name)[0]
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     squad = job.squad_file or os.environ.get(SQUAD_ENV)

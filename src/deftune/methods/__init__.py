@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from deftune.act_scale import SCALE_FILE, ScaledActivation, act_scale_state, add_act_scales, load_act_scales
@@ -38,6 +38,7 @@ from deftune.methods.registry import (
     Method,
     register_method,
 )
+from deftune.runs import write_safetensors_atomic
 
 FORMAT_VERSION = 1
 
@@ -129,9 +130,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     METHODS[cfg.name].save(model, out)
     if cfg.act_scale != "none":
-        tmp = out / (SCALE_FILE + ".tmp")
-        save_file(act_scale_state(model), str(tmp))
-        os.replace(tmp, out / SCALE_FILE)
+        write_safetensors_atomic(out / SCALE_FILE, act_scale_state(model))
     tmp = out / (CONFIG_FILE + ".tmp")
     tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "method": cfg.to_dict()}, indent=2))
     os.replace(tmp, out / CONFIG_FILE)

@@ -38,7 +38,7 @@ from peft import (
     get_peft_model,
 )
 from peft.utils import PeftType, load_peft_weights, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -51,6 +51,7 @@ from deftune.methods.targets import (
     mlp_output_paths,
     resolve_modules,
 )
+from deftune.runs import write_safetensors_atomic
 
 Builder = Callable[[nn.Module, MethodConfig, str], tuple[PeftConfig, MethodConfig]]
 
@@ -159,7 +160,7 @@ def _save(model: nn.Module, directory: Path) -> None:
         # dropped): enough for inference, not for resuming training. Keep the encoder itself too.
         encoder = peft_model.prompt_encoder[peft_model.active_adapter]
         tensors = {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
-        save_file(tensors, str(directory / PROMPT_ENCODER_FILE))
+        write_safetensors_atomic(directory / PROMPT_ENCODER_FILE, tensors)
 
 
 def _loader(builder: Builder) -> Callable[[nn.Module, Path, MethodConfig, bool], nn.Module]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from deftune.runs import write_safetensors_atomic
 
 WEIGHTS_FILE = "adapter_model.safetensors"  # the file name peft uses for adapter weights
 
@@ -14,10 +16,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"  # the file name peft uses for adapte
 def save_parameters(model: nn.Module, names: list[str], directory: Path) -> None:
     """Write the parameters ``names`` of ``model`` to ``directory / WEIGHTS_FILE``."""
     params = dict(model.named_parameters())
-    tensors = {name: params[name].detach().contiguous() for name in names}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / WEIGHTS_FILE)
+    write_safetensors_atomic(directory / WEIGHTS_FILE, {n: params[n].detach().contiguous() for n in names})
 
 
 @torch.no_grad()

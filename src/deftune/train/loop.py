@@ -24,12 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
-from deftune.act_scale import scale_summary, scaled_activations
-from deftune.arch import find_activation_sites
+from deftune.act_scale import scale_medians
 from deftune.data.glue import get_task, load_glue, make_batches, subsample
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
-from deftune.runs import CONFIG_FILE, EXTENSION_FILE, RESULTS_FILE, RunResult, write_json_atomic
+from deftune.runs import (
+    CONFIG_FILE,
+    EXTENSION_FILE,
+    RESULTS_FILE,
+    RunResult,
+    write_json_atomic,
+    write_safetensors_atomic,
+)
 from deftune.train.config import TrainConfig
 from deftune.train.evaluate import EvalResult, evaluate_batches
 from deftune.train.model import build_model, count_trainable
@@ -156,7 +162,6 @@ def train_glue(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
 
-    scale_names = {site.module_path: site.name for site in find_activation_sites(inner)} if scaled_activations(inner) else {}
     model.train()
     start = time.perf_counter()
     with regularizer:
@@ -185,8 +190,9 @@ def train_glue(
                     "alpha": parts.alpha, "exact_density": density, "density_elements": elements,
                     "world_size": world,
                 }
-                if scale_names:  # learned activation scales: the median s of each layer
-                    record["act_scale"] = {scale_names[k]: v["median"] for k, v in scale_summary(inner).items()}
+                medians = scale_medians(inner)  # learned activation scales, if any: median s per layer
+                if medians:
+                    record["act_scale"] = medians
                 for ext in extensions:
                     record.update(ext.log())
                 if log_path is not None:
@@ -246,8 +252,6 @@ def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extension
         for key, value in ext.state_dict().items():
             states[f"{i}.{key}"] = value.detach().cpu().contiguous()
     if states:
-        from safetensors.torch import save_file
-
-        save_file(states, str(out / EXTENSION_FILE))
+        write_safetensors_atomic(out / EXTENSION_FILE, states)
     write_json_atomic(out / RESULTS_FILE, result.to_dict())
     return out
