@@ -93,11 +93,6 @@ def _features(model: nn.Module, mlp_path: str) -> int:
     return int(features)
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def scaled_activations(model: nn.Module) -> dict[str, ScaledActivation]:
     """``{module path: wrapper}`` of the scales in ``model`` (empty when none were added)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ScaledActivation)}
@@ -122,7 +117,7 @@ def add_act_scales(
         features = _features(model, site.mlp_path) if granularity == "neuron" else 1
         wrapper = ScaledActivation(act, features, site.name).to(device=ref.device)
         wrapper.log_scale.requires_grad_(trainable)
-        _set_module(model, site.module_path, wrapper)
+        model.set_submodule(site.module_path, wrapper)
         added[site.module_path] = wrapper
     return added
 
@@ -130,7 +125,7 @@ def add_act_scales(
 def remove_act_scales(model: nn.Module) -> None:
     """Put the original activation modules back (the learned scales are dropped)."""
     for path, wrapper in scaled_activations(model).items():
-        _set_module(model, path, wrapper.act)
+        model.set_submodule(path, wrapper.act)
 
 
 def act_scale_state(model: nn.Module) -> dict[str, Tensor]:
@@ -197,5 +192,5 @@ def fold_act_scales(model: nn.Module) -> int:
             down.weight.div_(s.unsqueeze(1))
         else:  # weight (out, features)
             down.weight.div_(s.unsqueeze(0))
-        _set_module(model, path, wrapper.act)
+        model.set_submodule(path, wrapper.act)
     return len(wrappers)

@@ -142,10 +142,8 @@ def skip_replacements(model: nn.Module, site: ActivationSite) -> Replacement:
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     """Replace the module at ``path`` with ``module``; returns the old one."""
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    old = parent.get_submodule(name)
-    setattr(parent, name, module)
+    old = model.get_submodule(path)
+    model.set_submodule(path, module)
     return old
 
 

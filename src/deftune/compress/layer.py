@@ -117,6 +117,4 @@ class CompressedLinear(nn.Module):
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Set the sub-module called ``name`` (dotted path) of ``model`` to ``new``."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
+    model.set_submodule(name, new)

@@ -79,8 +79,6 @@ def relufy(model: nn.Module, activation: str = "relu", threshold: float = 0.0) -
                 f"{site.name}: the activation of this architecture is not a module of its own "
                 f"({site.module_path!r} is hooked on its input), so it cannot be swapped"
             )
-        parent_path, _, attr = site.module_path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, ACTIVATIONS[activation](threshold))
+        model.set_submodule(site.module_path, ACTIVATIONS[activation](threshold))
         replaced.append(site.module_path)
     return replaced

@@ -393,11 +393,6 @@ class ThresholdedActivation(nn.Module):
         return f"threshold={self.threshold:.4g}"
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, module)
-
-
 def _sites_for(model: nn.Module, thresholds: Thresholds) -> list[ActivationSite]:
     if thresholds.site != "act":
         raise NotImplementedError(f"thresholds act on site 'act' only, got site={thresholds.site!r}")
@@ -427,7 +422,7 @@ def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> list[str]:
         if isinstance(current, ThresholdedActivation):
             current.threshold = float(t)
         else:
-            _set_module(model, site.module_path, ThresholdedActivation(current, t))
+            model.set_submodule(site.module_path, ThresholdedActivation(current, t))
         paths.append(site.module_path)
     return paths
 
@@ -436,7 +431,7 @@ def remove_thresholds(model: nn.Module) -> int:
     """Put every wrapped activation module back (the original objects); returns how many."""
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, ThresholdedActivation)]
     for name, module in wrapped:
-        _set_module(model, name, module.inner)
+        model.set_submodule(name, module.inner)
     return len(wrapped)
 
 
@@ -453,7 +448,7 @@ def thresholded(model: nn.Module, thresholds: Thresholds) -> Iterator[nn.Module]
         for path, module in before.items():
             if path in saved:
                 module.threshold = saved[path]  # type: ignore[assignment]
-            _set_module(model, path, module)
+            model.set_submodule(path, module)
 
 
 # ---- metric vs target density ------------------------------------------------------------------

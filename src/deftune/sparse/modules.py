@@ -170,17 +170,11 @@ class SparseInputLinear(SparseWrapper):
         return sparse_down_proj(a, w_down_t, bias, self.config)
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
-
-
 def _wrap_gated(
     model: nn.Module, site: ActivationSite, threshold: float, config: SparseMLPConfig
 ) -> list[str]:
-    _set_submodule(
-        model, site.mlp_path, SparseGatedMLP(model.get_submodule(site.mlp_path), threshold, config)
-    )
+    mlp = model.get_submodule(site.mlp_path)
+    model.set_submodule(site.mlp_path, SparseGatedMLP(mlp, threshold, config))
     return [site.mlp_path]
 
 
@@ -191,8 +185,8 @@ def _wrap_act_down(
     act = model.get_submodule(site.module_path)
     down = model.get_submodule(down_path)
     sparse_down = SparseInputLinear(down, config)  # validates before anything is replaced
-    _set_submodule(model, site.module_path, ThresholdedActivation(act, threshold))
-    _set_submodule(model, down_path, sparse_down)
+    model.set_submodule(site.module_path, ThresholdedActivation(act, threshold))
+    model.set_submodule(down_path, sparse_down)
     return [site.module_path, down_path]
 
 
@@ -253,7 +247,7 @@ def restore_mlps_(model: nn.Module) -> int:
     """Put back every module wrapped by :func:`sparsify_mlps_`; returns how many were restored."""
     wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseWrapper)]
     for name, module in wrapped:
-        _set_submodule(model, name, module.base)
+        model.set_submodule(name, module.base)
     return len(wrapped)
 
 

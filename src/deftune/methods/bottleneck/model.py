@@ -30,12 +30,10 @@ def resolve_targets(model: nn.Module, config: BottleneckConfig) -> list[str]:
 def add_adapters(model: nn.Module, config: BottleneckConfig, paths: list[str]) -> None:
     """Replace each module at ``paths`` by a :class:`BottleneckLayer` wrapping it (in place)."""
     for path in paths:
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path)
-        target = getattr(parent, child)
+        target = model.get_submodule(path)
         if isinstance(target, BottleneckLayer):
             raise ValueError(f"{path} already carries a bottleneck adapter")
-        setattr(parent, child, BottleneckLayer(target, config))
+        model.set_submodule(path, BottleneckLayer(target, config))
 
 
 def adapter_layers(model: nn.Module) -> dict[str, BottleneckLayer]:
