@@ -34,9 +34,10 @@ def test_compare_writes_rows_report_and_resumes(tiny_setup, tmp_path, capsys):
     stored = json.loads((tmp_path / "glue.json").read_text())
     assert len(stored["runs"]) == 4 and "hardware" in stored
     report = (tmp_path / "results.md").read_text()
-    assert "| sst2 | bitfit | 1 |" in report and "Per method" in report
+    assert "| sst2 | bitfit | 1 | 1 |" in report and "## α = 1: DEFT vs PEFT" in report
     assert (tmp_path / "img" / "glue_metric_vs_density.png").stat().st_size > 0
-    assert set(summarise(rows)) == {"lora", "bitfit"}
+    summary = summarise(rows)
+    assert set(summary) == {1.0} and set(summary[1.0]["methods"]) == {"lora", "bitfit"}
     assert {r["act_scale"] for r in rows} == {"layer"}  # the DEFT recipe's scales, in PEFT runs too
 
     # hand-written notes below the marker survive a rewrite of the report
@@ -65,3 +66,40 @@ def test_alpha_sweep_plot(tiny_setup, tmp_path):
     rows = run_alpha_sweep(cfg, progress=False)
     assert sorted(r["alpha"] for r in rows) == [0.0, 2.0]
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def _row(task, method, alpha, seed, metric, density):
+    return {"task": task, "method": method, "alpha": alpha, "seed": seed, "density": density,
+            "metric": {"name": "accuracy", "value": metric}, "trainable_parameters": 1, "train_seconds": 1.0}
+
+
+def test_summarise_pairs_runs_of_the_same_seed_and_averages():
+    rows = [
+        _row("sst2", "lora", 0.0, 0, 80.0, 1.0), _row("sst2", "lora", 0.1, 0, 79.0, 0.5),  # -1.0, 50%
+        _row("sst2", "lora", 0.0, 1, 82.0, 0.8), _row("sst2", "lora", 0.1, 1, 82.0, 0.6),  # 0.0, 25%
+        _row("rte", "lora", 0.1, 2, 50.0, 0.1),  # no PEFT run for seed 2: not a pair
+    ]
+    s = summarise(rows)[0.1]
+    assert s["overall"]["pairs"] == 2
+    assert abs(s["overall"]["metric_delta"] - (-0.5)) < 1e-9
+    assert abs(s["overall"]["density_reduction_pct"] - 37.5) < 1e-9
+    assert set(s["seeds"]) == {0, 1} and abs(s["seeds"][0]["metric_delta"] + 1.0) < 1e-9
+    assert abs(s["overall"]["metric_delta_seed_sd"] - 2**0.5 / 2) < 1e-9
+
+
+def test_seeds_run_separately_and_validate(tiny_setup, tmp_path):
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), seeds=(0, 3))
+    names = [c.run_name for c in cfg.runs()]
+    assert names == ["sst2-bitfit-a0", "sst2-bitfit-a0-s3"] and [c.seed for c in cfg.runs()] == [0, 3]
+    import pytest
+
+    with pytest.raises(ValueError, match="seeds"):
+        _grid(tiny_setup, tmp_path, seeds=())
+
+
+def test_cli_parses_seeds_as_integers_and_alphas_as_floats():
+    from deftune.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--seeds", "0,2", "--alphas", "0,0.075"])
+    assert args.seeds == (0, 2) and all(type(s) is int for s in args.seeds)
+    assert args.alphas == (0.0, 0.075)

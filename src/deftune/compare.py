@@ -48,7 +48,8 @@ class CompareConfig:
         runs_dir: where run directories go.
         results_json: the results file (one row per run; resumable).
         report_md: the markdown report written from the results file.
-        seed: random seed.
+        seeds: random seeds; every (task, method, α) runs once per seed and the report averages
+            over seeds (the small GLUE dev sets make one seed's average swing by about a point).
         model: the model every run fine-tunes.
         act_scale: learned activation scales for every method (``none``, ``layer``, ``neuron``;
             see :mod:`deftune.act_scale`): PEFT and DEFT runs both carry them.
@@ -72,7 +73,7 @@ class CompareConfig:
     runs_dir: str = "runs/compare"
     results_json: str = "docs/results/glue.json"
     report_md: str = "docs/results.md"
-    seed: int = 0
+    seeds: tuple[int, ...] = (0,)
     model: str = "minilm"
     act_scale: str = "layer"
     scale_lr: float = 0.1
@@ -88,24 +89,27 @@ class CompareConfig:
             raise ValueError("methods must name at least one PEFT method")
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
+        if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be one or more integers >= 0, got {self.seeds}")
 
     def runs(self) -> list[TrainConfig]:
         out = []
-        for task in self.tasks:
-            for method in self.methods:
-                for alpha in self.alphas:
-                    name = f"{task}-{method}-a{alpha:g}"
-                    out.append(
-                        TrainConfig(
-                            task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
-                            method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
-                            lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr, batch_size=self.batch_size,
-                            max_length=self.max_length, train_subset=self.train_subset,
-                            eval_subset=self.eval_subset, schedule=self.schedule,
-                            warmup_steps=self.warmup_steps, data_dir=self.data_dir,
-                            output_dir=str(Path(self.runs_dir) / name), seed=self.seed, name=name,
+        for seed in self.seeds:
+            for task in self.tasks:
+                for method in self.methods:
+                    for alpha in self.alphas:
+                        name = f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
+                        out.append(
+                            TrainConfig(
+                                task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
+                                method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
+                                lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
+                                batch_size=self.batch_size, max_length=self.max_length,
+                                train_subset=self.train_subset, eval_subset=self.eval_subset,
+                                schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
+                                output_dir=str(Path(self.runs_dir) / name), seed=seed, name=name,
+                            )
                         )
-                    )
         return out
 
 
@@ -164,34 +168,56 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[st
     return rows
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-method PEFT-vs-DEFT averages over tasks where both runs exist."""
-    by = {(r["task"], r["method"], float(r["alpha"])): r for r in rows}
-    methods: dict[str, dict[str, list[float]]] = {}
-    for (task, method, alpha), r in by.items():
-        if alpha == 0:
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _sd(values: Sequence[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    m = _mean(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
+    """DEFT vs PEFT averages per α > 0, over the (task, seed) pairs where both runs exist.
+
+    Returns ``{alpha: {"methods": {method: {...}}, "seeds": {seed: {...}}, "overall": {...}}}``; each
+    leaf has ``pairs``, ``density_reduction_pct`` (relative, %) and ``metric_delta`` (points).
+    A pair is one (task, method, seed): the DEFT run against the PEFT run of the same seed.
+    """
+    by = {(r["task"], r["method"], float(r["alpha"]), int(r.get("seed", 0))): r for r in rows}
+    pairs: dict[float, list[tuple[str, int, float, float]]] = {}
+    for (task, method, alpha, seed), r in by.items():
+        base = by.get((task, method, 0.0, seed))
+        if alpha == 0 or base is None:
             continue
-        base = by.get((task, method, 0.0))
-        if base is None:
-            continue
-        m = methods.setdefault(method, {"dd": [], "dm": [], "pd": [], "dd_abs": []})
-        m["pd"].append(base["density"])
-        m["dd_abs"].append(r["density"])
-        m["dd"].append(100 * (base["density"] - r["density"]) / base["density"])
-        m["dm"].append(r["metric"]["value"] - base["metric"]["value"])
-    out = {}
-    for method, m in methods.items():
-        n = len(m["dd"])
-        out[method] = {
-            "tasks": n,
-            "density_reduction_pct": sum(m["dd"]) / n,
-            "metric_delta": sum(m["dm"]) / n,
+        reduction = 100 * (base["density"] - r["density"]) / base["density"]
+        pairs.setdefault(alpha, []).append((method, seed, reduction, r["metric"]["value"] - base["metric"]["value"]))
+
+    def leaf(items: list[tuple[str, int, float, float]]) -> dict[str, float]:
+        return {
+            "pairs": len(items),
+            "density_reduction_pct": _mean([i[2] for i in items]),
+            "metric_delta": _mean([i[3] for i in items]),
         }
+
+    out: dict[float, dict[str, Any]] = {}
+    for alpha, items in sorted(pairs.items()):
+        methods = {m: leaf([i for i in items if i[0] == m]) for m in sorted({i[0] for i in items})}
+        seeds = {sd: leaf([i for i in items if i[1] == sd]) for sd in sorted({i[1] for i in items})}
+        overall = leaf(items)
+        overall["metric_delta_seed_sd"] = _sd([v["metric_delta"] for v in seeds.values()])
+        out[alpha] = {"methods": methods, "seeds": seeds, "overall": overall}
     return out
 
 
+def _meets(s: dict[str, float]) -> bool:
+    return s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
+
+
 def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> None:
-    """``docs/results.md``: the per-run table, per-method averages, and a metric-vs-density plot."""
+    """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
 
     recorded = read_json(config.results_json).get("hardware") if Path(config.results_json).is_file() else None
@@ -199,6 +225,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     md = Path(config.report_md)
     img = md.parent / "img" / "glue_metric_vs_density.png"
     plot_metric_vs_density(rows, img)
+    seeds_seen = sorted({int(r.get("seed", 0)) for r in rows})
     lines = [
         "# GLUE: PEFT vs DEFT, every method",
         "",
@@ -209,31 +236,50 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
         f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
         "from `METHOD_LR`; regression heads start at the mean training label.",
+        f"Seeds in the results file: {', '.join(map(str, seeds_seen))}; every number below is a mean over "
+        "them (each run is a row of the JSON file).",
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
-        + " --alphas " + ",".join(f"{a:g}" for a in config.alphas) + " --data-dir ../shared/data/glue`",
+        + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
+        + " --seeds " + ",".join(map(str, config.seeds)) + " --data-dir ../shared/data/glue`",
         "",
-        "| task | method | α | metric | value | exact density | trainable params | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (r["task"], r["method"], r["alpha"])):
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], float(r["alpha"])), []).append(r)
+    for (task, method, alpha), rs in sorted(groups.items()):
+        values = [r["metric"]["value"] for r in rs]
         lines.append(
-            f"| {r['task']} | {r['method']} | {r['alpha']:g} | {r['metric']['name']} | {r['metric']['value']:.2f} | "
-            f"{r['density']:.4f} | {r['trainable_parameters']:,} | {r['train_seconds']:.0f} |"
+            f"| {task} | {method} | {alpha:g} | {len(rs)} | {rs[0]['metric']['name']} | {_mean(values):.2f} | "
+            f"{_sd(values):.2f} | {_mean([r['density'] for r in rs]):.4f} | {rs[0]['trainable_parameters']:,} | "
+            f"{_mean([r['train_seconds'] for r in rs]):.0f} |"
         )
-    summary = summarise(rows)
-    if summary:
-        lines += ["", "## Per method, averaged over tasks (DEFT vs PEFT)", "",
-                  "| method | tasks | density reduction | metric change (points) | meets ≥40% and ≤1 pt |",
-                  "|---|---|---|---|---|"]
-        for method, s in sorted(summary.items()):
-            ok = s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
-            lines.append(f"| {method} | {s['tasks']} | {s['density_reduction_pct']:.1f}% | {s['metric_delta']:+.2f} | "
-                         f"{'yes' if ok else 'no'} |")
-        allr = [s["density_reduction_pct"] for s in summary.values()]
-        allm = [s["metric_delta"] for s in summary.values()]
-        lines += ["", f"Average over methods: density −{sum(allr) / len(allr):.1f}%, metric "
-                  f"{sum(allm) / len(allm):+.2f} points."]
+    for alpha, summary in summarise(rows).items():
+        o = summary["overall"]
+        lines += [
+            "",
+            f"## α = {alpha:g}: DEFT vs PEFT, averaged over tasks and seeds",
+            "",
+            "| method | pairs | density reduction | metric change (points) | meets ≥40% and ≤1 pt |",
+            "|---|---|---|---|---|",
+        ]
+        for method, m in summary["methods"].items():
+            lines.append(
+                f"| {method} | {m['pairs']} | {m['density_reduction_pct']:.1f}% | {m['metric_delta']:+.2f} | "
+                f"{'yes' if _meets(m) else 'no'} |"
+            )
+        per_seed = ", ".join(
+            f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}"
+            for sd, v in summary["seeds"].items()
+        )
+        lines += [
+            "",
+            f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
+            f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
+            f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points).",
+        ]
     lines += ["", f"![metric vs density]({img.relative_to(md.parent).as_posix()})", ""]
     if md.is_file():  # hand-written notes below the marker survive a rewrite
         old = md.read_text(encoding="utf-8")
@@ -246,19 +292,30 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
 
 
 def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per task; one point per (method, α), the mean over seeds: colour = method, marker = α."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     tasks = sorted({r["task"] for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.5), squeeze=False)
+    methods = sorted({r["method"] for r in rows})
+    alphas = sorted({float(r["alpha"]) for r in rows})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    markers = {a: "osD^vP*X"[i % 8] for i, a in enumerate(alphas)}
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for r in (r for r in rows if r["task"] == task):
-            marker = "o" if r["alpha"] == 0 else "^"
-            ax.scatter(r["density"], r["metric"]["value"], marker=marker, label=f"{r['method']} a={r['alpha']:g}")
+        for method in methods:
+            for alpha in alphas:
+                rs = [r for r in rows if r["task"] == task and r["method"] == method and float(r["alpha"]) == alpha]
+                if rs:
+                    ax.scatter(_mean([r["density"] for r in rs]), _mean([r["metric"]["value"] for r in rs]),
+                               color=colours[method], marker=markers[alpha], s=28)
         ax.set_title(task)
         ax.set_xlabel("exact density")
-        ax.set_ylabel("dev metric")
-    axes[0][-1].legend(fontsize=6, loc="best")
+        ax.set_ylabel("dev metric (mean over seeds)")
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], color="k", marker=mk, ls="", label=f"α={a:g}") for a, mk in markers.items()]
+    axes[0][-1].legend(handles=handles, fontsize=6, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -312,7 +369,7 @@ def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[
     grid = CompareConfig(
         tasks=(config.task,), methods=(config.method,), alphas=config.alphas, steps=config.steps,
         train_subset=config.train_subset, schedule=config.schedule, warmup_steps=config.warmup_steps,
-        data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seed=config.seed,
+        data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seeds=(config.seed,),
         model=config.model, act_scale=config.act_scale, scale_lr=config.scale_lr, head_lr=config.head_lr,
     )
     rows = run_grid(grid.runs(), config.results_json, progress=progress)

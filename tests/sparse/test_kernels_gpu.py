@@ -39,15 +39,23 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _gap_threshold(a: torch.Tensor, density: float) -> float:
-    """A threshold near the (1 - density) quantile of |a|, in the widest gap of 9 neighbours."""
+    """A threshold near the (1 - density) quantile of |a|, in the widest gap of 9 neighbouring values.
+
+    Neighbours are *distinct* values: a gate read back from a bf16 GEMM has many exact ties, and a
+    threshold equal to a tied value would let fp32-vs-fp64 rounding of the activation flip the
+    whole tie group.
+    """
     v = a.detach().abs().flatten().double().sort().values
     if density >= 1.0 or v.numel() < 2:
         return 0.0
-    k = int((1 - density) * (v.numel() - 1))
-    lo, hi = max(0, k - 4), min(v.numel() - 1, k + 5)
-    gaps = v[lo + 1 : hi + 1] - v[lo:hi]
+    u = v.unique()  # sorted, distinct
+    if u.numel() < 2:
+        return float(u[0]) / 2
+    k = int(torch.searchsorted(u, v[int((1 - density) * (v.numel() - 1))]))
+    lo, hi = max(0, k - 4), min(u.numel() - 1, k + 5)
+    gaps = u[lo + 1 : hi + 1] - u[lo:hi]
     j = int(gaps.argmax())
-    return float((v[lo + j] + v[lo + j + 1]) / 2)
+    return float((u[lo + j] + u[lo + j + 1]) / 2)
 
 
 def _case(rows, hidden, inter, dtype, gated, bias, density, gate_mode):

@@ -42,6 +42,10 @@ def _floats(value: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value.split(",") if v)
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in value.split(",") if v)
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (),
                             defaults: dict[str, Any] | None = None) -> None:
     """Add ``--field-name`` for each field of ``cls`` (skipping ``exclude``)."""
@@ -63,7 +67,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
         elif base in (int, float, str):
             kwargs["type"] = base
         elif typing.get_origin(base) is tuple:
-            kwargs["type"] = _floats
+            kwargs["type"] = _ints if typing.get_args(base)[:1] == (int,) else _floats
             kwargs["metavar"] = "X,Y,..."
         elif typing.get_origin(base) is dict:
             kwargs["type"] = _parse_mapping
