@@ -120,6 +120,8 @@ def test_perplexity_matches_the_model_loss():
         ("lr", -1.0, "lr must be a finite number >= 0"),
         ("loss", "l3", "unknown density loss 'l3'"),
         ("max_context_tokens", 300, "max_context_tokens \\(300\\) must be below max_length"),
+        ("act_threshold_density", 1.5, "act_threshold_density must be in \\(0, 1\\] or None, got 1.5"),
+        ("act_threshold_batches", 0, "act_threshold_batches must be an integer >= 1"),
     ],
 )
 def test_config_errors_name_the_bad_value(field, value, message):
@@ -143,3 +145,26 @@ def test_saved_run_reloads_with_the_same_answers(squad_file, tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 4
     with pytest.raises(FileNotFoundError, match="not a generative run folder"):
         evaluate_generative_run(tmp_path)
+
+
+def test_calibrated_thresholds_make_exact_zeros_and_survive_reload(squad_file, tmp_path):
+    """A SiLU model has no exact zeros; thresholds calibrated to 0.5 give ~0.5 exact density in
+    training, in the teacher-forced pass and in generation, and the saved run reloads with them."""
+    from deftune.generative.train import THRESHOLDS_FILE, evaluate_generative_run, load_generative_run
+    from deftune.sparse.calibrate import ThresholdedActivation
+
+    plain = GenConfig(model="tiny-llama", data_dir=str(squad_file), eval_before=False, **TINY)
+    base = train_generative(plain)
+    assert base.after.density_teacher_forced["overall"] > 0.99
+    cfg = GenConfig(model="tiny-llama", act_threshold_density=0.5, act_threshold_batches=2, data_dir=str(squad_file),
+                    output_dir=str(tmp_path / "run"), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    assert result.thresholds is not None and all(t > 0 for t in result.thresholds.values.values())
+    assert 0.3 < result.after.density_teacher_forced["overall"] < 0.7
+    assert 0.3 < result.log[0]["train_density"] < 0.7
+    assert (tmp_path / "run" / THRESHOLDS_FILE).is_file()
+    again = evaluate_generative_run(tmp_path / "run")
+    assert again.predictions == result.after.predictions
+    assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
+    model, _, _ = load_generative_run(tmp_path / "run")
+    assert sum(isinstance(m, ThresholdedActivation) for m in model.modules()) == model.config.num_hidden_layers

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deftune.generative import GenConfig, train_generative
-    from deftune.generative.train import write_json_atomic
+    from deftune.runs import write_json_atomic
 
     values = {k: v for k, v in vars(args).items() if k not in ("json", "command", "_run")}
     if values.get("relufy") in ("", "none", "None"):

@@ -42,6 +42,12 @@ class GenConfig:
         relufy: None, or an activation that replaces the MLP activation before training
             (``relu``, ``fatrelu``, ``shifted_relu``; see :mod:`deftune.generative.relufy`).
         relu_threshold: threshold of ``fatrelu`` / shift of ``shifted_relu``.
+        act_threshold_density: None, or a target activation density in (0, 1]: per-layer
+            thresholds ``t_l`` are calibrated on the training prompts of the model before training
+            (:func:`deftune.sparse.calibrate_thresholds`) and ``|a| <= t_l`` is set to exactly 0
+            during training and every evaluation (as CATS, Lee et al. 2024, fine-tunes through
+            its thresholds). For SiLU models, whose exact zeros lie below x = -88.7.
+        act_threshold_batches: training batches used for that calibration.
         steps: optimizer steps.
         batch_size: examples per micro-batch.
         grad_accum: micro-batches per optimizer step.
@@ -83,6 +89,8 @@ class GenConfig:
     stack_weights: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 1.0})
     relufy: str | None = None
     relu_threshold: float = 0.0
+    act_threshold_density: float | None = None
+    act_threshold_batches: int = 8
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
@@ -119,7 +127,11 @@ class GenConfig:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        positive = ("lora_r", "steps", "batch_size", "grad_accum", "max_length", "max_context_tokens",
+        if self.act_threshold_density is not None and not (
+            isinstance(self.act_threshold_density, (int, float)) and 0 < self.act_threshold_density <= 1
+        ):
+            raise ValueError(f"act_threshold_density must be in (0, 1] or None, got {self.act_threshold_density!r}")
+        positive = ("lora_r", "steps", "act_threshold_batches", "batch_size", "grad_accum", "max_length", "max_context_tokens",
                     "max_new_tokens", "eval_articles", "eval_questions", "eval_batch_size", "log_every")
         for name in positive:
             value = getattr(self, name)

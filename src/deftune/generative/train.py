@@ -35,6 +35,10 @@ from deftune.generative.models import load_generative
 from deftune.generative.peft_methods import apply_method
 from deftune.generative.relufy import relufy
 from deftune.regularizer import DensityRegularizer
+from deftune.runs import write_json_atomic
+from deftune.sparse.calibrate import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
+
+THRESHOLDS_FILE = "act_thresholds.json"
 
 
 @dataclass
@@ -53,6 +57,7 @@ class GenRunResult:
     skipped_questions: int = 0
     relufied: list[str] = field(default_factory=list)
     log: list[dict] = field(default_factory=list, repr=False)
+    thresholds: Thresholds | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -67,14 +72,6 @@ class GenRunResult:
             "skipped_questions": self.skipped_questions,
             "relufied_modules": len(self.relufied),
         }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -200,6 +197,10 @@ def train_generative(cfg: GenConfig) -> GenRunResult:
     data = prepare_squad(cfg, tokenizer, seq2seq)
     model.to(device)
     replaced = relufy(model, cfg.relufy, cfg.relu_threshold) if cfg.relufy else []
+    thresholds = None
+    if cfg.act_threshold_density is not None:
+        thresholds = calibrate_on_training_prompts(model, data.train, cfg, tokenizer.pad_token_id)
+        apply_thresholds(model, thresholds)
     torch.manual_seed(cfg.seed)
     model = apply_method(cfg, model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -213,11 +214,29 @@ def train_generative(cfg: GenConfig) -> GenRunResult:
         name=name, config=cfg.to_dict(), before=before, after=after, train_seconds=seconds,
         seconds_per_step=seconds / cfg.steps, train_questions=len(data.train),
         eval_questions=len(data.eval_examples), trainable_parameters=trainable, skipped_questions=data.skipped,
-        relufied=replaced, log=log,
+        relufied=replaced, log=log, thresholds=thresholds,
     )
     if cfg.output_dir:
         save_run(Path(cfg.output_dir), model, result)
     return result
+
+
+def calibrate_on_training_prompts(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: int) -> Thresholds:
+    """Per-layer thresholds reaching ``cfg.act_threshold_density`` on the first training batches.
+
+    The batches are the training inputs (prompt + answer, real tokens only), taken in a seeded
+    order that does not touch the training loop's own random stream.
+    """
+    order = random.Random(cfg.seed + 1).sample(range(len(items)), len(items))
+    n = min(len(items), cfg.act_threshold_batches * cfg.batch_size)
+    seq2seq = is_seq2seq(model)
+    batches = [
+        {k: v for k, v in training_batch([items[i] for i in order[j : j + cfg.batch_size]], pad_id, seq2seq).items()
+         if k != "labels"}
+        for j in range(0, n, cfg.batch_size)
+    ]
+    target = float(cfg.act_threshold_density)
+    return calibrate_thresholds(model, batches, CalibrationConfig(target=target))
 
 
 def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:
@@ -232,6 +251,8 @@ def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:
     write_json_atomic(out / "results.json", full)
     write_json_atomic(out / "predictions.json", result.after.predictions)
     write_json_atomic(out / "log.json", result.log)
+    if result.thresholds is not None:
+        result.thresholds.save(out / THRESHOLDS_FILE)
 
 
 def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, GenConfig]:
@@ -254,6 +275,8 @@ def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, Gen
     model, tokenizer = load_generative(cfg.model, cfg.seed)
     if cfg.relufy:
         relufy(model, cfg.relufy, cfg.relu_threshold)
+    if cfg.act_threshold_density is not None:
+        apply_thresholds(model, Thresholds.load(run / THRESHOLDS_FILE))
     model = PeftModel.from_pretrained(model, str(run / "adapter"))
     return model.to(_device(cfg)).eval(), tokenizer, cfg
 
