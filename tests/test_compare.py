@@ -35,7 +35,7 @@ def test_compare_writes_rows_report_and_resumes(tiny_setup, tmp_path, capsys):
     assert len(stored["runs"]) == 4 and "hardware" in stored
     report = (tmp_path / "results.md").read_text()
     assert "| sst2 | bitfit | 1 | 1 |" in report and "## α = 1: DEFT vs PEFT" in report
-    assert (tmp_path / "img" / "glue_metric_vs_density.png").stat().st_size > 0
+    assert (tmp_path / "img" / "results_metric_vs_density.png").stat().st_size > 0
     summary = summarise(rows)
     assert set(summary) == {1.0} and set(summary[1.0]["methods"]) == {"lora", "bitfit"}
     assert {r["act_scale"] for r in rows} == {"layer"}  # the DEFT recipe's scales, in PEFT runs too

@@ -223,7 +223,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     recorded = read_json(config.results_json).get("hardware") if Path(config.results_json).is_file() else None
 
     md = Path(config.report_md)
-    img = md.parent / "img" / "glue_metric_vs_density.png"
+    img = md.parent / "img" / f"{md.stem}_metric_vs_density.png"  # one figure per report
     plot_metric_vs_density(rows, img)
     seeds_seen = sorted({int(r.get("seed", 0)) for r in rows})
     lines = [
