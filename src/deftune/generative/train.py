@@ -36,7 +36,7 @@ from deftune.generative.peft_methods import apply_method
 from deftune.generative.relufy import relufy
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import write_json_atomic
-from deftune.sparse.calibrate import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
+from deftune.sparse import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
 
 THRESHOLDS_FILE = "act_thresholds.json"
 
