@@ -241,7 +241,10 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
-        + " --seeds " + ",".join(map(str, config.seeds)) + " --data-dir ../shared/data/glue`",
+        + " --seeds " + ",".join(map(str, config.seeds)) + " --data-dir ../shared/data/glue"
+        + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
+                  for name in ("results_json", "report_md", "runs_dir")
+                  if getattr(config, name) != getattr(CompareConfig, name)) + "`",
         "",
         "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
