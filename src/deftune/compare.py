@@ -237,7 +237,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
         "from `METHOD_LR`; regression heads start at the mean training label.",
         f"Seeds in the results file: {', '.join(map(str, seeds_seen))}; every number below is a mean over "
-        "them (each run is a row of the JSON file).",
+        "the seeds that row has (column `seeds`; each run is a row of the JSON file).",
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)

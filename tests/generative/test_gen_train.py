@@ -168,3 +168,11 @@ def test_calibrated_thresholds_make_exact_zeros_and_survive_reload(squad_file, t
     assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
     model, _, _ = load_generative_run(tmp_path / "run")
     assert sum(isinstance(m, ThresholdedActivation) for m in model.modules()) == model.config.num_hidden_layers
+
+
+def test_calibrated_thresholds_on_an_encoder_decoder(squad_file):
+    cfg = GenConfig(model="tiny-t5", act_threshold_density=0.5, act_threshold_batches=2, data_dir=str(squad_file),
+                    eval_before=False, **TINY)
+    result = train_generative(cfg)
+    assert result.thresholds is not None and len(result.thresholds.values) > 0
+    assert result.after.density_teacher_forced["overall"] < 0.8

@@ -4,8 +4,9 @@ The run:
 
 1. loads SQuAD v1.1 and splits it by article (``cfg.eval_articles`` held out; only the dev file
    exists here, so both parts come from it);
-2. loads the model (``smollm2`` by default), optionally ReLU-fies it (:mod:`.relufy`), applies
-   the PEFT method (``peft.get_peft_model``);
+2. loads the model (``smollm2`` by default), optionally ReLU-fies it (:mod:`.relufy`) or wraps
+   its activations in thresholds calibrated to ``cfg.act_threshold_density``, applies the PEFT
+   method (``peft.get_peft_model``);
 3. optionally evaluates it first (EM / F1, density, perplexity);
 4. trains with ``task loss + alpha(step) * density loss`` inside a
    :class:`deftune.regularizer.DensityRegularizer` — the same code path for ``alpha = 0``;
@@ -222,21 +223,23 @@ def train_generative(cfg: GenConfig) -> GenRunResult:
 
 
 def calibrate_on_training_prompts(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: int) -> Thresholds:
-    """Per-layer thresholds reaching ``cfg.act_threshold_density`` on the first training batches.
+    """Per-layer thresholds reaching ``cfg.act_threshold_density`` on ``cfg.act_threshold_batches``
+    training batches (prompt + answer, real tokens only).
 
-    The batches are the training inputs (prompt + answer, real tokens only), taken in a seeded
-    order that does not touch the training loop's own random stream.
+    The batches are drawn in a seeded order of their own, so the training loop's data order is the
+    same with and without thresholds. Decoder-only inputs drop their labels (no loss is needed);
+    encoder–decoder inputs keep them, as the decoder's inputs are built from them.
     """
     order = random.Random(cfg.seed + 1).sample(range(len(items)), len(items))
     n = min(len(items), cfg.act_threshold_batches * cfg.batch_size)
     seq2seq = is_seq2seq(model)
-    batches = [
-        {k: v for k, v in training_batch([items[i] for i in order[j : j + cfg.batch_size]], pad_id, seq2seq).items()
-         if k != "labels"}
-        for j in range(0, n, cfg.batch_size)
-    ]
-    target = float(cfg.act_threshold_density)
-    return calibrate_thresholds(model, batches, CalibrationConfig(target=target))
+    batches = []
+    for j in range(0, n, cfg.batch_size):
+        batch = training_batch([items[i] for i in order[j : j + cfg.batch_size]], pad_id, seq2seq)
+        if not seq2seq:
+            batch.pop("labels")
+        batches.append(batch)
+    return calibrate_thresholds(model, batches, CalibrationConfig(target=float(cfg.act_threshold_density)))
 
 
 def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:
