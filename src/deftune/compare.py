@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean, stdev
 from typing import Any
 
 from deftune.runs import RESULTS_FILE, read_json, write_json_atomic
@@ -168,15 +169,9 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[st
     return rows
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _sd(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    m = _mean(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    """Sample standard deviation; 0 for a single value."""
+    return stdev(values) if len(values) > 1 else 0.0
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
@@ -198,8 +193,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
     def leaf(items: list[tuple[str, int, float, float]]) -> dict[str, float]:
         return {
             "pairs": len(items),
-            "density_reduction_pct": _mean([i[2] for i in items]),
-            "metric_delta": _mean([i[3] for i in items]),
+            "density_reduction_pct": fmean([i[2] for i in items]),
+            "metric_delta": fmean([i[3] for i in items]),
         }
 
     out: dict[float, dict[str, Any]] = {}
@@ -255,9 +250,9 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     for (task, method, alpha), rs in sorted(groups.items()):
         values = [r["metric"]["value"] for r in rs]
         lines.append(
-            f"| {task} | {method} | {alpha:g} | {len(rs)} | {rs[0]['metric']['name']} | {_mean(values):.2f} | "
-            f"{_sd(values):.2f} | {_mean([r['density'] for r in rs]):.4f} | {rs[0]['trainable_parameters']:,} | "
-            f"{_mean([r['train_seconds'] for r in rs]):.0f} |"
+            f"| {task} | {method} | {alpha:g} | {len(rs)} | {rs[0]['metric']['name']} | {fmean(values):.2f} | "
+            f"{_sd(values):.2f} | {fmean([r['density'] for r in rs]):.4f} | {rs[0]['trainable_parameters']:,} | "
+            f"{fmean([r['train_seconds'] for r in rs]):.0f} |"
         )
     for alpha, summary in summarise(rows).items():
         o = summary["overall"]
@@ -311,7 +306,7 @@ def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
             for alpha in alphas:
                 rs = [r for r in rows if r["task"] == task and r["method"] == method and float(r["alpha"]) == alpha]
                 if rs:
-                    ax.scatter(_mean([r["density"] for r in rs]), _mean([r["metric"]["value"] for r in rs]),
+                    ax.scatter(fmean([r["density"] for r in rs]), fmean([r["metric"]["value"] for r in rs]),
                                color=colours[method], marker=markers[alpha], s=28)
         ax.set_title(task)
         ax.set_xlabel("exact density")
