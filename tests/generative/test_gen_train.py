@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from gen_helpers import encode_all
+from torch import nn
 
 from deftune.generative import GenConfig, relufy, train_generative
 from deftune.generative.evaluate import perplexity, teacher_forced_density
@@ -122,11 +123,15 @@ def test_perplexity_matches_the_model_loss():
         ("max_context_tokens", 300, "max_context_tokens \\(300\\) must be below max_length"),
         ("act_threshold_density", 1.5, "act_threshold_density must be in \\(0, 1\\] or None, got 1.5"),
         ("act_threshold_batches", 0, "act_threshold_batches must be an integer >= 1"),
+        ("act_threshold_warmup_steps", 5, "act_threshold_warmup_steps needs act_threshold_density"),
+        ("act_threshold_warmup_steps", -1, "act_threshold_warmup_steps must be an integer >= 0, got -1"),
     ],
 )
 def test_config_errors_name_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=message):
         GenConfig(**{field: value})
+    with pytest.raises(ValueError, match="must be below steps \\(200\\)"):
+        GenConfig(act_threshold_density=0.5, act_threshold_warmup_steps=200)
     with pytest.raises(ValueError, match="unknown GenConfig field"):
         GenConfig.from_dict({"alpha_typo": 1})
 
@@ -168,6 +173,31 @@ def test_calibrated_thresholds_make_exact_zeros_and_survive_reload(squad_file, t
     assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
     model, _, _ = load_generative_run(tmp_path / "run")
     assert sum(isinstance(m, ThresholdedActivation) for m in model.modules()) == model.config.num_hidden_layers
+
+
+def test_threshold_warmup_ramps_the_thresholds_and_ends_at_the_calibrated_ones(squad_file):
+    """With a 2-step ramp the first step trains at threshold 0 (dense), the second at sin(π/4)·t,
+    and from step 2 on — and in evaluation — at the calibrated t."""
+    cfg = GenConfig(model="tiny-llama", act_threshold_density=0.5, act_threshold_batches=2, act_threshold_warmup_steps=2,
+                    data_dir=str(squad_file), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    scales = [line["threshold_scale"] for line in result.log]
+    assert scales == pytest.approx([0.0, math.sin(math.pi / 4), 1.0])
+    assert result.log[0]["train_density"] > 0.99  # threshold 0: SiLU has no exact zeros
+    assert 0.3 < result.log[2]["train_density"] < 0.7
+    assert 0.3 < result.after.density_teacher_forced["overall"] < 0.7
+
+
+def test_threshold_ramp_restores_the_calibrated_thresholds_when_training_raises():
+    from deftune.generative.train import threshold_ramp
+    from deftune.sparse.calibrate import ThresholdedActivation
+
+    model = nn.Sequential(ThresholdedActivation(nn.SiLU(), 0.2), ThresholdedActivation(nn.SiLU(), 0.4))
+    with pytest.raises(RuntimeError, match="boom"), threshold_ramp(model, 10) as set_step:
+        assert set_step(5) == pytest.approx(math.sin(math.pi / 4))
+        assert [m.threshold for m in model] == pytest.approx([0.2 * math.sin(math.pi / 4), 0.4 * math.sin(math.pi / 4)])
+        raise RuntimeError("boom")
+    assert [m.threshold for m in model] == [0.2, 0.4]
 
 
 def test_calibrated_thresholds_on_an_encoder_decoder(squad_file):

@@ -48,6 +48,10 @@ class GenConfig:
             during training and every evaluation (as CATS, Lee et al. 2024, fine-tunes through
             its thresholds). For SiLU models, whose exact zeros lie below x = -88.7.
         act_threshold_batches: training batches used for that calibration.
+        act_threshold_warmup_steps: 0 (the thresholds hold from the first step), or the length of
+            a progressive ramp: during training every threshold is ``t_l · sin(π/2 · step / T)``
+            (ProSparse's sine schedule, applied to the thresholds), so the model adapts while its
+            density falls; from step ``T`` on, and in every evaluation, it is ``t_l``.
         steps: optimizer steps.
         batch_size: examples per micro-batch.
         grad_accum: micro-batches per optimizer step.
@@ -91,6 +95,7 @@ class GenConfig:
     relu_threshold: float = 0.0
     act_threshold_density: float | None = None
     act_threshold_batches: int = 8
+    act_threshold_warmup_steps: int = 0
     steps: int = 200
     batch_size: int = 8
     grad_accum: int = 1
@@ -137,7 +142,7 @@ class GenConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("lr_warmup_steps", "ppl_texts", "threads", "alpha_warmup_steps"):
+        for name in ("lr_warmup_steps", "ppl_texts", "threads", "alpha_warmup_steps", "act_threshold_warmup_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
@@ -147,6 +152,14 @@ class GenConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.lr == 0:
             raise ValueError("lr must be > 0")
+        if self.act_threshold_warmup_steps:
+            if self.act_threshold_density is None:
+                raise ValueError("act_threshold_warmup_steps needs act_threshold_density (the thresholds it ramps up)")
+            if self.act_threshold_warmup_steps >= self.steps:
+                raise ValueError(
+                    f"act_threshold_warmup_steps ({self.act_threshold_warmup_steps}) must be below steps "
+                    f"({self.steps}): the model must train at the final thresholds it is evaluated with"
+                )
         if self.max_context_tokens >= self.max_length:
             raise ValueError(
                 f"max_context_tokens ({self.max_context_tokens}) must be below max_length "

@@ -5,7 +5,8 @@ The run:
 1. loads SQuAD v1.1 and splits it by article (``cfg.eval_articles`` held out; only the dev file
    exists here, so both parts come from it);
 2. loads the model (``smollm2`` by default), optionally ReLU-fies it (:mod:`.relufy`) or wraps
-   its activations in thresholds calibrated to ``cfg.act_threshold_density``, applies the PEFT
+   its activations in thresholds calibrated to ``cfg.act_threshold_density`` (optionally ramped
+   up over ``cfg.act_threshold_warmup_steps``, :func:`threshold_ramp`), applies the PEFT
    method (``peft.get_peft_model``);
 3. optionally evaluates it first (EM / F1, density, perplexity);
 4. trains with ``task loss + alpha(step) * density loss`` inside a
@@ -21,6 +22,8 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,9 +38,11 @@ from deftune.generative.format import DoesNotFit, Encoded, encode_example, resol
 from deftune.generative.models import load_generative
 from deftune.generative.peft_methods import apply_method
 from deftune.generative.relufy import relufy
+from deftune.losses import ALPHA_SCHEDULES
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import write_json_atomic
 from deftune.sparse import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
+from deftune.sparse.calibrate import ThresholdedActivation
 
 THRESHOLDS_FILE = "act_thresholds.json"
 
@@ -138,6 +143,31 @@ def _evaluate(model: nn.Module, tokenizer, data: SquadData, cfg: GenConfig) -> E
     )
 
 
+@contextmanager
+def threshold_ramp(model: nn.Module, warmup_steps: int) -> Iterator[Callable[[int], float]]:
+    """Yields ``set_step(step) -> scale``, which sets every :class:`ThresholdedActivation` of ``model``
+    to ``scale · t_l`` with ``scale = sin(π/2 · step / warmup_steps)`` (1 from ``warmup_steps`` on).
+
+    On exit every threshold is its final ``t_l`` again, also when training raises, so what is
+    evaluated and saved is the calibrated model. ``warmup_steps = 0`` leaves the thresholds alone.
+    """
+    wrappers = [m for m in model.modules() if isinstance(m, ThresholdedActivation)]
+    final = [m.threshold for m in wrappers]
+    ramp = ALPHA_SCHEDULES["sine"]
+
+    def set_step(step: int) -> float:
+        scale = ramp(1.0, step, warmup_steps)
+        for m, t in zip(wrappers, final):
+            m.threshold = t * scale
+        return scale
+
+    try:
+        yield set_step
+    finally:
+        for m, t in zip(wrappers, final):
+            m.threshold = t
+
+
 def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: int) -> list[dict]:
     """Optimise ``model``'s trainable parameters on ``items``; returns the log lines."""
     device = next(model.parameters()).device
@@ -152,9 +182,11 @@ def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: i
     log: list[dict] = []
     model.train()
     t0 = time.perf_counter()
-    with DensityRegularizer(model, cfg.density_config()) as reg:
+    with DensityRegularizer(model, cfg.density_config()) as reg, \
+            threshold_ramp(model, cfg.act_threshold_warmup_steps) as set_threshold_step:
         acc = {"task": 0.0, "density": 0.0, "n": 0}
         for step in range(cfg.steps):
+            threshold_scale = set_threshold_step(step)
             for _ in range(cfg.grad_accum):
                 if len(order) < cfg.batch_size:
                     order += rng.sample(range(len(items)), len(items))  # next epoch, reshuffled
@@ -177,7 +209,7 @@ def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: i
                 line = {
                     "step": step + 1, "task_loss": acc["task"] / acc["n"],
                     "density_loss": acc["density"] / acc["n"], "alpha": cfg.density_config().alpha_at(step),
-                    "train_density": density, "lr": sched.get_last_lr()[0],
+                    "train_density": density, "threshold_scale": threshold_scale, "lr": sched.get_last_lr()[0],
                     "seconds": time.perf_counter() - t0,
                 }
                 log.append(line)
