@@ -1,6 +1,8 @@
 """PEFT vs DEFT over tasks × methods (``deftune compare``) and the α sweep (``deftune sweep alpha``).
 
-Both are resumable grids of :func:`deftune.train.train_glue` runs:
+Both are resumable grids of :func:`deftune.train.train_glue` runs (and, for the task ``squad``,
+of :func:`deftune.generative.train_generative` runs: greedy-decoding QA, metric F1, density of the
+teacher-forced pass):
 
 * every finished run is a row in the results JSON (``docs/results/glue.json`` by default),
   keyed by (task, method, alpha, steps, seed); a key already present is skipped;
@@ -19,8 +21,12 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
+from deftune.generative.config import GenConfig
 from deftune.runs import RESULTS_FILE, read_json, write_json_atomic
 from deftune.train.config import TrainConfig
+
+SQUAD = "squad"  # the generative task; every other task name is a GLUE task
+RunConfig = TrainConfig | GenConfig
 
 # Learning rates per method for the documented budget (virtual-token methods need larger ones,
 # as in the PEFT papers; the DEFT paper's scripts tune them per task).
@@ -58,6 +64,11 @@ class CompareConfig:
         head_lr: learning rate of the task head (None: the method's learning rate). A head that
             starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
         method_options: per-method overrides of :class:`deftune.methods.MethodConfig`.
+        generative_model: the model of the ``squad`` runs (``smollm2``; ``tiny-llama`` etc. for tests).
+        squad_dir: SQuAD folder or JSON file of the ``squad`` runs (else ``$DEFTUNE_SQUAD_DIR``).
+        generative_options: further :class:`deftune.generative.GenConfig` fields of the ``squad``
+            runs (``batch_size=8,eval_questions=1000,act_threshold_density=0.58`` …); ``steps``
+            and the seed come from this grid, the rest from ``GenConfig``'s defaults.
     """
 
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
@@ -80,26 +91,53 @@ class CompareConfig:
     scale_lr: float = 0.1
     head_lr: float | None = 5e-3
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generative_model: str = "smollm2"
+    squad_dir: str | None = None
+    generative_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from deftune.data.glue import get_task
+        from deftune.generative.peft_methods import PEFT_METHODS
 
         for t in self.tasks:
-            get_task(t)
+            if t != SQUAD:
+                get_task(t)
         if not self.methods:
             raise ValueError("methods must name at least one PEFT method")
+        if SQUAD in self.tasks:
+            generative = sorted(PEFT_METHODS) + ["full"]
+            unsupported = [m for m in self.methods if m not in generative]
+            if unsupported:
+                raise ValueError(
+                    f"methods {unsupported} have no generative (squad) version; squad runs accept {generative}: "
+                    "run squad in a grid of its own with those methods"
+                )
+            fixed = sorted(set(self.generative_options) & {"model", "method", "alpha", "seed", "steps", "output_dir"})
+            if fixed:
+                raise ValueError(f"generative_options cannot set {fixed}: the grid sets them (use --steps, --seeds, ...)")
+            self._squad_config("lora", 0.0, 0, "check")  # unknown or bad GenConfig options fail here
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
         if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be one or more integers >= 0, got {self.seeds}")
 
-    def runs(self) -> list[TrainConfig]:
-        out = []
+    def _squad_config(self, method: str, alpha: float, seed: int, name: str) -> GenConfig:
+        return GenConfig.from_dict({
+            **self.generative_options, "model": self.generative_model, "method": method, "alpha": alpha,
+            "seed": seed, "steps": self.steps, "data_dir": self.generative_options.get("data_dir", self.squad_dir),
+            "output_dir": str(Path(self.runs_dir) / name),
+        })
+
+    def runs(self) -> list[RunConfig]:
+        out: list[RunConfig] = []
         for seed in self.seeds:
             for task in self.tasks:
                 for method in self.methods:
                     for alpha in self.alphas:
                         name = f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
+                        if task == SQUAD:
+                            out.append(self._squad_config(method, alpha, seed, name))
+                            continue
                         out.append(
                             TrainConfig(
                                 task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
@@ -121,8 +159,16 @@ def run_key(row: dict[str, Any]) -> tuple:
     return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)))
 
 
-def _row(config: TrainConfig, result) -> dict[str, Any]:
-    d = result.to_dict()
+def config_key(config: RunConfig) -> tuple:
+    """The results-file key of a run config (as :func:`run_key` of its row)."""
+    task = SQUAD if isinstance(config, GenConfig) else config.task
+    return (task, config.method, float(config.alpha), int(config.steps), int(config.seed))
+
+
+def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
+    from deftune.train import train_glue
+
+    d = train_glue(config, progress=progress).to_dict()
     return {
         "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
         "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
@@ -132,6 +178,27 @@ def _row(config: TrainConfig, result) -> dict[str, Any]:
     }
 
 
+def _squad_row(config: GenConfig, *, progress: bool) -> dict[str, Any]:
+    from deftune.generative import train_generative
+
+    result = train_generative(config)
+    after = result.after.summary()
+    return {
+        "task": SQUAD, "method": config.method, "alpha": config.alpha, "steps": config.steps,
+        "seed": config.seed, "act_scale": "none", "model": config.model,
+        "metric": {"name": "f1", "value": after["f1"]},
+        "metrics": {k: after[k] for k in ("exact_match", "f1", "questions", "density_prefill", "density_decode",
+                                          "perplexity")},
+        "density": after["density_teacher_forced"],
+        "per_layer_density": {k: v["exact"] for k, v in result.after.density_teacher_forced["per_layer"].items()},
+        "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
+    }
+
+
+# config type -> "train it and return its results row"
+ROW_BUILDERS = {TrainConfig: _glue_row, GenConfig: _squad_row}
+
+
 def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not Path(path).is_file():
         return []
@@ -139,24 +206,23 @@ def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return list(data["runs"] if isinstance(data, dict) else data)
 
 
-def run_grid(configs: Sequence[TrainConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
+def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
     """Train every config not yet in ``results_json``; append each finished run atomically."""
     from deftune.hardware import describe
-    from deftune.train import train_glue
 
     rows = load_rows(results_json)
     done = {run_key(r) for r in rows}
     for i, config in enumerate(configs):
-        key = (config.task, config.method, float(config.alpha), config.steps, config.seed)
+        key = config_key(config)
+        name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
         if key in done:
-            print(f"[{i + 1}/{len(configs)}] {config.run_name}: done, skipped")
+            print(f"[{i + 1}/{len(configs)}] {name}: done, skipped")
             continue
         out = Path(config.output_dir) if config.output_dir else None
         if out is not None and out.exists() and not (out / RESULTS_FILE).exists():
             shutil.rmtree(out)  # an interrupted run: restart it cleanly
-        print(f"[{i + 1}/{len(configs)}] {config.run_name}: training")
-        result = train_glue(config, progress=progress)
-        rows.append(_row(config, result))
+        print(f"[{i + 1}/{len(configs)}] {name}: training")
+        rows.append(ROW_BUILDERS[type(config)](config, progress=progress))
         done.add(key)
         write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
     return rows
@@ -233,13 +299,18 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         "from `METHOD_LR`; regression heads start at the mean training label.",
         f"Seeds in the results file: {', '.join(map(str, seeds_seen))}; every number below is a mean over "
         "the seeds that row has (column `seeds`; each run is a row of the JSON file).",
+        *([f"SQuAD rows: `{config.generative_model}`, greedy decoding, metric F1 (EM in the JSON), exact density of "
+           f"the teacher-forced pass; GenConfig options {config.generative_options or 'default'}."]
+          if any(r["task"] == SQUAD for r in rows) else []),
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
         + " --seeds " + ",".join(map(str, config.seeds)) + " --data-dir ../shared/data/glue"
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
-                  for name in ("results_json", "report_md", "runs_dir")
-                  if getattr(config, name) != getattr(CompareConfig, name)) + "`",
+                  for name in ("results_json", "report_md", "runs_dir", "generative_model", "squad_dir")
+                  if getattr(config, name) != getattr(CompareConfig, name))
+        + (" --generative-options " + ",".join(f"{k}={v}" for k, v in config.generative_options.items())
+           if config.generative_options else "") + "`",
         "",
         "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",

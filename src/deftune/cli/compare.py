@@ -5,6 +5,9 @@ writes a table and a metric-vs-density plot into the markdown report.
 Example:
   deftune compare --tasks sst2,mrpc,rte,stsb --methods lora,dora,ia3,prefix,prompt,adapter,bitfit \
       --data-dir ../shared/data/glue
+  deftune compare --tasks squad --methods lora --alphas 0,1 --steps 300 --squad-dir ../shared/data/squad \
+      --generative-options batch_size=8,eval_questions=1000,act_threshold_density=0.58 \
+      --results-json docs/results/squad.json --report-md docs/results_squad.md
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def _names(value: str) -> tuple[str, ...]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, CompareConfig, exclude=("tasks", "methods", "method_options"))
     defaults = CompareConfig()
-    parser.add_argument("--tasks", type=_names, default=defaults.tasks, help="comma-separated GLUE tasks")
+    parser.add_argument("--tasks", type=_names, default=defaults.tasks, help="comma-separated GLUE tasks, or squad (generative QA, see --generative-*)")
     parser.add_argument("--methods", type=_names, default=defaults.methods, help="comma-separated PEFT methods")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
 
