@@ -287,25 +287,35 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     img = md.parent / "img" / f"{md.stem}_metric_vs_density.png"  # one figure per report
     plot_metric_vs_density(rows, img)
     seeds_seen = sorted({int(r.get("seed", 0)) for r in rows})
-    lines = [
-        "# GLUE: PEFT vs DEFT, every method",
-        "",
-        f"MiniLM (all-MiniLM-L6-v2), {config.steps} steps × batch {config.batch_size}, train subset "
+    has_squad = any(r["task"] == SQUAD for r in rows)
+    has_glue = any(r["task"] != SQUAD for r in rows) or not rows
+    title = {(True, False): "GLUE: PEFT vs DEFT, every method", (False, True): "SQuAD (generative QA): PEFT vs DEFT"}
+    model = "MiniLM (all-MiniLM-L6-v2)" if config.model == "minilm" else f"`{config.model}`"
+    glue_lines = [
+        f"{model}, {config.steps} steps × batch {config.batch_size}, train subset "
         f"{config.train_subset}, max length {config.max_length}, α schedule `{config.schedule}` "
         f"(warm-up {config.warmup_steps}); dev metric on the full dev set; exact density in fp32 over real tokens.",
-        f"Hardware: {describe_line(recorded if isinstance(recorded, dict) else None)}.",
         f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
         f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
         "from `METHOD_LR`; regression heads start at the mean training label.",
+    ]
+    squad_lines = [
+        f"SQuAD rows: `{config.generative_model}`, {config.steps} steps, held-out articles of the SQuAD v1.1 dev file, "
+        "greedy decoding, metric F1 (EM in the JSON), exact density of the teacher-forced pass; GenConfig options "
+        f"{config.generative_options or 'default'}.",
+    ]
+    lines = [
+        f"# {title.get((has_glue, has_squad), 'PEFT vs DEFT, every method')}",
+        "",
+        *(glue_lines if has_glue else []),
+        *(squad_lines if has_squad else []),
+        f"Hardware: {describe_line(recorded if isinstance(recorded, dict) else None)}.",
         f"Seeds in the results file: {', '.join(map(str, seeds_seen))}; every number below is a mean over "
         "the seeds that row has (column `seeds`; each run is a row of the JSON file).",
-        *([f"SQuAD rows: `{config.generative_model}`, greedy decoding, metric F1 (EM in the JSON), exact density of "
-           f"the teacher-forced pass; GenConfig options {config.generative_options or 'default'}."]
-          if any(r["task"] == SQUAD for r in rows) else []),
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
-        + " --seeds " + ",".join(map(str, config.seeds)) + " --data-dir ../shared/data/glue"
+        + " --seeds " + ",".join(map(str, config.seeds)) + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
                   for name in ("results_json", "report_md", "runs_dir", "generative_model", "squad_dir")
                   if getattr(config, name) != getattr(CompareConfig, name))

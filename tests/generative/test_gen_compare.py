@@ -29,7 +29,8 @@ def test_squad_grid_writes_generative_rows_and_resumes(squad_file, tmp_path, cap
         assert r["trainable_parameters"] > 0 and r["model"] == "tiny-llama"
     assert (tmp_path / "runs" / "squad-lora-a1" / "results.json").is_file()
     report = (tmp_path / "results.md").read_text()
-    assert "| squad | lora | 1 | 1 | f1 |" in report and "SQuAD rows: `tiny-llama`" in report
+    assert report.startswith("# SQuAD (generative QA): PEFT vs DEFT") and "MiniLM" not in report
+    assert "| squad | lora | 1 | 1 | f1 |" in report and "SQuAD rows: `tiny-llama`, 2 steps" in report
     assert "--generative-options batch_size=2" in report
     assert set(summarise(rows)) == {1.0}
 
