@@ -68,7 +68,9 @@ class CompareConfig:
         squad_dir: SQuAD folder or JSON file of the ``squad`` runs (else ``$DEFTUNE_SQUAD_DIR``).
         generative_options: further :class:`deftune.generative.GenConfig` fields of the ``squad``
             runs (``batch_size=8,eval_questions=1000,act_threshold_density=0.58`` …); ``steps``
-            and the seed come from this grid, the rest from ``GenConfig``'s defaults.
+            and the seed come from this grid, the rest from ``GenConfig``'s defaults. A results
+            file is keyed by (task, method, α, steps, seed) only: runs with other options (here or
+            in the GLUE fields) need a results file of their own.
     """
 
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
