@@ -157,6 +157,8 @@ def threshold_ramp(model: nn.Module, warmup_steps: int) -> Iterator[Callable[[in
 
     def set_step(step: int) -> float:
         scale = ramp(1.0, step, warmup_steps)
+        if warmup_steps <= 0 or step > warmup_steps:
+            return scale  # already at the final thresholds: nothing to write
         for m, t in zip(wrappers, final):
             m.threshold = t * scale
         return scale
