@@ -123,6 +123,7 @@ def test_perplexity_matches_the_model_loss():
         ("max_context_tokens", 300, "max_context_tokens \\(300\\) must be below max_length"),
         ("act_threshold_density", 1.5, "act_threshold_density must be in \\(0, 1\\] or None, got 1.5"),
         ("act_threshold_batches", 0, "act_threshold_batches must be an integer >= 1"),
+        ("act_threshold_mode", "median", "act_threshold_mode must be one of \\['energy', 'global', 'layer'\\], got 'median'"),
         ("act_threshold_warmup_steps", 5, "act_threshold_warmup_steps needs act_threshold_density"),
         ("act_threshold_warmup_steps", -1, "act_threshold_warmup_steps must be an integer >= 0, got -1"),
     ],
@@ -173,6 +174,17 @@ def test_calibrated_thresholds_make_exact_zeros_and_survive_reload(squad_file, t
     assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
     model, _, _ = load_generative_run(tmp_path / "run")
     assert sum(isinstance(m, ThresholdedActivation) for m in model.modules()) == model.config.num_hidden_layers
+
+
+def test_threshold_mode_reaches_the_calibration(squad_file):
+    """``act_threshold_mode`` is handed to the calibration: the saved thresholds carry it and the
+    overall density lands near the target, with layers allowed to differ."""
+    cfg = GenConfig(model="tiny-llama", act_threshold_density=0.5, act_threshold_mode="energy", act_threshold_batches=2,
+                    data_dir=str(squad_file), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    assert result.thresholds is not None and result.thresholds.mode == "energy"
+    assert result.thresholds.overall_achieved == pytest.approx(0.5, abs=0.05)
+    assert 0.3 < result.after.density_teacher_forced["overall"] < 0.7
 
 
 def test_threshold_warmup_ramps_the_thresholds_and_ends_at_the_calibrated_ones(squad_file):

@@ -124,6 +124,53 @@ def test_global_mode_shares_one_threshold():
     assert per_layer.values["encoder.0"] < per_layer.values["encoder.1"]
 
 
+def _removed_energy(a: torch.Tensor, t: float) -> float:
+    a = a.double()
+    return float((a[a.abs() <= t] ** 2).sum() / (a**2).sum())
+
+
+def test_energy_below_matches_exact_sums():
+    a = torch.randn(50_000, generator=torch.Generator().manual_seed(5))
+    hist = MagnitudeHistogram.empty(CalibrationConfig())
+    hist.add("l", a)
+    energy = hist.energy_below("l")
+    for k in (int(torch.searchsorted(hist.edges, q)) for q in (0.1, 0.5, 1.0, 2.0)):
+        exact = _removed_energy(a, float(hist.edges[k]))
+        assert energy[k].item() == pytest.approx(exact, rel=2 ** (2 / 256) - 1 + 1e-3)
+    assert energy[0].item() == 0.0 and torch.all(energy[1:] >= energy[:-1])
+
+
+def test_energy_mode_is_scale_free_and_equalises_removed_energy():
+    g = torch.Generator().manual_seed(6)
+    gauss = torch.randn(40_000, generator=g)
+    heavy = torch.distributions.StudentT(2.0).sample((40_000,))  # most energy in a few large values
+    layers = {"encoder.0": gauss, "encoder.1": 10 * gauss, "encoder.2": heavy}
+    hist = MagnitudeHistogram.empty(CalibrationConfig())
+    for name, a in layers.items():
+        hist.add(name, a)
+    th = hist.thresholds(0.5, mode="energy")
+    assert th.mode == "energy"
+    assert th.overall_achieved == pytest.approx(0.5, abs=TOL)
+    # scale-free: a layer 10x larger gets a 10x threshold and the same density
+    assert th.values["encoder.1"] == pytest.approx(10 * th.values["encoder.0"], rel=2 ** (1 / 256) - 1 + 1e-6)
+    assert th.achieved["encoder.1"] == pytest.approx(th.achieved["encoder.0"], abs=TOL)
+    # the same fraction of energy goes in every layer; the heavy-tailed layer gives up more values
+    removed = [_removed_energy(a, th.values[n]) for n, a in layers.items()]
+    assert max(removed) - min(removed) < 0.01
+    assert th.achieved["encoder.2"] < th.achieved["encoder.0"] - 0.1
+
+
+def test_energy_mode_on_tiny_llama_reaches_the_overall_target():
+    model = tiny_llama()
+    data = batches()
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.4, mode="energy", refine_passes=1))
+    assert th.overall_achieved == pytest.approx(0.4, abs=0.02)  # few tokens: coarser than TOL
+    with thresholded(model, th):  # 2 layers, 1 refinement pass: the calibration densities are exact
+        density = measure_density(model, data)
+    for name, value in density.exact_per_layer.items():
+        assert value == pytest.approx(th.achieved[name], abs=1e-9), name
+
+
 def test_histogram_merge_equals_single_pass():
     a = torch.randn(5_000, generator=torch.Generator().manual_seed(4))
     one, two, full = (MagnitudeHistogram.empty(CalibrationConfig()) for _ in range(3))

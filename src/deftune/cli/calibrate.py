@@ -43,7 +43,8 @@ class CalibrationJob:
         labels: one label per model in results and plots (default: the folder or model name).
         data: ``sst2`` (classification accuracy) or ``squad`` (causal-LM perplexity).
         target: density for ``output`` (the thresholds file of the first model).
-        mode: ``layer`` (per-layer target) or ``global`` (one threshold for all layers).
+        mode: ``layer`` (per-layer target), ``global`` (one threshold for all layers) or ``energy``
+            (every layer loses the same fraction of its activation energy).
         refine_passes: extra calibration passes with thresholds applied (corrects drift in depth).
         output: write the thresholds of the first model at ``target`` here (JSON).
         sweep: target densities to evaluate (empty: no evaluation).
@@ -314,13 +315,14 @@ def _floats(value: str) -> tuple[float, ...]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from deftune.cli._args import field_docs
+    from deftune.sparse.calibrate import THRESHOLD_MODES
 
     docs = field_docs(CalibrationJob)
     parser.add_argument("--model", dest="models", action="append", required=True, help=docs["models"] + " (repeatable)")
     parser.add_argument("--label", dest="labels", action="append", default=None, help=docs["labels"] + " (repeatable)")
     parser.add_argument("--data", choices=DATA_SOURCES, default="sst2", help=docs["data"])
     parser.add_argument("--target", type=float, default=0.5, help=docs["target"])
-    parser.add_argument("--mode", choices=("layer", "global"), default="layer", help=docs["mode"])
+    parser.add_argument("--mode", choices=sorted(THRESHOLD_MODES), default="layer", help=docs["mode"])
     parser.add_argument("--output", default=None, help=docs["output"])
     parser.add_argument("--sweep", type=_floats, default=(), metavar="D1,D2,...", help=docs["sweep"])
     for key in ("results", "plot", "name", "data_dir", "squad_file"):

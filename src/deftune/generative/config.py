@@ -47,6 +47,10 @@ class GenConfig:
             (:func:`deftune.sparse.calibrate_thresholds`) and ``|a| <= t_l`` is set to exactly 0
             during training and every evaluation (as CATS, Lee et al. 2024, fine-tunes through
             its thresholds). For SiLU models, whose exact zeros lie below x = -88.7.
+        act_threshold_mode: how the target is shared among layers
+            (:data:`deftune.sparse.calibrate.THRESHOLD_MODES`): ``layer`` (every layer at the target),
+            ``global`` (one threshold for all layers) or ``energy`` (every layer loses the same
+            fraction of its activation energy, the overall density at the target).
         act_threshold_batches: training batches used for that calibration.
         act_threshold_warmup_steps: 0 (the thresholds hold from the first step), or the length of
             a progressive ramp: during training every threshold is ``t_l · sin(π/2 · step / T)``
@@ -94,6 +98,7 @@ class GenConfig:
     relufy: str | None = None
     relu_threshold: float = 0.0
     act_threshold_density: float | None = None
+    act_threshold_mode: str = "layer"
     act_threshold_batches: int = 8
     act_threshold_warmup_steps: int = 0
     steps: int = 200
@@ -136,6 +141,12 @@ class GenConfig:
             isinstance(self.act_threshold_density, (int, float)) and 0 < self.act_threshold_density <= 1
         ):
             raise ValueError(f"act_threshold_density must be in (0, 1] or None, got {self.act_threshold_density!r}")
+        from deftune.sparse.calibrate import THRESHOLD_MODES
+
+        if self.act_threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(
+                f"act_threshold_mode must be one of {sorted(THRESHOLD_MODES)}, got {self.act_threshold_mode!r}"
+            )
         positive = ("lora_r", "steps", "act_threshold_batches", "batch_size", "grad_accum", "max_length", "max_context_tokens",
                     "max_new_tokens", "eval_articles", "eval_questions", "eval_batch_size", "log_every")
         for name in positive:

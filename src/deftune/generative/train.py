@@ -257,8 +257,9 @@ def train_generative(cfg: GenConfig) -> GenRunResult:
 
 
 def calibrate_on_training_prompts(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: int) -> Thresholds:
-    """Per-layer thresholds reaching ``cfg.act_threshold_density`` on ``cfg.act_threshold_batches``
-    training batches (prompt + answer, real tokens only).
+    """Per-layer thresholds reaching ``cfg.act_threshold_density`` (shared among layers as
+    ``cfg.act_threshold_mode`` says) on ``cfg.act_threshold_batches`` training batches (prompt +
+    answer, real tokens only).
 
     The batches are drawn in a seeded order of their own, so the training loop's data order is the
     same with and without thresholds. Decoder-only inputs drop their labels (no loss is needed);
@@ -273,7 +274,8 @@ def calibrate_on_training_prompts(model: nn.Module, items: list[Encoded], cfg: G
         if not seq2seq:
             batch.pop("labels")
         batches.append(batch)
-    return calibrate_thresholds(model, batches, CalibrationConfig(target=float(cfg.act_threshold_density)))
+    config = CalibrationConfig(target=float(cfg.act_threshold_density), mode=cfg.act_threshold_mode)
+    return calibrate_thresholds(model, batches, config)
 
 
 def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:

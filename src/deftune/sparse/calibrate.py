@@ -49,7 +49,13 @@ counts it directly).
 
 **Modes.** ``layer``: every layer reaches ``target`` on its own. ``global``: one threshold shared by
 all layers (one rank over all activations pooled), chosen so the *overall* density reaches
-``target``; layers whose activations are smaller become sparser than others.
+``target``; layers whose activations are smaller become sparser than others. ``energy``: every
+layer loses the same fraction of its activation energy ``sum a**2`` (equal signal-to-noise of the
+thresholding error, layer by layer), that fraction chosen so the *overall* density reaches
+``target``; layers whose mass sits in a few large values become sparser than layers whose
+activations are spread evenly. Scale-free like ``layer`` (a layer scaled by ``c`` gets ``c·t``),
+unlike ``global``. The energy is read from the histogram (each value counted at its bin's upper edge,
+a relative error below ``2**(2/bins_per_octave) - 1``, 0.5 % at the default 256).
 """
 
 from __future__ import annotations
@@ -77,7 +83,8 @@ class CalibrationConfig:
     Attributes:
         target: fraction of activations to keep (``|a| > t``) per layer (``layer`` mode) or overall
             (``global`` mode), in (0, 1]; 1.0 gives ``t = 0`` (nothing changes).
-        mode: ``layer`` (a threshold per layer, each at the target) or ``global`` (one threshold).
+        mode: ``layer`` (a threshold per layer, each at the target), ``global`` (one threshold) or
+            ``energy`` (every layer loses the same fraction of its activation energy).
         bins_per_octave: histogram resolution: bins per factor of 2 in ``|a|``.
         min_log2: smallest non-zero bin edge is ``2**min_log2``.
         max_log2: largest bin edge is ``2**max_log2`` (larger values share one overflow bin).
@@ -183,8 +190,10 @@ class Thresholds:
 
 
 # ---- threshold choice (registry of modes) -----------------------------------------------------
-# Each mode maps (layer -> density above each edge, layer -> element count, target) to
-# layer -> chosen edge index. ``above[k]`` is the fraction with |a| > edges[k]; non-increasing in k.
+# Each mode maps (layer -> density above each edge, layer -> element count,
+# layer -> energy fraction at or below each edge, target) to layer -> chosen edge index.
+# ``above[k]`` is the fraction with |a| > edges[k] (non-increasing in k); ``energy[k]`` the
+# fraction of sum a**2 carried by |a| <= edges[k] (non-decreasing in k).
 
 
 def _nearest_edge(above: Tensor, target: float) -> int:
@@ -192,20 +201,54 @@ def _nearest_edge(above: Tensor, target: float) -> int:
     return int(torch.argmin((above - target).abs()))  # argmin returns the first (smallest k) minimum
 
 
-def _per_layer(above: dict[str, Tensor], elements: dict[str, int], target: float) -> dict[str, int]:
+def _per_layer(
+    above: dict[str, Tensor], elements: dict[str, int], energy: dict[str, Tensor], target: float
+) -> dict[str, int]:
     return {name: _nearest_edge(a, target) for name, a in above.items()}
 
 
-def _global(above: dict[str, Tensor], elements: dict[str, int], target: float) -> dict[str, int]:
+def _pooled(above: dict[str, Tensor], elements: dict[str, int], chosen: Mapping[str, int]) -> float:
+    total = sum(elements.values())
+    return sum(float(above[name][k]) * elements[name] for name, k in chosen.items()) / total
+
+
+def _global(
+    above: dict[str, Tensor], elements: dict[str, int], energy: dict[str, Tensor], target: float
+) -> dict[str, int]:
     total = sum(elements.values())
     pooled = sum(above[name] * (elements[name] / total) for name in above)
     k = _nearest_edge(pooled, target)  # type: ignore[arg-type]
     return {name: k for name in above}
 
 
-THRESHOLD_MODES: dict[str, Callable[[dict[str, Tensor], dict[str, int], float], dict[str, int]]] = {
+def _equal_energy(
+    above: dict[str, Tensor], elements: dict[str, int], energy: dict[str, Tensor], target: float
+) -> dict[str, int]:
+    # For a removed-energy fraction f every layer takes its last edge with energy[k] <= f; the
+    # pooled density falls as f grows, so bisect f until it brackets the target, then keep the
+    # nearer of the two bracketing choices (ties: the denser one, as for the other modes).
+    def choose(f: float) -> dict[str, int]:
+        return {name: max(int(torch.searchsorted(e, f, right=True)) - 1, 0) for name, e in energy.items()}
+
+    lo, hi = 0.0, 1.0  # pooled density at lo >= target >= at hi (or the target is out of reach)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _pooled(above, elements, choose(mid)) >= target:
+            lo = mid
+        else:
+            hi = mid
+    dense, sparse = choose(lo), choose(hi)
+    gap_dense = _pooled(above, elements, dense) - target
+    gap_sparse = target - _pooled(above, elements, sparse)
+    return dense if gap_dense <= gap_sparse else sparse
+
+
+THRESHOLD_MODES: dict[
+    str, Callable[[dict[str, Tensor], dict[str, int], dict[str, Tensor], float], dict[str, int]]
+] = {
     "layer": _per_layer,
     "global": _global,
+    "energy": _equal_energy,
 }
 
 
@@ -255,6 +298,19 @@ class MagnitudeHistogram:
         hist = self.counts[name].double()
         return 1.0 - torch.cumsum(hist, 0)[:-1] / hist.sum()
 
+    def energy_below(self, name: str) -> Tensor:
+        """(E,) float64: fraction of ``sum a**2`` carried by ``|a| <= edges[k]`` for every edge ``k``.
+
+        Each value counts at its bin's upper edge (the overflow bin at the last edge).
+        """
+        hist = self.counts[name].double()
+        upper = torch.cat([self.edges.double(), self.edges[-1:].double()])  # (E + 1,)
+        mass = hist * upper**2
+        total = mass.sum()
+        if total == 0:  # all exact zeros: nothing to remove
+            return torch.ones(self.edges.numel(), dtype=torch.float64)
+        return torch.cumsum(mass, 0)[:-1] / total
+
     def thresholds(self, target: float, mode: str = "layer") -> Thresholds:
         """Thresholds reaching ``target`` density (see :class:`CalibrationConfig`); no new data pass."""
         target = _check_target(target)
@@ -264,7 +320,8 @@ class MagnitudeHistogram:
             raise RuntimeError("the histogram is empty: run forward passes with real tokens first")
         above = {name: self.density_above(name) for name in self.counts}
         elements = {name: int(hist.sum()) for name, hist in self.counts.items()}
-        chosen = THRESHOLD_MODES[mode](above, elements, target)
+        energy = {name: self.energy_below(name) for name in self.counts}
+        chosen = THRESHOLD_MODES[mode](above, elements, energy, target)
         return Thresholds(
             values={name: float(self.edges[k]) for name, k in chosen.items()},
             target=target,
