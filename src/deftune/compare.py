@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean, stdev
@@ -66,6 +66,12 @@ class CompareConfig:
         method_options: per-method overrides of :class:`deftune.methods.MethodConfig`.
         generative_model: the model of the ``squad`` runs (``smollm2``; ``tiny-llama`` etc. for tests).
         squad_dir: SQuAD folder or JSON file of the ``squad`` runs (else ``$DEFTUNE_SQUAD_DIR``).
+        holdout: None (score on the dev sets), or score every GLUE run on this many training
+            examples held out of its training data (a fixed draw, :func:`deftune.data.glue.split_holdout`)
+            — the grid for choosing α without the dev sets; use a results file of its own.
+        select_alpha_from: a results file of a ``holdout`` grid; the report then adds the dev results
+            at the α chosen per task on it (:func:`deftune.select_alpha.select_alphas`).
+        select_tolerance: the most held-out metric points the chosen α may lose against PEFT.
         generative_options: further :class:`deftune.generative.GenConfig` fields of the ``squad``
             runs (``batch_size=8,eval_questions=1000,act_threshold_density=0.58`` …); ``steps``
             and the seed come from this grid, the rest from ``GenConfig``'s defaults. A results
@@ -96,6 +102,9 @@ class CompareConfig:
     generative_model: str = "smollm2"
     squad_dir: str | None = None
     generative_options: dict[str, Any] = field(default_factory=dict)
+    holdout: int | None = None
+    select_alpha_from: str | None = None
+    select_tolerance: float = 1.0
 
     def __post_init__(self) -> None:
         from deftune.data.glue import get_task
@@ -118,6 +127,13 @@ class CompareConfig:
             if fixed:
                 raise ValueError(f"generative_options cannot set {fixed}: the grid sets them (use --steps, --seeds, ...)")
             self._squad_config("lora", 0.0, 0, "check")  # unknown or bad GenConfig options fail here
+        if self.holdout is not None:
+            if not (isinstance(self.holdout, int) and self.holdout > 0):
+                raise ValueError(f"holdout must be a positive integer or None, got {self.holdout!r}")
+            if SQUAD in self.tasks:
+                raise ValueError("holdout applies to GLUE tasks (squad already scores held-out articles)")
+        if not (isinstance(self.select_tolerance, (int, float)) and self.select_tolerance >= 0):
+            raise ValueError(f"select_tolerance must be a number >= 0, got {self.select_tolerance!r}")
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
         if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
@@ -136,7 +152,8 @@ class CompareConfig:
             for task in self.tasks:
                 for method in self.methods:
                     for alpha in self.alphas:
-                        name = f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
+                        name = (f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
+                                + (f"-h{self.holdout}" if self.holdout else ""))
                         if task == SQUAD:
                             out.append(self._squad_config(method, alpha, seed, name))
                             continue
@@ -146,7 +163,7 @@ class CompareConfig:
                                 method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
                                 lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
                                 batch_size=self.batch_size, max_length=self.max_length,
-                                train_subset=self.train_subset, eval_subset=self.eval_subset,
+                                train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
                                 schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
                                 output_dir=str(Path(self.runs_dir) / name), seed=seed, name=name,
                             )
@@ -158,13 +175,15 @@ NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 
 
 def run_key(row: dict[str, Any]) -> tuple:
-    return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)))
+    return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)),
+            row.get("eval_split", "dev"))
 
 
 def config_key(config: RunConfig) -> tuple:
     """The results-file key of a run config (as :func:`run_key` of its row)."""
-    task = SQUAD if isinstance(config, GenConfig) else config.task
-    return (task, config.method, float(config.alpha), int(config.steps), int(config.seed))
+    if isinstance(config, GenConfig):
+        return (SQUAD, config.method, float(config.alpha), int(config.steps), int(config.seed), "dev")
+    return (config.task, config.method, float(config.alpha), int(config.steps), int(config.seed), config.eval_split)
 
 
 def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
@@ -174,6 +193,7 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
     return {
         "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
         "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
+        **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
         "metric": d["metric"], "metrics": d["metrics"],
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
         "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],
@@ -242,21 +262,25 @@ def _sd(values: Sequence[float]) -> float:
     return stdev(values) if len(values) > 1 else 0.0
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[float, dict[str, Any]]:
+def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hashable | None] | None = None
+              ) -> dict[Any, dict[str, Any]]:
     """DEFT vs PEFT averages per α > 0, over the (task, seed) pairs where both runs exist.
 
     Returns ``{alpha: {"methods": {method: {...}}, "seeds": {seed: {...}}, "overall": {...}}}``; each
     leaf has ``pairs``, ``density_reduction_pct`` (relative, %) and ``metric_delta`` (points).
     A pair is one (task, method, seed): the DEFT run against the PEFT run of the same seed.
+    ``group(row)`` replaces the α as the key of a DEFT row (``None``: leave the row out), e.g. to
+    pool the α chosen per task.
     """
     by = {(r["task"], r["method"], float(r["alpha"]), int(r.get("seed", 0))): r for r in rows}
-    pairs: dict[float, list[tuple[str, int, float, float]]] = {}
+    pairs: dict[Any, list[tuple[str, int, float, float]]] = {}
     for (task, method, alpha, seed), r in by.items():
         base = by.get((task, method, 0.0, seed))
-        if alpha == 0 or base is None:
+        key = alpha if group is None else group(r)
+        if alpha == 0 or base is None or key is None:
             continue
         reduction = 100 * (base["density"] - r["density"]) / base["density"]
-        pairs.setdefault(alpha, []).append((method, seed, reduction, r["metric"]["value"] - base["metric"]["value"]))
+        pairs.setdefault(key, []).append((method, seed, reduction, r["metric"]["value"] - base["metric"]["value"]))
 
     def leaf(items: list[tuple[str, int, float, float]]) -> dict[str, float]:
         return {
@@ -279,6 +303,32 @@ def _meets(s: dict[str, float]) -> bool:
     return s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
 
 
+def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
+    """A ``## title`` section: one row per method and the overall line of a :func:`summarise` entry."""
+    o = summary["overall"]
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        "| method | pairs | density reduction | metric change (points) | meets ≥40% and ≤1 pt |",
+        "|---|---|---|---|---|",
+    ]
+    for method, m in summary["methods"].items():
+        lines.append(
+            f"| {method} | {m['pairs']} | {m['density_reduction_pct']:.1f}% | {m['metric_delta']:+.2f} | "
+            f"{'yes' if _meets(m) else 'no'} |"
+        )
+    per_seed = ", ".join(
+        f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}" for sd, v in summary["seeds"].items()
+    )
+    return lines + [
+        "",
+        f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
+        f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
+        f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points).",
+    ]
+
+
 def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> None:
     """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
@@ -296,7 +346,9 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     glue_lines = [
         f"{model}, {config.steps} steps × batch {config.batch_size}, train subset "
         f"{config.train_subset}, max length {config.max_length}, α schedule `{config.schedule}` "
-        f"(warm-up {config.warmup_steps}); dev metric on the full dev set; exact density in fp32 over real tokens.",
+        f"(warm-up {config.warmup_steps}); "
+        + (f"metric on {config.holdout} training examples held out of training (not the dev set)" if config.holdout
+           else "dev metric on the full dev set") + "; exact density in fp32 over real tokens.",
         f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
         f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
         "from `METHOD_LR`; regression heads start at the mean training label.",
@@ -319,7 +371,8 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
         + " --seeds " + ",".join(map(str, config.seeds)) + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
-                  for name in ("results_json", "report_md", "runs_dir", "generative_model", "squad_dir")
+                  for name in ("results_json", "report_md", "runs_dir", "generative_model", "squad_dir", "holdout",
+                               "select_alpha_from", "select_tolerance")
                   if getattr(config, name) != getattr(CompareConfig, name))
         + (" --generative-options " + ",".join(f"{k}={v}" for k, v in config.generative_options.items())
            if config.generative_options else "") + "`",
@@ -338,29 +391,12 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
             f"{fmean([r['train_seconds'] for r in rs]):.0f} |"
         )
     for alpha, summary in summarise(rows).items():
-        o = summary["overall"]
-        lines += [
-            "",
-            f"## α = {alpha:g}: DEFT vs PEFT, averaged over tasks and seeds",
-            "",
-            "| method | pairs | density reduction | metric change (points) | meets ≥40% and ≤1 pt |",
-            "|---|---|---|---|---|",
-        ]
-        for method, m in summary["methods"].items():
-            lines.append(
-                f"| {method} | {m['pairs']} | {m['density_reduction_pct']:.1f}% | {m['metric_delta']:+.2f} | "
-                f"{'yes' if _meets(m) else 'no'} |"
-            )
-        per_seed = ", ".join(
-            f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}"
-            for sd, v in summary["seeds"].items()
-        )
-        lines += [
-            "",
-            f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
-            f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
-            f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points).",
-        ]
+        lines += summary_lines(f"α = {alpha:g}: DEFT vs PEFT, averaged over tasks and seeds", summary)
+    if config.select_alpha_from:
+        from deftune.select_alpha import selection_lines
+
+        lines += selection_lines(rows, load_rows(config.select_alpha_from), config.select_alpha_from,
+                                 config.select_tolerance)
     lines += ["", f"![metric vs density]({img.relative_to(md.parent).as_posix()})", ""]
     if md.is_file():  # hand-written notes below the marker survive a rewrite
         old = md.read_text(encoding="utf-8")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deftune.data.glue import DataError, get_task, load_glue, make_batches, read_glue_tsv, subsample
+from deftune.data.glue import DataError, Example, get_task, load_glue, make_batches, read_glue_tsv, subsample
 from deftune.data.metrics import compute_metrics
 
 
@@ -82,3 +82,20 @@ def test_metrics_hand_values():
     assert 95 < r["pearson"] < 100
     with pytest.raises(ValueError, match="unknown metric"):
         compute_metrics(["bleu"], [1], [1])
+
+
+def test_holdout_split_is_fixed_disjoint_and_complete(tmp_path):
+    from deftune.data.glue import load_split, split_holdout
+
+    examples = [Example(text_a=f"s{i}", text_b=None, label=i % 2) for i in range(50)]
+    rest, held = split_holdout(examples, 10)
+    assert len(held) == 10 and len(rest) == 40
+    assert {e.text_a for e in rest} | {e.text_a for e in held} == {e.text_a for e in examples}
+    assert not {e.text_a for e in rest} & {e.text_a for e in held}
+    assert split_holdout(examples, 10) == (rest, held)  # the same draw for every run
+    assert [e.text_a for e in held] == sorted((e.text_a for e in held), key=lambda t: int(t[1:]))  # order kept
+    for bad in (0, 50, 2.5):
+        with pytest.raises(DataError, match="holdout must be an integer in \\[1, 49\\]"):
+            split_holdout(examples, bad)
+    with pytest.raises(DataError, match="split 'holdout' needs holdout=N"):
+        load_split("sst2", "holdout", tmp_path)

@@ -15,7 +15,7 @@ HELP = "reload a run directory and re-measure its task metric and density"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run directory written by `deftune train` / `deftune demo`")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default: the one the run used, or $DEFTUNE_DATA_DIR)")
-    parser.add_argument("--split", default="dev", help="dataset split to evaluate")
+    parser.add_argument("--split", default="dev", help="dataset split to evaluate: dev, train, or holdout (the training examples a --holdout run held out)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ from deftune.data.glue import (
     GlueTask,
     get_task,
     load_glue,
+    load_split,
     make_batches,
+    split_holdout,
     subsample,
 )
 from deftune.data.metrics import METRICS, compute_metrics
@@ -23,6 +25,8 @@ __all__ = [
     "compute_metrics",
     "get_task",
     "load_glue",
+    "load_split",
     "make_batches",
+    "split_holdout",
     "subsample",
 ]

@@ -217,6 +217,40 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int = 0) -> list
     return rng.sample(list(examples), n)
 
 
+# Fixed on purpose: every run, seed, method and α holds out the same examples, so held-out metrics
+# are paired across the grid (and never overlap any run's training examples).
+HOLDOUT_SEED = 20250225
+
+
+def split_holdout(examples: Sequence[Example], n: int, seed: int = HOLDOUT_SEED) -> tuple[list[Example], list[Example]]:
+    """``(rest, held)``: ``n`` examples drawn from ``examples`` by a fixed seeded draw, and the others.
+
+    Both keep the original order. For choosing hyper-parameters (e.g. α) without looking at the dev
+    set: train on ``rest``, score on ``held``.
+    """
+    if not (isinstance(n, int) and 0 < n < len(examples)):
+        raise DataError(f"holdout must be an integer in [1, {len(examples) - 1}] for {len(examples)} training examples, got {n!r}")
+    import random
+
+    chosen = set(random.Random(seed).sample(range(len(examples)), n))
+    rest = [e for i, e in enumerate(examples) if i not in chosen]
+    held = [e for i, e in enumerate(examples) if i in chosen]
+    return rest, held
+
+
+def load_split(
+    task: str | GlueTask, split: str, data_dir: str | os.PathLike | None = None, *, holdout: int | None = None
+) -> list[Example]:
+    """A split as a run sees it: ``train`` (less the held-out examples when ``holdout`` is set),
+    ``holdout`` (those ``holdout`` training examples, :func:`split_holdout`) or any split of :func:`load_glue`."""
+    if split == "holdout" and not holdout:
+        raise DataError("split 'holdout' needs holdout=N (the number of training examples held out)")
+    if split not in ("train", "holdout") or not holdout:
+        return load_glue(task, split, data_dir)
+    rest, held = split_holdout(load_glue(task, "train", data_dir), holdout)
+    return held if split == "holdout" else rest
+
+
 def make_batches(
     examples: Sequence[Example],
     tokenizer: Callable,

@@ -39,6 +39,9 @@ class TrainConfig:
         max_length: maximum tokens per training example.
         train_subset: use a fixed random subset of this many training examples (None: all).
         eval_subset: evaluate on a fixed subset of the dev set (None: the full dev set).
+        holdout: None (evaluate on the dev set), or hold this many training examples out of
+            training (a fixed draw, the same for every run: :func:`deftune.data.glue.split_holdout`)
+            and evaluate on them instead — for choosing α and other settings without the dev set.
         eval_batch_size: batch size for evaluation and density measurement.
         thresholds: τ values for the thresholded density |a| > τ.
         data_dir: GLUE folder (None: ``$DEFTUNE_DATA_DIR`` or the Hub).
@@ -73,6 +76,7 @@ class TrainConfig:
     max_length: int = 64
     train_subset: int | None = None
     eval_subset: int | None = None
+    holdout: int | None = None
     eval_batch_size: int = 128
     thresholds: tuple[float, ...] = (1e-3, 1e-2)
     data_dir: str | None = None
@@ -90,7 +94,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        for key in ("train_subset", "eval_subset"):
+        for key in ("train_subset", "eval_subset", "holdout"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
@@ -105,6 +109,11 @@ class TrainConfig:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         self.thresholds = tuple(float(t) for t in self.thresholds)
         self.density_config()  # validates alpha, eps, loss name, schedule, site
+
+    @property
+    def eval_split(self) -> str:
+        """Where the run is scored: ``dev`` or ``holdout``."""
+        return "holdout" if self.holdout else "dev"
 
     @property
     def run_name(self) -> str:

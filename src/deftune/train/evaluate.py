@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deftune.arch import find_activation_sites
-from deftune.data.glue import GlueTask, get_task, load_glue, make_batches, subsample
+from deftune.data.glue import GlueTask, get_task, load_split, make_batches, subsample
 from deftune.data.metrics import compute_metrics
 from deftune.density import ActivationRecorder, DensityResult
 from deftune.progress import track
@@ -94,9 +94,11 @@ def evaluate_batches(
 
 
 def evaluate_glue(model: nn.Module, tokenizer, config, *, split: str = "dev", progress: bool = False) -> EvalResult:
-    """Evaluate a run's model on its task's ``split`` (the full dev set unless ``eval_subset``)."""
+    """Evaluate a run's model on its task's ``split`` (the full dev set unless ``eval_subset``;
+    ``holdout``: the training examples a ``holdout`` run held out)."""
     task = get_task(config.task)
-    examples = subsample(load_glue(task, split, config.data_dir), config.eval_subset, seed=config.seed)
+    examples = subsample(load_split(task, split, config.data_dir, holdout=config.holdout),
+                         config.eval_subset, seed=config.seed)
     batches = make_batches(
         examples, tokenizer, batch_size=config.eval_batch_size, max_length=max(128, config.max_length),
         regression=task.is_regression,

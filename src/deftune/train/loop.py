@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
 from deftune.act_scale import scale_medians
-from deftune.data.glue import get_task, load_glue, make_batches, subsample
+from deftune.data.glue import get_task, load_split, make_batches, subsample
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import (
@@ -128,13 +128,15 @@ def train_glue(
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     rank, world = accelerator.process_index, accelerator.num_processes
     task = get_task(config.task)
-    train = subsample(load_glue(task, "train", config.data_dir), config.train_subset, seed=config.seed)
+    train = subsample(load_split(task, "train", config.data_dir, holdout=config.holdout), config.train_subset,
+                      seed=config.seed)
     label_mean = sum(float(e.label) for e in train) / len(train) if task.is_regression else None
     model, tokenizer = build_model(config, label_mean)
     for ext in extensions:
         ext.prepare(model)
 
-    dev = subsample(load_glue(task, "dev", config.data_dir), config.eval_subset, seed=config.seed)
+    dev = subsample(load_split(task, config.eval_split, config.data_dir, holdout=config.holdout), config.eval_subset,
+                    seed=config.seed)  # the dev set, or the held-out training examples
     batches = make_batches(
         train, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         shuffle=True, seed=config.seed, regression=task.is_regression,
