@@ -103,3 +103,35 @@ def test_cli_parses_seeds_as_integers_and_alphas_as_floats():
     args = build_parser().parse_args(["compare", "--seeds", "0,2", "--alphas", "0,0.075"])
     assert args.seeds == (0, 2) and all(type(s) is int for s in args.seeds)
     assert args.alphas == (0.0, 0.075)
+
+
+def test_workers_share_a_grid_claimed_runs_are_passed_over_and_rows_merge(tiny_setup, tmp_path, monkeypatch, capsys):
+    """Two workers on one grid: a run another worker holds is passed over, and a row another worker
+    appended while this one trained survives this worker's write."""
+    from deftune import compare
+    from deftune.runs import file_lock, write_json_atomic
+
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",))
+    runs = cfg.runs()
+    assert [c.run_name for c in runs] == ["sst2-bitfit-a0", "sst2-bitfit-a1"]
+    foreign = {"task": "rte", "method": "lora", "alpha": 0.0, "steps": 2, "seed": 0, "density": 1.0,
+               "metric": {"name": "accuracy", "value": 50.0}, "trainable_parameters": 1, "train_seconds": 1.0}
+
+    def fake_row(config, *, progress):  # "another worker" appends while this run trains
+        present = compare.load_rows(cfg.results_json)
+        if foreign not in present:
+            write_json_atomic(cfg.results_json, {"runs": present + [foreign]})
+        return {**foreign, "task": config.task, "method": config.method, "alpha": config.alpha}
+
+    monkeypatch.setitem(compare.ROW_BUILDERS, compare.TrainConfig, fake_row)
+    with file_lock(runs[0].output_dir + ".lock") as held:  # the other worker trains sst2-bitfit-a0
+        assert held
+        rows = compare.run_grid(runs, cfg.results_json, progress=False)
+    out = capsys.readouterr().out
+    assert "sst2-bitfit-a0: training in another worker, passed over" in out and "sst2-bitfit-a1: training" in out
+    assert sorted((r["task"], r["alpha"]) for r in rows) == [("rte", 0.0), ("sst2", 1.0)]
+    assert sorted((r["task"], r["alpha"]) for r in load_rows(cfg.results_json)) == [("rte", 0.0), ("sst2", 1.0)]
+    # once released, the run is trained; the finished one is skipped
+    rows = compare.run_grid(runs, cfg.results_json, progress=False)
+    assert "sst2-bitfit-a1: done, skipped" in capsys.readouterr().out
+    assert len(rows) == 3

@@ -5,7 +5,9 @@ of :func:`deftune.generative.train_generative` runs: greedy-decoding QA, metric 
 teacher-forced pass):
 
 * every finished run is a row in the results JSON (``docs/results/glue.json`` by default),
-  keyed by (task, method, alpha, steps, seed); a key already present is skipped;
+  keyed by (task, method, alpha, steps, seed, eval split); a key already present is skipped;
+* several workers may run the same command at once (one per core): runs are claimed and rows
+  appended under file locks (:func:`run_grid`);
 * the JSON is rewritten atomically after each run, so an interruption loses at most the run in
   progress, whose half-written run directory is removed and restarted on the next invocation;
 * tables and plots are regenerated from the JSON at the end (and can be alone: ``--report-only``).
@@ -16,13 +18,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
 from deftune.generative.config import GenConfig
-from deftune.runs import RESULTS_FILE, read_json, write_json_atomic
+from deftune.runs import RESULTS_FILE, file_lock, read_json, write_json_atomic
 from deftune.train.config import TrainConfig
 
 SQUAD = "squad"  # the generative task; every other task name is a GLUE task
@@ -228,26 +231,40 @@ def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
     return list(data["runs"] if isinstance(data, dict) else data)
 
 
-def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Train every config not yet in ``results_json``; append each finished run atomically."""
+def _append_row(results_json: str, row: dict[str, Any]) -> None:
+    """Add ``row`` to the results file under its lock, re-reading it first (other workers append too)."""
     from deftune.hardware import describe
 
-    rows = load_rows(results_json)
-    done = {run_key(r) for r in rows}
-    for i, config in enumerate(configs):
-        key = config_key(config)
-        name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
-        if key in done:
-            print(f"[{i + 1}/{len(configs)}] {name}: done, skipped")
-            continue
-        out = Path(config.output_dir) if config.output_dir else None
-        if out is not None and out.exists() and not (out / RESULTS_FILE).exists():
-            shutil.rmtree(out)  # an interrupted run: restart it cleanly
-        print(f"[{i + 1}/{len(configs)}] {name}: training")
-        rows.append(ROW_BUILDERS[type(config)](config, progress=progress))
-        done.add(key)
+    path = Path(results_json)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        rows = [r for r in load_rows(results_json) if run_key(r) != run_key(row)] + [row]
         write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
-    return rows
+
+
+def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train every config not yet in ``results_json``; append each finished run atomically.
+
+    Several workers may run the same grid (same command, same results file) to use more cores:
+    each run is claimed by a lock on ``<run dir>.lock`` while it trains (a run claimed by another
+    worker is passed over), and rows are appended under a lock on ``.<results file name>.lock`` beside it. Locks
+    die with their process, so a killed worker leaves nothing stale.
+    """
+    for i, config in enumerate(configs):
+        name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
+        out = Path(config.output_dir) if config.output_dir else None
+        claim = file_lock(str(out) + ".lock", blocking=False) if out is not None else nullcontext(True)
+        with claim as mine:
+            if not mine:
+                print(f"[{i + 1}/{len(configs)}] {name}: training in another worker, passed over")
+                continue
+            if config_key(config) in {run_key(r) for r in load_rows(results_json)}:  # re-read: others append
+                print(f"[{i + 1}/{len(configs)}] {name}: done, skipped")
+                continue
+            if out is not None and out.exists() and not (out / RESULTS_FILE).exists():
+                shutil.rmtree(out)  # an interrupted run: restart it cleanly
+            print(f"[{i + 1}/{len(configs)}] {name}: training")
+            _append_row(results_json, ROW_BUILDERS[type(config)](config, progress=progress))
+    return load_rows(results_json)
 
 
 def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[str, Any]]:

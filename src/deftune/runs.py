@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,33 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive advisory lock on ``path`` (created if missing); yields whether it was taken.
+
+    ``blocking=False`` yields False at once when another process holds it. The operating system
+    releases the lock when its holder exits, crashed or not, so a lock is never stale. Where
+    ``fcntl`` is missing (Windows) it always yields True: run one worker per results file there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX CI
+        yield True
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,6 +1,7 @@
 """PEFT vs DEFT over tasks × methods: trains every (task, method, α) run not yet in the results
 file (resumable: finished runs are skipped, results are written atomically after each run), then
-writes a table and a metric-vs-density plot into the markdown report.
+writes a table and a metric-vs-density plot into the markdown report. Start the same command in
+several shells (e.g. one per core, with OMP_NUM_THREADS=1) to share the grid among workers.
 
 Example:
   deftune compare --tasks sst2,mrpc,rte,stsb --methods lora,dora,ia3,prefix,prompt,adapter,bitfit \
