@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deftune.compare import summarise, summary_lines
+from deftune.compare.report import summarise, summary_lines
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0) ->
 
 
 def selected_summary(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> dict[str, Any] | None:
-    """:func:`deftune.compare.summarise` of the dev pairs at each task's chosen α (None: no pairs)."""
+    """:func:`deftune.compare.report.summarise` of the dev pairs at each task's chosen α (None: no pairs)."""
     missing = sorted(t for t in {r["task"] for r in dev_rows} - set(choices))
     if missing:
         raise ValueError(f"no α was chosen for tasks {missing}: the held-out grid lacks them")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deftune.compare import CompareConfig, load_rows, run_compare, write_compare_report
-from deftune.select_alpha import select_alphas, selected_summary
+from deftune.compare.select_alpha import select_alphas, selected_summary
 
 
 def _row(task, method, alpha, seed, metric, density, split="holdout"):

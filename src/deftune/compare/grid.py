@@ -1,0 +1,258 @@
+"""The grid of ``deftune compare``: its config, run keys, results rows and the resumable runner.
+
+* every finished run is a row in the results JSON (``docs/results/glue.json`` by default),
+  keyed by (task, method, alpha, steps, seed, eval split); a key already present is skipped;
+* the JSON is rewritten atomically after each run, so an interruption loses at most the run in
+  progress, whose half-written run directory is removed and restarted on the next invocation;
+* several workers may run the same command at once (one per core): runs are claimed and rows
+  appended under file locks (:func:`run_grid`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deftune.generative.config import GenConfig
+from deftune.runs import RESULTS_FILE, file_lock, read_json, write_json_atomic
+from deftune.train.config import TrainConfig
+
+SQUAD = "squad"  # the generative task; every other task name is a GLUE task
+RunConfig = TrainConfig | GenConfig
+
+# Learning rates per method for the documented budget (virtual-token methods need larger ones,
+# as in the PEFT papers; the DEFT paper's scripts tune them per task).
+METHOD_LR: dict[str, float] = {
+    "lora": 1e-3, "dora": 1e-3, "ia3": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "ptuning": 1e-2,
+    "adapter": 1e-3, "bitfit": 5e-3, "full": 5e-5,
+}
+
+
+@dataclass
+class CompareConfig:
+    """A grid of runs: every task × method × alpha.
+
+    Attributes:
+        tasks: GLUE tasks.
+        methods: PEFT methods (names from deftune.methods.METHODS).
+        alphas: density-loss weights; 0 is PEFT.
+        steps: optimizer steps per run (the documented training budget).
+        train_subset: training examples per task (fixed random subset; None: all).
+        eval_subset: dev examples per task (None: the full dev set).
+        batch_size: batch size.
+        max_length: max tokens per example.
+        schedule: alpha schedule of the DEFT runs.
+        warmup_steps: alpha warm-up steps.
+        data_dir: GLUE folder.
+        runs_dir: where run directories go.
+        results_json: the results file (one row per run; resumable).
+        report_md: the markdown report written from the results file.
+        seeds: random seeds; every (task, method, α) runs once per seed and the report averages
+            over seeds (the small GLUE dev sets make one seed's average swing by about a point).
+        model: the model every run fine-tunes.
+        act_scale: learned activation scales for every method (``none``, ``layer``, ``neuron``;
+            see :mod:`deftune.act_scale`): PEFT and DEFT runs both carry them.
+        scale_lr: learning rate of those scales.
+        head_lr: learning rate of the task head (None: the method's learning rate). A head that
+            starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
+        method_options: per-method overrides of :class:`deftune.methods.MethodConfig`.
+        generative_model: the model of the ``squad`` runs (``smollm2``; ``tiny-llama`` etc. for tests).
+        squad_dir: SQuAD folder or JSON file of the ``squad`` runs (else ``$DEFTUNE_SQUAD_DIR``).
+        holdout: None (score on the dev sets), or score every GLUE run on this many training
+            examples held out of its training data (a fixed draw, :func:`deftune.data.glue.split_holdout`)
+            — the grid for choosing α without the dev sets; use a results file of its own.
+        select_alpha_from: a results file of a ``holdout`` grid; the report then adds the dev results
+            at the α chosen per task on it (:func:`deftune.select_alpha.select_alphas`).
+        select_tolerance: the most held-out metric points the chosen α may lose against PEFT.
+        generative_options: further :class:`deftune.generative.GenConfig` fields of the ``squad``
+            runs (``batch_size=8,eval_questions=1000,act_threshold_density=0.58`` …); ``steps``
+            and the seed come from this grid, the rest from ``GenConfig``'s defaults. A results
+            file is keyed by (task, method, α, steps, seed) only: runs with other options (here or
+            in the GLUE fields) need a results file of their own.
+    """
+
+    tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
+    methods: tuple[str, ...] = ("lora", "dora", "ia3", "prefix", "prompt", "adapter", "bitfit")
+    alphas: tuple[float, ...] = (0.0, 0.1)
+    steps: int = 250
+    train_subset: int | None = 8000
+    eval_subset: int | None = None
+    batch_size: int = 32
+    max_length: int = 128
+    schedule: str = "linear"
+    warmup_steps: int = 100
+    data_dir: str | None = None
+    runs_dir: str = "runs/compare"
+    results_json: str = "docs/results/glue.json"
+    report_md: str = "docs/results.md"
+    seeds: tuple[int, ...] = (0,)
+    model: str = "minilm"
+    act_scale: str = "layer"
+    scale_lr: float = 0.1
+    head_lr: float | None = 5e-3
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    generative_model: str = "smollm2"
+    squad_dir: str | None = None
+    generative_options: dict[str, Any] = field(default_factory=dict)
+    holdout: int | None = None
+    select_alpha_from: str | None = None
+    select_tolerance: float = 1.0
+
+    def __post_init__(self) -> None:
+        from deftune.data.glue import get_task
+        from deftune.generative.peft_methods import PEFT_METHODS
+
+        for t in self.tasks:
+            if t != SQUAD:
+                get_task(t)
+        if not self.methods:
+            raise ValueError("methods must name at least one PEFT method")
+        if SQUAD in self.tasks:
+            generative = sorted(PEFT_METHODS) + ["full"]
+            unsupported = [m for m in self.methods if m not in generative]
+            if unsupported:
+                raise ValueError(
+                    f"methods {unsupported} have no generative (squad) version; squad runs accept {generative}: "
+                    "run squad in a grid of its own with those methods"
+                )
+            fixed = sorted(set(self.generative_options) & {"model", "method", "alpha", "seed", "steps", "output_dir"})
+            if fixed:
+                raise ValueError(f"generative_options cannot set {fixed}: the grid sets them (use --steps, --seeds, ...)")
+            self._squad_config("lora", 0.0, 0, "check")  # unknown or bad GenConfig options fail here
+        if self.holdout is not None:
+            if not (isinstance(self.holdout, int) and self.holdout > 0):
+                raise ValueError(f"holdout must be a positive integer or None, got {self.holdout!r}")
+            if SQUAD in self.tasks:
+                raise ValueError("holdout applies to GLUE tasks (squad already scores held-out articles)")
+        if not (isinstance(self.select_tolerance, (int, float)) and self.select_tolerance >= 0):
+            raise ValueError(f"select_tolerance must be a number >= 0, got {self.select_tolerance!r}")
+        if any(a < 0 for a in self.alphas):
+            raise ValueError(f"alphas must be >= 0, got {self.alphas}")
+        if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be one or more integers >= 0, got {self.seeds}")
+
+    def _squad_config(self, method: str, alpha: float, seed: int, name: str) -> GenConfig:
+        return GenConfig.from_dict({
+            **self.generative_options, "model": self.generative_model, "method": method, "alpha": alpha,
+            "seed": seed, "steps": self.steps, "data_dir": self.generative_options.get("data_dir", self.squad_dir),
+            "output_dir": str(Path(self.runs_dir) / name),
+        })
+
+    def runs(self) -> list[RunConfig]:
+        out: list[RunConfig] = []
+        for seed in self.seeds:
+            for task in self.tasks:
+                for method in self.methods:
+                    for alpha in self.alphas:
+                        name = (f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
+                                + (f"-h{self.holdout}" if self.holdout else ""))
+                        if task == SQUAD:
+                            out.append(self._squad_config(method, alpha, seed, name))
+                            continue
+                        out.append(
+                            TrainConfig(
+                                task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
+                                method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
+                                lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
+                                batch_size=self.batch_size, max_length=self.max_length,
+                                train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
+                                schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
+                                output_dir=str(Path(self.runs_dir) / name), seed=seed, name=name,
+                            )
+                        )
+        return out
+
+
+def run_key(row: dict[str, Any]) -> tuple:
+    return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)),
+            row.get("eval_split", "dev"))
+
+
+def config_key(config: RunConfig) -> tuple:
+    """The results-file key of a run config (as :func:`run_key` of its row)."""
+    if isinstance(config, GenConfig):
+        return (SQUAD, config.method, float(config.alpha), int(config.steps), int(config.seed), "dev")
+    return (config.task, config.method, float(config.alpha), int(config.steps), int(config.seed), config.eval_split)
+
+
+def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
+    from deftune.train import train_glue
+
+    d = train_glue(config, progress=progress).to_dict()
+    return {
+        "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
+        "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
+        **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
+        "metric": d["metric"], "metrics": d["metrics"],
+        "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
+        "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],
+    }
+
+
+def _squad_row(config: GenConfig, *, progress: bool) -> dict[str, Any]:
+    from deftune.generative import train_generative
+
+    result = train_generative(config)
+    after = result.after.summary()
+    return {
+        "task": SQUAD, "method": config.method, "alpha": config.alpha, "steps": config.steps,
+        "seed": config.seed, "act_scale": "none", "model": config.model,
+        "metric": {"name": "f1", "value": after["f1"]},
+        "metrics": {k: after[k] for k in ("exact_match", "f1", "questions", "density_prefill", "density_decode",
+                                          "perplexity")},
+        "density": after["density_teacher_forced"],
+        "per_layer_density": {k: v["exact"] for k, v in result.after.density_teacher_forced["per_layer"].items()},
+        "trainable_parameters": result.trainable_parameters, "train_seconds": result.train_seconds,
+    }
+
+
+# config type -> "train it and return its results row"
+ROW_BUILDERS = {TrainConfig: _glue_row, GenConfig: _squad_row}
+
+
+def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    if not Path(path).is_file():
+        return []
+    data = read_json(path)
+    return list(data["runs"] if isinstance(data, dict) else data)
+
+
+def _append_row(results_json: str, row: dict[str, Any]) -> None:
+    """Add ``row`` to the results file under its lock, re-reading it first (other workers append too)."""
+    from deftune.hardware import describe
+
+    path = Path(results_json)
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        rows = [r for r in load_rows(results_json) if run_key(r) != run_key(row)] + [row]
+        write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
+
+
+def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train every config not yet in ``results_json``; append each finished run atomically.
+
+    Several workers may run the same grid (same command, same results file) to use more cores:
+    each run is claimed by a lock on ``<run dir>.lock`` while it trains (a run claimed by another
+    worker is passed over), and rows are appended under a lock on ``.<results file name>.lock`` beside it. Locks
+    die with their process, so a killed worker leaves nothing stale.
+    """
+    for i, config in enumerate(configs):
+        name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
+        out = Path(config.output_dir) if config.output_dir else None
+        claim = file_lock(str(out) + ".lock", blocking=False) if out is not None else nullcontext(True)
+        with claim as mine:
+            if not mine:
+                print(f"[{i + 1}/{len(configs)}] {name}: training in another worker, passed over")
+                continue
+            if config_key(config) in {run_key(r) for r in load_rows(results_json)}:  # re-read: others append
+                print(f"[{i + 1}/{len(configs)}] {name}: done, skipped")
+                continue
+            if out is not None and out.exists() and not (out / RESULTS_FILE).exists():
+                shutil.rmtree(out)  # an interrupted run: restart it cleanly
+            print(f"[{i + 1}/{len(configs)}] {name}: training")
+            _append_row(results_json, ROW_BUILDERS[type(config)](config, progress=progress))
+    return load_rows(results_json)

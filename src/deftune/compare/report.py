@@ -1,0 +1,206 @@
+"""The report of a compare grid: DEFT-vs-PEFT pairs (:func:`summarise`), the markdown table and
+per-α sections (:func:`write_compare_report`), and the metric-vs-density plot."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from statistics import fmean, stdev
+from typing import Any
+
+from deftune.compare.grid import SQUAD, CompareConfig, load_rows
+from deftune.runs import read_json
+
+NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
+
+
+def _sd(values: Sequence[float]) -> float:
+    """Sample standard deviation; 0 for a single value."""
+    return stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hashable | None] | None = None
+              ) -> dict[Any, dict[str, Any]]:
+    """DEFT vs PEFT averages per α > 0, over the (task, seed) pairs where both runs exist.
+
+    Returns ``{alpha: {"methods": {method: {...}}, "seeds": {seed: {...}}, "overall": {...}}}``; each
+    leaf has ``pairs``, ``density_reduction_pct`` (relative, %) and ``metric_delta`` (points).
+    A pair is one (task, method, seed): the DEFT run against the PEFT run of the same seed.
+    ``group(row)`` replaces the α as the key of a DEFT row (``None``: leave the row out), e.g. to
+    pool the α chosen per task.
+    """
+    by = {(r["task"], r["method"], float(r["alpha"]), int(r.get("seed", 0))): r for r in rows}
+    pairs: dict[Any, list[tuple[str, int, float, float]]] = {}
+    for (task, method, alpha, seed), r in by.items():
+        base = by.get((task, method, 0.0, seed))
+        key = alpha if group is None else group(r)
+        if alpha == 0 or base is None or key is None:
+            continue
+        reduction = 100 * (base["density"] - r["density"]) / base["density"]
+        pairs.setdefault(key, []).append((method, seed, reduction, r["metric"]["value"] - base["metric"]["value"]))
+
+    def leaf(items: list[tuple[str, int, float, float]]) -> dict[str, float]:
+        return {
+            "pairs": len(items),
+            "density_reduction_pct": fmean([i[2] for i in items]),
+            "metric_delta": fmean([i[3] for i in items]),
+        }
+
+    out: dict[float, dict[str, Any]] = {}
+    for alpha, items in sorted(pairs.items()):
+        methods = {m: leaf([i for i in items if i[0] == m]) for m in sorted({i[0] for i in items})}
+        seeds = {sd: leaf([i for i in items if i[1] == sd]) for sd in sorted({i[1] for i in items})}
+        overall = leaf(items)
+        overall["metric_delta_seed_sd"] = _sd([v["metric_delta"] for v in seeds.values()])
+        out[alpha] = {"methods": methods, "seeds": seeds, "overall": overall}
+    return out
+
+
+def _meets(s: dict[str, float]) -> bool:
+    return s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
+
+
+def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
+    """A ``## title`` section: one row per method and the overall line of a :func:`summarise` entry."""
+    o = summary["overall"]
+    lines = [
+        "",
+        f"## {title}",
+        "",
+        "| method | pairs | density reduction | metric change (points) | meets ≥40% and ≤1 pt |",
+        "|---|---|---|---|---|",
+    ]
+    for method, m in summary["methods"].items():
+        lines.append(
+            f"| {method} | {m['pairs']} | {m['density_reduction_pct']:.1f}% | {m['metric_delta']:+.2f} | "
+            f"{'yes' if _meets(m) else 'no'} |"
+        )
+    per_seed = ", ".join(
+        f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}" for sd, v in summary["seeds"].items()
+    )
+    return lines + [
+        "",
+        f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
+        f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
+        f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points).",
+    ]
+
+
+def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> None:
+    """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
+    from deftune.hardware import describe_line
+
+    recorded = read_json(config.results_json).get("hardware") if Path(config.results_json).is_file() else None
+
+    md = Path(config.report_md)
+    img = md.parent / "img" / f"{md.stem}_metric_vs_density.png"  # one figure per report
+    plot_metric_vs_density(rows, img)
+    seeds_seen = sorted({int(r.get("seed", 0)) for r in rows})
+    has_squad = any(r["task"] == SQUAD for r in rows)
+    has_glue = any(r["task"] != SQUAD for r in rows) or not rows
+    title = {(True, False): "GLUE: PEFT vs DEFT, every method", (False, True): "SQuAD (generative QA): PEFT vs DEFT"}
+    model = "MiniLM (all-MiniLM-L6-v2)" if config.model == "minilm" else f"`{config.model}`"
+    glue_lines = [
+        f"{model}, {config.steps} steps × batch {config.batch_size}, train subset "
+        f"{config.train_subset}, max length {config.max_length}, α schedule `{config.schedule}` "
+        f"(warm-up {config.warmup_steps}); "
+        + (f"metric on {config.holdout} training examples held out of training (not the dev set)" if config.holdout
+           else "dev metric on the full dev set") + "; exact density in fp32 over real tokens.",
+        f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
+        f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
+        "from `METHOD_LR`; regression heads start at the mean training label.",
+    ]
+    squad_lines = [
+        f"SQuAD rows: `{config.generative_model}`, {config.steps} steps, held-out articles of the SQuAD v1.1 dev file, "
+        "greedy decoding, metric F1 (EM in the JSON), exact density of the teacher-forced pass; GenConfig options "
+        f"{config.generative_options or 'default'}.",
+    ]
+    lines = [
+        f"# {title.get((has_glue, has_squad), 'PEFT vs DEFT, every method')}",
+        "",
+        *(glue_lines if has_glue else []),
+        *(squad_lines if has_squad else []),
+        f"Hardware: {describe_line(recorded if isinstance(recorded, dict) else None)}.",
+        f"Seeds in the results file: {', '.join(map(str, seeds_seen))}; every number below is a mean over "
+        "the seeds that row has (column `seeds`; each run is a row of the JSON file).",
+        "",
+        "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
+        + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
+        + " --seeds " + ",".join(map(str, config.seeds)) + (" --data-dir ../shared/data/glue" if has_glue else "")
+        + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
+                  for name in ("results_json", "report_md", "runs_dir", "generative_model", "squad_dir", "holdout",
+                               "select_alpha_from", "select_tolerance")
+                  if getattr(config, name) != getattr(CompareConfig, name))
+        + (" --generative-options " + ",".join(f"{k}={v}" for k, v in config.generative_options.items())
+           if config.generative_options else "") + "`",
+        "",
+        "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"], float(r["alpha"])), []).append(r)
+    for (task, method, alpha), rs in sorted(groups.items()):
+        values = [r["metric"]["value"] for r in rs]
+        lines.append(
+            f"| {task} | {method} | {alpha:g} | {len(rs)} | {rs[0]['metric']['name']} | {fmean(values):.2f} | "
+            f"{_sd(values):.2f} | {fmean([r['density'] for r in rs]):.4f} | {rs[0]['trainable_parameters']:,} | "
+            f"{fmean([r['train_seconds'] for r in rs]):.0f} |"
+        )
+    for alpha, summary in summarise(rows).items():
+        lines += summary_lines(f"α = {alpha:g}: DEFT vs PEFT, averaged over tasks and seeds", summary)
+    if config.select_alpha_from:
+        from deftune.compare.select_alpha import selection_lines
+
+        lines += selection_lines(rows, load_rows(config.select_alpha_from), config.select_alpha_from,
+                                 config.select_tolerance)
+    lines += ["", f"![metric vs density]({img.relative_to(md.parent).as_posix()})", ""]
+    if md.is_file():  # hand-written notes below the marker survive a rewrite
+        old = md.read_text(encoding="utf-8")
+        if NOTES_MARKER in old:
+            lines += [NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, md)
+
+
+def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per task; one point per (method, α), the mean over seeds: colour = method, marker = α."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    tasks = sorted({r["task"] for r in rows})
+    methods = sorted({r["method"] for r in rows})
+    alphas = sorted({float(r["alpha"]) for r in rows})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    markers = {a: "osD^vP*X"[i % 8] for i, a in enumerate(alphas)}
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in methods:
+            for alpha in alphas:
+                rs = [r for r in rows if r["task"] == task and r["method"] == method and float(r["alpha"]) == alpha]
+                if rs:
+                    ax.scatter(fmean([r["density"] for r in rs]), fmean([r["metric"]["value"] for r in rs]),
+                               color=colours[method], marker=markers[alpha], s=28)
+        ax.set_title(task)
+        ax.set_xlabel("exact density")
+        ax.set_ylabel("dev metric (mean over seeds)")
+    handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colours.items()]
+    handles += [Line2D([], [], color="k", marker=mk, ls="", label=f"α={a:g}") for a, mk in markers.items()]
+    axes[0][-1].legend(handles=handles, fontsize=6, loc="best")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a matplotlib figure atomically (temp file beside it, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
