@@ -200,6 +200,10 @@ class ActivationRecorder:
         print(rec.result().table())
     """
 
+    #: Input sites are hooked before the module's existing pre-hooks (True) or after them (False,
+    #: the default: what the module really receives, e.g. after an input threshold).
+    inputs_first: bool = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -261,7 +265,7 @@ class ActivationRecorder:
                 if s.hook == "output":
                     handle = module.register_forward_hook(self._make_output_hook(s))
                 else:
-                    handle = module.register_forward_pre_hook(self._make_input_hook(s))
+                    handle = module.register_forward_pre_hook(self._make_input_hook(s), prepend=self.inputs_first)
                 self._handles.append(handle)
         except BaseException:
             self.detach()

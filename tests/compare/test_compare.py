@@ -124,7 +124,9 @@ def test_workers_share_a_grid_claimed_runs_are_passed_over_and_rows_merge(tiny_s
         return {**foreign, "task": config.task, "method": config.method, "alpha": config.alpha}
 
     monkeypatch.setitem(compare.ROW_BUILDERS, compare.TrainConfig, fake_row)
-    with file_lock(runs[0].output_dir + ".lock") as held:  # the other worker trains sst2-bitfit-a0
+    from pathlib import Path
+
+    with file_lock(Path(cfg.runs_dir) / ".locks" / "sst2-bitfit-a0.lock") as held:  # the other worker trains sst2-bitfit-a0
         assert held
         rows = compare.run_grid(runs, cfg.results_json, progress=False)
     out = capsys.readouterr().out

@@ -187,6 +187,31 @@ def test_threshold_mode_reaches_the_calibration(squad_file):
     assert 0.3 < result.after.density_teacher_forced["overall"] < 0.7
 
 
+def test_product_site_thresholds_train_measure_and_reload(squad_file, tmp_path):
+    """``site="product"``: thresholds on the down projection's input (act(gate) * up), applied to
+    the LoRA-adapted model; density is measured at that site and survives a reload."""
+    from deftune.generative.train import evaluate_generative_run, load_generative_run
+    from deftune.sparse.calibrate import InputThreshold, threshold_holders
+
+    cfg = GenConfig(model="tiny-llama", site="product", act_threshold_density=0.5, act_threshold_batches=2,
+                    data_dir=str(squad_file), output_dir=str(tmp_path / "run"), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    assert result.thresholds is not None and result.thresholds.site == "product"
+    assert 0.3 < result.log[0]["train_density"] < 0.7
+    assert 0.3 < result.after.density_teacher_forced["overall"] < 0.7
+    again = evaluate_generative_run(tmp_path / "run")
+    assert again.predictions == result.after.predictions
+    assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
+    model, _, _ = load_generative_run(tmp_path / "run")
+    holders = threshold_holders(model)
+    assert len(holders) == model.config.num_hidden_layers and all(isinstance(h, InputThreshold) for h in holders)
+    # qa-eval measures another site on request: the activated gate of the same run stays dense
+    from deftune.cli import main
+
+    assert main(["qa-eval", str(tmp_path / "run"), "--site", "act", "--json", str(tmp_path / "act.json")]) == 0
+    assert json.loads((tmp_path / "act.json").read_text())["density_teacher_forced"] > 0.99
+
+
 def test_threshold_warmup_ramps_the_thresholds_and_ends_at_the_calibrated_ones(squad_file):
     """With a 2-step ramp the first step trains at threshold 0 (dense), the second at sin(π/4)·t,
     and from step 2 on — and in evaluation — at the calibrated t."""

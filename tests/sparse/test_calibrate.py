@@ -465,3 +465,56 @@ def test_squad_split_is_by_article(tiny_lm_folder):
     calib = squad_paragraphs(tiny_lm_folder / "squad.json", "calib", 100)
     held_out = squad_paragraphs(tiny_lm_folder / "squad.json", "eval", 100)
     assert set(calib) == first and not set(held_out) & first
+
+
+def test_product_site_thresholds_hook_the_down_projection_and_come_off():
+    """site="product": the input of each down projection (act(gate) * up) is thresholded by a
+    pre-hook; measured at that site the density equals the calibration's, the activated gate stays
+    dense (SiLU), and removing the thresholds restores the model exactly."""
+    from deftune.sparse.calibrate import InputThreshold, threshold_holders
+
+    model = tiny_llama()
+    data = batches()
+    with torch.no_grad():
+        reference = [model(**b).logits for b in data]
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.4, site="product", refine_passes=1))
+    assert th.site == "product" and all(t > 0 for t in th.values.values())
+    paths = apply_thresholds(model, th)
+    assert all(p.endswith("mlp.down_proj") for p in paths)
+    holders = threshold_holders(model)
+    assert len(holders) == 2 and all(isinstance(h, InputThreshold) for h in holders)
+    product = measure_density(model, data, site="product")
+    for name, value in product.exact_per_layer.items():  # 2 layers, 1 refinement pass: exact
+        assert value == pytest.approx(th.achieved[name], abs=1e-9), name
+    assert measure_density(model, data, site="act").overall > 0.99
+    apply_thresholds(model, th)  # re-applying updates, never stacks hooks
+    assert all(len(model.get_submodule(p)._forward_pre_hooks) == 1 for p in paths)
+    assert remove_thresholds(model) == 2
+    assert all(len(model.get_submodule(p)._forward_pre_hooks) == 0 for p in paths)
+    assert not threshold_holders(model)
+    with torch.no_grad():
+        assert all(torch.equal(model(**b).logits, r) for b, r in zip(data, reference))
+    with thresholded(model, th):  # the context manager takes its hooks off again
+        assert len(threshold_holders(model)) == 2
+    assert not threshold_holders(model)
+
+
+def test_product_site_thresholds_sit_on_a_lora_adapted_down_projection():
+    """Calibrated on the base model, applied after peft wrapped ``down_proj``: the hook goes on the
+    adapted module, so base and LoRA paths both see the zeros."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama()
+    data = batches()
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.5, site="product", refine_passes=0))
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj", "q_proj"], init_lora_weights=False))
+    paths = apply_thresholds(peft_model, th)
+    assert all(type(peft_model.get_submodule(p)).__name__ == "Linear" and "lora" in type(peft_model.get_submodule(p)).__module__
+               for p in paths)
+    assert 0.3 < measure_density(peft_model, data, site="product").overall < 0.7
+    seen = []
+    hook = peft_model.get_submodule(paths[0]).lora_A["default"].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        peft_model(**data[0])
+    hook.remove()
+    assert (seen[0] == 0).float().mean() > 0.3  # the LoRA path reads the thresholded input

@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-questions", type=int, default=None, help="questions to evaluate (default: the run's)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"), help="device (default: the run's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's)")
+    parser.add_argument("--site", default=None, choices=("act", "product"),
+                        help="activation site whose density is measured (default: the run's): act = the "
+                             "activated gate, product = act(gate) * up, the down projection's input")
     parser.add_argument("--json", default=None, help="also write the summary as JSON to this path")
 
 
@@ -28,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from deftune.generative.train import evaluate_generative_run, write_json_atomic
 
-    overrides = {k: getattr(args, k) for k in ("data_dir", "eval_questions", "device", "threads")
+    overrides = {k: getattr(args, k) for k in ("data_dir", "eval_questions", "device", "threads", "site")
                  if getattr(args, k) is not None}
     if overrides.get("threads"):
         import torch

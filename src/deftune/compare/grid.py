@@ -236,14 +236,16 @@ def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool 
     """Train every config not yet in ``results_json``; append each finished run atomically.
 
     Several workers may run the same grid (same command, same results file) to use more cores:
-    each run is claimed by a lock on ``<run dir>.lock`` while it trains (a run claimed by another
-    worker is passed over), and rows are appended under a lock on ``.<results file name>.lock`` beside it. Locks
-    die with their process, so a killed worker leaves nothing stale.
+    each run is claimed by a lock on ``<runs dir>/.locks/<run name>.lock`` while it trains (a run
+    claimed by another worker is passed over), and rows are appended under a lock on
+    ``.<results file name>.lock`` beside it. Locks die with their process, so a killed worker
+    leaves nothing stale.
     """
     for i, config in enumerate(configs):
         name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
         out = Path(config.output_dir) if config.output_dir else None
-        claim = file_lock(str(out) + ".lock", blocking=False) if out is not None else nullcontext(True)
+        lock = out.parent / ".locks" / f"{out.name}.lock" if out is not None else None
+        claim = file_lock(lock, blocking=False) if lock is not None else nullcontext(True)
         with claim as mine:
             if not mine:
                 print(f"[{i + 1}/{len(configs)}] {name}: training in another worker, passed over")

@@ -46,7 +46,10 @@ class GenConfig:
             thresholds ``t_l`` are calibrated on the training prompts of the model before training
             (:func:`deftune.sparse.calibrate_thresholds`) and ``|a| <= t_l`` is set to exactly 0
             during training and every evaluation (as CATS, Lee et al. 2024, fine-tunes through
-            its thresholds). For SiLU models, whose exact zeros lie below x = -88.7.
+            its thresholds). For SiLU models, whose exact zeros lie below x = -88.7. They act on
+            ``site``: ``act`` (the activated gate) or ``product`` (``act(gate) * up``, the input
+            of the down projection, as TEAL, Liu et al. 2024; its zeros skip rows of ``W_down``
+            only, and cost far less quality).
         act_threshold_mode: how the target is shared among layers
             (:data:`deftune.sparse.calibrate.THRESHOLD_MODES`): ``layer`` (every layer at the target),
             ``global`` (one threshold for all layers) or ``energy`` (every layer loses the same

@@ -42,7 +42,7 @@ from deftune.losses import ALPHA_SCHEDULES
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import write_json_atomic
 from deftune.sparse import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
-from deftune.sparse.calibrate import ThresholdedActivation
+from deftune.sparse.calibrate import threshold_holders
 
 THRESHOLDS_FILE = "act_thresholds.json"
 
@@ -145,13 +145,13 @@ def _evaluate(model: nn.Module, tokenizer, data: SquadData, cfg: GenConfig) -> E
 
 @contextmanager
 def threshold_ramp(model: nn.Module, warmup_steps: int) -> Iterator[Callable[[int], float]]:
-    """Yields ``set_step(step) -> scale``, which sets every :class:`ThresholdedActivation` of ``model``
+    """Yields ``set_step(step) -> scale``, which sets every threshold of ``model`` (:func:`threshold_holders`)
     to ``scale · t_l`` with ``scale = sin(π/2 · step / warmup_steps)`` (1 from ``warmup_steps`` on).
 
     On exit every threshold is its final ``t_l`` again, also when training raises, so what is
     evaluated and saved is the calibrated model. ``warmup_steps = 0`` leaves the thresholds alone.
     """
-    wrappers = [m for m in model.modules() if isinstance(m, ThresholdedActivation)]
+    wrappers = threshold_holders(model)
     final = [m.threshold for m in wrappers]
     ramp = ALPHA_SCHEDULES["sine"]
 
@@ -233,11 +233,12 @@ def train_generative(cfg: GenConfig) -> GenRunResult:
     model.to(device)
     replaced = relufy(model, cfg.relufy, cfg.relu_threshold) if cfg.relufy else []
     thresholds = None
-    if cfg.act_threshold_density is not None:
+    if cfg.act_threshold_density is not None:  # calibrated on the base model (LoRA starts as a no-op)
         thresholds = calibrate_on_training_prompts(model, data.train, cfg, tokenizer.pad_token_id)
-        apply_thresholds(model, thresholds)
     torch.manual_seed(cfg.seed)
     model = apply_method(cfg, model)
+    if thresholds is not None:  # after the adapter: an input threshold must sit on the adapted module
+        apply_thresholds(model, thresholds)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     before = _evaluate(model, tokenizer, data, cfg) if cfg.eval_before else None
     t0 = time.perf_counter()
@@ -274,7 +275,7 @@ def calibrate_on_training_prompts(model: nn.Module, items: list[Encoded], cfg: G
         if not seq2seq:
             batch.pop("labels")
         batches.append(batch)
-    config = CalibrationConfig(target=float(cfg.act_threshold_density), mode=cfg.act_threshold_mode)
+    config = CalibrationConfig(target=float(cfg.act_threshold_density), mode=cfg.act_threshold_mode, site=cfg.site)
     return calibrate_thresholds(model, batches, config)
 
 
@@ -314,9 +315,9 @@ def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, Gen
     model, tokenizer = load_generative(cfg.model, cfg.seed)
     if cfg.relufy:
         relufy(model, cfg.relufy, cfg.relu_threshold)
+    model = PeftModel.from_pretrained(model, str(run / "adapter"))
     if cfg.act_threshold_density is not None:
         apply_thresholds(model, Thresholds.load(run / THRESHOLDS_FILE))
-    model = PeftModel.from_pretrained(model, str(run / "adapter"))
     return model.to(_device(cfg)).eval(), tokenizer, cfg
 
 
