@@ -396,7 +396,7 @@ def test_cli_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["calibrate", "--help"])
     out = capsys.readouterr().out
-    for option in ("--model", "--data", "--target", "--mode", "--sweep", "--refine-passes", "--output"):
+    for option in ("--model", "--data", "--target", "--mode", "--site", "--sweep", "--refine-passes", "--output"):
         assert option in out
 
 
@@ -437,23 +437,25 @@ def tiny_lm_folder(tmp_path):
     return tmp_path
 
 
-def test_cli_lm_sweep_writes_results_plot_and_thresholds(tiny_lm_folder):
+@pytest.mark.parametrize("site", ["act", "product"])
+def test_cli_lm_sweep_writes_results_plot_and_thresholds(tiny_lm_folder, site):
     from deftune.cli import main
 
     tmp = tiny_lm_folder
-    code = main(["calibrate", "--model", str(tmp / "lm"), "--label", "tiny", "--data", "squad",
+    code = main(["calibrate", "--model", str(tmp / "lm"), "--label", "tiny", "--data", "squad", "--site", site,
                  "--squad-file", str(tmp / "squad.json"), "--sweep", "1,0.3", "--calib-size", "6",
                  "--eval-size", "6", "--batch-size", "4", "--max-length", "32", "--refine-passes", "1",
                  "--target", "0.3", "--output", str(tmp / "th.json"), "--name", "tiny-lm",
                  "--results", str(tmp / "res.json"), "--plot", str(tmp / "plot.png")])
     assert code == 0
     th = Thresholds.load(tmp / "th.json")
-    assert th.target == 0.3 and th.refine_passes == 1 and len(th.values) == 2
+    assert th.target == 0.3 and th.refine_passes == 1 and len(th.values) == 2 and th.site == site
     record = json.loads((tmp / "res.json").read_text())["experiments"]["tiny-lm"]
+    assert record["site"] == site
     points = record["models"]["tiny"]["points"]
     assert [p["target"] for p in points] == [1.0, 0.3]
     assert points[0]["metrics"]["perplexity"] > 1
-    assert points[1]["eval_density"] < points[0]["eval_density"]
+    assert points[1]["eval_density"] < 0.6 < points[0]["eval_density"]  # measured at the thresholded site
     assert (tmp / "plot.png").stat().st_size > 1000
 
 

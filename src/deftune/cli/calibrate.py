@@ -45,6 +45,8 @@ class CalibrationJob:
         target: density for ``output`` (the thresholds file of the first model).
         mode: ``layer`` (per-layer target), ``global`` (one threshold for all layers) or ``energy``
             (every layer loses the same fraction of its activation energy).
+        site: where the thresholds act: ``act`` (the activation output; for gated MLPs the
+            activated gate) or ``product`` (gated MLPs: ``act(gate) * up``, the down projection's input).
         refine_passes: extra calibration passes with thresholds applied (corrects drift in depth).
         output: write the thresholds of the first model at ``target`` here (JSON).
         sweep: target densities to evaluate (empty: no evaluation).
@@ -66,6 +68,7 @@ class CalibrationJob:
     data: str = "sst2"
     target: float = 0.5
     mode: str = "layer"
+    site: str = "act"
     refine_passes: int = 2
     output: str | None = None
     sweep: tuple[float, ...] = ()
@@ -102,7 +105,7 @@ class CalibrationJob:
     def calibration_config(self):
         from deftune.sparse.calibrate import CalibrationConfig
 
-        return CalibrationConfig(target=self.target, mode=self.mode, refine_passes=self.refine_passes)
+        return CalibrationConfig(target=self.target, mode=self.mode, refine_passes=self.refine_passes, site=self.site)
 
     @property
     def model_labels(self) -> tuple[str, ...]:
@@ -232,7 +235,7 @@ def run_calibration(job: CalibrationJob) -> dict:
 
     if job.threads:
         torch.set_num_threads(job.threads)
-    record: dict = {"data": job.data, "mode": job.mode, "models": {}}
+    record: dict = {"data": job.data, "mode": job.mode, "site": job.site, "models": {}}
     for model_name, label in zip(job.models, job.model_labels):
         setup = _setup(job, model_name)
         config = job.calibration_config()
@@ -314,6 +317,7 @@ def _floats(value: str) -> tuple[float, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deftune.arch import SITE_KINDS
     from deftune.cli._args import field_docs
     from deftune.sparse.calibrate import THRESHOLD_MODES
 
@@ -323,6 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", choices=DATA_SOURCES, default="sst2", help=docs["data"])
     parser.add_argument("--target", type=float, default=0.5, help=docs["target"])
     parser.add_argument("--mode", choices=sorted(THRESHOLD_MODES), default="layer", help=docs["mode"])
+    parser.add_argument("--site", choices=SITE_KINDS, default="act", help=docs["site"])
     parser.add_argument("--output", default=None, help=docs["output"])
     parser.add_argument("--sweep", type=_floats, default=(), metavar="D1,D2,...", help=docs["sweep"])
     for key in ("results", "plot", "name", "data_dir", "squad_file"):
@@ -335,7 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def job_from_args(args: argparse.Namespace) -> CalibrationJob:
     return CalibrationJob(
         models=tuple(args.models), labels=tuple(args.labels or ()), data=args.data, target=args.target,
-        mode=args.mode, refine_passes=args.refine_passes, output=args.output, sweep=tuple(args.sweep), results=args.results, plot=args.plot,
+        mode=args.mode, site=args.site, refine_passes=args.refine_passes, output=args.output, sweep=tuple(args.sweep), results=args.results, plot=args.plot,
         name=args.name, calib_size=args.calib_size, eval_size=args.eval_size, batch_size=args.batch_size,
         max_length=args.max_length, data_dir=args.data_dir, squad_file=args.squad_file, seed=args.seed,
         threads=args.threads,

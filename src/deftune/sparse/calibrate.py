@@ -635,7 +635,7 @@ def sweep_targets(
     points = []
     for target in targets:
         th = calibrate_thresholds(model, batches, replace(config, target=target), histogram=histogram)
-        recorder = ActivationRecorder(model, thresholds=(), count_padding=config.count_padding)
+        recorder = ActivationRecorder(model, site=config.site, thresholds=(), count_padding=config.count_padding)  # type: ignore[arg-type]
         with thresholded(model, th), recorder as rec:
             metrics = dict(evaluate(model))
             density = rec.result()
