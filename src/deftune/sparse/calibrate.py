@@ -470,7 +470,8 @@ class InputThreshold:
 
     Installed by :func:`apply_thresholds` on input sites (the down projection of a gated MLP); the
     hook object is kept on the module as ``module.deftune_input_threshold`` (with its handle), so
-    :func:`threshold_holders` finds it and :func:`remove_thresholds` takes it off.
+    :func:`threshold_holders` finds it and :func:`remove_thresholds` takes it off. Whatever replaces
+    the module (e.g. ``merge_and_unload`` of an adapter) drops the hook: apply the thresholds again.
     """
 
     ATTR = "deftune_input_threshold"
