@@ -442,6 +442,13 @@ def calibrate_thresholds(
 # ---- application -------------------------------------------------------------------------------
 
 
+def _zero_at_most(a: Tensor, threshold: float) -> Tensor:
+    """``a`` with ``|a| <= threshold`` set to 0, compared in float32 for half-precision inputs (so
+    it matches calibration exactly)."""
+    mag = a.abs() if a.dtype in (torch.float32, torch.float64) else a.abs().float()
+    return a.masked_fill(mag <= threshold, 0.0)
+
+
 class ThresholdedActivation(nn.Module):
     """Wraps an activation module; outputs with ``|a| <= threshold`` become exactly 0.
 
@@ -457,9 +464,7 @@ class ThresholdedActivation(nn.Module):
         self.threshold = float(threshold)
 
     def forward(self, *args, **kwargs) -> Tensor:
-        a = self.inner(*args, **kwargs)  # (..., F)
-        mag = a.abs() if a.dtype in (torch.float32, torch.float64) else a.abs().float()
-        return a.masked_fill(mag <= self.threshold, 0.0)
+        return _zero_at_most(self.inner(*args, **kwargs), self.threshold)  # (..., F)
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:.4g}"
@@ -483,9 +488,7 @@ class InputThreshold:
         self.handle: torch.utils.hooks.RemovableHandle | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        x = args[0]  # (..., F)
-        mag = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
-        return (x.masked_fill(mag <= self.threshold, 0.0), *args[1:])
+        return (_zero_at_most(args[0], self.threshold), *args[1:])  # (..., F)
 
     def attach(self, module: nn.Module) -> None:
         self.handle = module.register_forward_pre_hook(self, prepend=True)  # ahead of any recorder
