@@ -139,7 +139,7 @@ def test_config_errors_name_the_bad_value(field, value, message):
 
 def test_saved_run_reloads_with_the_same_answers(squad_file, tmp_path):
     from deftune.cli import main
-    from deftune.generative.train import evaluate_generative_run
+    from deftune.generative.train import evaluate_generative_run, load_generative_run
 
     cfg = GenConfig(model="tiny-llama", relufy="relu", alpha=1.0, data_dir=str(squad_file),
                     output_dir=str(tmp_path / "run"), eval_before=False, **TINY)
@@ -149,6 +149,13 @@ def test_saved_run_reloads_with_the_same_answers(squad_file, tmp_path):
     assert again.density_teacher_forced["overall"] == pytest.approx(result.after.density_teacher_forced["overall"])
     assert main(["qa-eval", str(tmp_path / "run"), "--json", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["questions"] == 4
+    # overrides reach the config before the model is placed (qa-eval --device cuda on a CPU run)
+    fewer = evaluate_generative_run(tmp_path / "run", eval_questions=2, device="cpu")
+    assert fewer.questions == 2
+    _, _, cfg_over = load_generative_run(tmp_path / "run", eval_questions=2)
+    assert cfg_over.eval_questions == 2 and cfg_over.seed == cfg.seed
+    with pytest.raises(ValueError, match="unknown GenConfig field"):
+        load_generative_run(tmp_path / "run", eval_question=2)
     with pytest.raises(FileNotFoundError, match="not a generative run folder"):
         evaluate_generative_run(tmp_path)
 

@@ -295,10 +295,12 @@ def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:
         result.thresholds.save(out / THRESHOLDS_FILE)
 
 
-def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, GenConfig]:
+def load_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, Any, GenConfig]:
     """``(model, tokenizer, cfg)`` of a saved run: base model, ReLU-fication replayed, adapter loaded.
 
-    ``full`` runs save no weights (only the config), so they cannot be reloaded; that raises.
+    ``overrides`` replace fields of the saved config (validated as a whole) before the model is placed,
+    so ``device="cuda"`` evaluates a CPU-trained run on the GPU. ``full`` runs save no weights (only
+    the config), so they cannot be reloaded; that raises.
     """
     run = Path(run_dir)
     meta_path = run / "deftune.json"
@@ -307,7 +309,7 @@ def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, Gen
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if meta.get("kind") != "generative":
         raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r} run, not a generative one")
-    cfg = GenConfig.from_dict(meta["config"])
+    cfg = GenConfig.from_dict({**meta["config"], **overrides})
     if not (run / "adapter").is_dir():
         raise FileNotFoundError(f"{str(run)!r} has no adapter/ folder (method {cfg.method!r} saves none)")
     from peft import PeftModel
@@ -323,8 +325,6 @@ def load_generative_run(run_dir: str | os.PathLike) -> tuple[nn.Module, Any, Gen
 
 def evaluate_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> EvalReport:
     """Re-evaluate a saved run on its held-out questions (``overrides`` replace config fields)."""
-    model, tokenizer, cfg = load_generative_run(run_dir)
-    if overrides:
-        cfg = GenConfig.from_dict({**cfg.to_dict(), **overrides})
+    model, tokenizer, cfg = load_generative_run(run_dir, **overrides)
     data = prepare_squad(cfg, tokenizer, is_seq2seq(model))
     return _evaluate(model, tokenizer, data, cfg)
