@@ -164,7 +164,7 @@ def test_calibrated_thresholds_make_exact_zeros_and_survive_reload(squad_file, t
     """A SiLU model has no exact zeros; thresholds calibrated to 0.5 give ~0.5 exact density in
     training, in the teacher-forced pass and in generation, and the saved run reloads with them."""
     from deftune.generative.train import THRESHOLDS_FILE, evaluate_generative_run, load_generative_run
-    from deftune.sparse.calibrate import ThresholdedActivation
+    from deftune.sparse.thresholds import ThresholdedActivation
 
     plain = GenConfig(model="tiny-llama", data_dir=str(squad_file), eval_before=False, **TINY)
     base = train_generative(plain)
@@ -198,7 +198,7 @@ def test_product_site_thresholds_train_measure_and_reload(squad_file, tmp_path):
     """``site="product"``: thresholds on the down projection's input (act(gate) * up), applied to
     the LoRA-adapted model; density is measured at that site and survives a reload."""
     from deftune.generative.train import evaluate_generative_run, load_generative_run
-    from deftune.sparse.calibrate import InputThreshold, threshold_holders
+    from deftune.sparse.thresholds import InputThreshold, threshold_holders
 
     cfg = GenConfig(model="tiny-llama", site="product", act_threshold_density=0.5, act_threshold_batches=2,
                     data_dir=str(squad_file), output_dir=str(tmp_path / "run"), eval_before=False, **TINY)
@@ -234,7 +234,7 @@ def test_threshold_warmup_ramps_the_thresholds_and_ends_at_the_calibrated_ones(s
 
 def test_threshold_ramp_restores_the_calibrated_thresholds_when_training_raises():
     from deftune.generative.train import threshold_ramp
-    from deftune.sparse.calibrate import ThresholdedActivation
+    from deftune.sparse.thresholds import ThresholdedActivation
 
     model = nn.Sequential(ThresholdedActivation(nn.SiLU(), 0.2), ThresholdedActivation(nn.SiLU(), 0.4))
     with pytest.raises(RuntimeError, match="boom"), threshold_ramp(model, 10) as set_step:

@@ -1,5 +1,6 @@
-"""Calibrated thresholds: quantile accuracy on hand-made activations, exact zeroing, wrappers that
-restore the model, tiny BERT and tiny LLaMA built from configs."""
+"""Calibrated thresholds: quantile accuracy on hand-made activations, the allocation modes, depth
+refinement, padding, the target sweep and the CLI, on tiny BERT and tiny LLaMA built from configs
+(the run-time wrappers and hooks: test_thresholds.py)."""
 
 from __future__ import annotations
 
@@ -7,22 +8,18 @@ import json
 
 import pytest
 import torch
-from torch import nn
+from sparse_tiny import batches, tiny_bert, tiny_llama
 
 from deftune.arch import find_activation_sites
 from deftune.density import measure_density
 from deftune.sparse.calibrate import (
     CalibrationConfig,
     MagnitudeHistogram,
-    ThresholdedActivation,
-    Thresholds,
-    apply_thresholds,
     calibrate_thresholds,
     collect_histograms,
-    remove_thresholds,
     sweep_targets,
-    thresholded,
 )
+from deftune.sparse.thresholds import ThresholdedActivation, Thresholds, thresholded
 
 torch.set_num_threads(1)
 
@@ -30,49 +27,6 @@ torch.set_num_threads(1)
 # 256 bins per octave (0.27 % relative width), a bin holds far less than this.
 TOL = 2e-3
 TARGETS = (1.0, 0.7, 0.5, 0.3, 0.1, 0.02)
-
-
-def tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    return BertForSequenceClassification(cfg).eval()
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def batches(n: int = 3, b: int = 4, t: int = 12, seed: int = 0) -> list[dict]:
-    """Random token batches whose last positions are padding (different per row)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, 100, (b, t), generator=g)
-        lengths = torch.randint(t // 2, t + 1, (b,), generator=g)
-        mask = (torch.arange(t)[None, :] < lengths[:, None]).long()  # (B, T)
-        out.append({"input_ids": ids * mask, "attention_mask": mask})
-    return out
 
 
 # ---- hand-made activations -----------------------------------------------------------------
@@ -196,32 +150,6 @@ def test_config_rejects_bad_values(kwargs, match):
         CalibrationConfig(**kwargs)
 
 
-# ---- the wrapper ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wrapper_zeroes_exactly_the_small_entries(dtype):
-    x = torch.tensor([[-2.0, -0.5, -0.25, 0.0, 0.1, 0.25, 0.2500001, 3.0]], dtype=dtype)
-    wrapper = ThresholdedActivation(nn.Identity(), 0.25)
-    y = wrapper(x)
-    keep = x.float().abs() > 0.25
-    assert torch.equal(y[keep], x[keep])
-    assert torch.count_nonzero(y[~keep]) == 0
-    assert y.dtype == dtype
-
-
-def test_thresholds_json_round_trip(tmp_path):
-    hist = MagnitudeHistogram.empty(CalibrationConfig())
-    hist.add("decoder.0", torch.randn(1_000, generator=torch.Generator().manual_seed(5)))
-    th = hist.thresholds(0.3)
-    th.save(tmp_path / "th.json")
-    assert Thresholds.load(tmp_path / "th.json") == th
-    assert json.loads((tmp_path / "th.json").read_text())["overall_achieved"] == pytest.approx(
-        th.overall_achieved
-    )
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # atomic write left no temp file
-
-
 # ---- tiny models ----------------------------------------------------------------------------
 
 
@@ -251,25 +179,6 @@ def test_calibrated_model_reaches_target_and_restores(build):
         assert model.get_submodule(path) is module
     with torch.no_grad():
         assert all(torch.equal(model(**b).logits, r) for b, r in zip(data, reference))
-
-
-def test_apply_and_remove_restore_originals():
-    model = tiny_bert()
-    originals = {s.module_path: model.get_submodule(s.module_path) for s in find_activation_sites(model)}
-    keys = set(model.state_dict())
-    th = calibrate_thresholds(model, batches(n=1), CalibrationConfig(target=0.5))
-    paths = apply_thresholds(model, th)
-    assert sorted(paths) == sorted(originals)
-    assert set(model.state_dict()) == keys  # no new parameters or buffers
-    apply_thresholds(model, th)  # re-applying updates, never double-wraps
-    assert not any(
-        isinstance(m.inner, ThresholdedActivation)
-        for m in model.modules()
-        if isinstance(m, ThresholdedActivation)
-    )
-    assert remove_thresholds(model) == len(originals)
-    for path, module in originals.items():
-        assert model.get_submodule(path) is module
 
 
 def test_refinement_corrects_depth_drift():
@@ -319,43 +228,6 @@ def test_histograms_of_a_thresholded_model_see_values_before_the_threshold():
     # layer 0 has no thresholded layer before it: its histogram is unchanged (values before t)
     assert torch.equal(again.counts["encoder.0"], dense.counts["encoder.0"])
     assert not torch.equal(again.counts["encoder.1"], dense.counts["encoder.1"])
-
-
-def test_unknown_layer_is_rejected():
-    model = tiny_bert()
-    th = Thresholds(
-        values={"encoder.7": 0.1},
-        target=0.5,
-        mode="layer",
-        achieved={"encoder.7": 0.5},
-        natural={"encoder.7": 1.0},
-        elements={"encoder.7": 10},
-    )
-    with pytest.raises(KeyError, match="encoder.7"):
-        apply_thresholds(model, th)
-
-
-def test_gated_mlp_product_has_the_same_zeros():
-    """For LLaMA the threshold acts on act(gate); the input of down_proj is zero in the same places."""
-    model = tiny_llama()
-    data = batches(n=1)
-    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.3))
-    seen: dict[str, torch.Tensor] = {}
-    mlp = model.model.layers[0].mlp
-    with thresholded(model, th), torch.no_grad():
-        assert isinstance(mlp.act_fn, ThresholdedActivation)
-        hooks = [
-            mlp.act_fn.register_forward_hook(lambda m, a, out: seen.__setitem__("act", out)),
-            mlp.down_proj.register_forward_pre_hook(lambda m, a: seen.__setitem__("prod", a[0])),
-        ]
-        try:
-            model(**data[0])
-        finally:
-            for h in hooks:
-                h.remove()
-    zero_gate = seen["act"] == 0  # the thresholded act(gate)
-    assert zero_gate.float().mean() > 0.5
-    assert torch.equal(seen["prod"] == 0, zero_gate)
 
 
 def test_padding_is_not_counted():
@@ -469,54 +341,3 @@ def test_squad_split_is_by_article(tiny_lm_folder):
     assert set(calib) == first and not set(held_out) & first
 
 
-def test_product_site_thresholds_hook_the_down_projection_and_come_off():
-    """site="product": the input of each down projection (act(gate) * up) is thresholded by a
-    pre-hook; measured at that site the density equals the calibration's, the activated gate stays
-    dense (SiLU), and removing the thresholds restores the model exactly."""
-    from deftune.sparse.calibrate import InputThreshold, threshold_holders
-
-    model = tiny_llama()
-    data = batches()
-    with torch.no_grad():
-        reference = [model(**b).logits for b in data]
-    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.4, site="product", refine_passes=1))
-    assert th.site == "product" and all(t > 0 for t in th.values.values())
-    paths = apply_thresholds(model, th)
-    assert all(p.endswith("mlp.down_proj") for p in paths)
-    holders = threshold_holders(model)
-    assert len(holders) == 2 and all(isinstance(h, InputThreshold) for h in holders)
-    product = measure_density(model, data, site="product")
-    for name, value in product.exact_per_layer.items():  # 2 layers, 1 refinement pass: exact
-        assert value == pytest.approx(th.achieved[name], abs=1e-9), name
-    assert measure_density(model, data, site="act").overall > 0.99
-    apply_thresholds(model, th)  # re-applying updates, never stacks hooks
-    assert all(len(model.get_submodule(p)._forward_pre_hooks) == 1 for p in paths)
-    assert remove_thresholds(model) == 2
-    assert all(len(model.get_submodule(p)._forward_pre_hooks) == 0 for p in paths)
-    assert not threshold_holders(model)
-    with torch.no_grad():
-        assert all(torch.equal(model(**b).logits, r) for b, r in zip(data, reference))
-    with thresholded(model, th):  # the context manager takes its hooks off again
-        assert len(threshold_holders(model)) == 2
-    assert not threshold_holders(model)
-
-
-def test_product_site_thresholds_sit_on_a_lora_adapted_down_projection():
-    """Calibrated on the base model, applied after peft wrapped ``down_proj``: the hook goes on the
-    adapted module, so base and LoRA paths both see the zeros."""
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny_llama()
-    data = batches()
-    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.5, site="product", refine_passes=0))
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["down_proj", "q_proj"], init_lora_weights=False))
-    paths = apply_thresholds(peft_model, th)
-    assert all(type(peft_model.get_submodule(p)).__name__ == "Linear" and "lora" in type(peft_model.get_submodule(p)).__module__
-               for p in paths)
-    assert 0.3 < measure_density(peft_model, data, site="product").overall < 0.7
-    seen = []
-    hook = peft_model.get_submodule(paths[0]).lora_A["default"].register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    with torch.no_grad():
-        peft_model(**data[0])
-    hook.remove()
-    assert (seen[0] == 0).float().mean() > 0.3  # the LoRA path reads the thresholded input

@@ -12,7 +12,7 @@ from deftune.sparse import (
     SparseGatedMLP,
     SparseInputLinear,
     SparseMLPConfig,
-    ThresholdedActivation,
+    SparseThresholdedActivation,
     restore_mlps_,
     sparse_modules,
     sparsify_mlps_,
@@ -106,7 +106,7 @@ def test_restore_gives_back_the_original_modules(arch):
     keys = list(model.state_dict())
     replaced = sparsify_mlps_(model, 0.1)
     assert replaced and all(
-        isinstance(model.get_submodule(p), (SparseGatedMLP, ThresholdedActivation, SparseInputLinear))
+        isinstance(model.get_submodule(p), (SparseGatedMLP, SparseThresholdedActivation, SparseInputLinear))
         for p in replaced
     )
     assert restore_mlps_(model) == len(replaced)

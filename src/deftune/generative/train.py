@@ -41,8 +41,13 @@ from deftune.generative.relufy import relufy
 from deftune.losses import ALPHA_SCHEDULES
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import write_json_atomic
-from deftune.sparse import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
-from deftune.sparse.calibrate import threshold_holders
+from deftune.sparse import (
+    CalibrationConfig,
+    Thresholds,
+    apply_thresholds,
+    calibrate_thresholds,
+    threshold_holders,
+)
 
 THRESHOLDS_FILE = "act_thresholds.json"
 

@@ -12,19 +12,12 @@ Functional operator: :func:`sparse_gated_mlp`, :func:`sparse_mlp`, :func:`sparse
 measurements: ``docs/sparse.md`` and ``docs/benchmarks.md``.
 """
 
-from deftune.sparse.calibrate import (  # noqa: E402
-    CalibrationConfig,
-    Thresholds,
-    apply_thresholds,
-    calibrate_thresholds,
-    remove_thresholds,
-    thresholded,
-)
+from deftune.sparse.calibrate import CalibrationConfig, calibrate_thresholds  # noqa: E402
 from deftune.sparse.modules import (
     SparseGatedMLP,
     SparseInputLinear,
+    SparseThresholdedActivation,
     SparseWrapper,
-    ThresholdedActivation,
     activation_name,
     restore_mlps_,
     sparse_modules,
@@ -40,14 +33,26 @@ from deftune.sparse.reference import (
     mlp_reference,
     threshold_activation,
 )
+from deftune.sparse.thresholds import (
+    InputThreshold,
+    ThresholdedActivation,
+    Thresholds,
+    apply_thresholds,
+    remove_thresholds,
+    threshold_holders,
+    thresholded,
+)
 from deftune.sparse.triton_mlp import HAS_TRITON, KernelConfig
 
 __all__ = [
     "CalibrationConfig",
+    "InputThreshold",
+    "ThresholdedActivation",
     "Thresholds",
     "apply_thresholds",
     "calibrate_thresholds",
     "remove_thresholds",
+    "threshold_holders",
     "thresholded",
     "ACTIVATIONS",
     "GatedMLPWeights",
@@ -58,7 +63,7 @@ __all__ = [
     "SparseInputLinear",
     "SparseMLPConfig",
     "SparseWrapper",
-    "ThresholdedActivation",
+    "SparseThresholdedActivation",
     "activation_name",
     "down_proj_reference",
     "gated_mlp_reference",

@@ -9,7 +9,7 @@ thresholds the product itself, i.e. the input of the down projection (TEAL's cho
 rows of ``W_down`` only, but ``|act(gate) * up|`` measures what each entry contributes, so the same
 density costs far less quality (SmolLM2 at density 0.58: perplexity 21.2 -> 21.3, against 25.6 at
 the activated gate; ``docs/generative.md``). Output sites are thresholded by wrapping their module
-(:class:`ThresholdedActivation`); input sites by a forward pre-hook on the down projection
+(:class:`ThresholdedActivation`, in :mod:`deftune.sparse.thresholds` with the rest of the run-time side); input sites by a forward pre-hook on the down projection
 (:class:`InputThreshold`), which leaves adapters on that layer (peft LoRA on ``down_proj``) and
 state-dict keys untouched. This is the post-hoc
 thresholding of e.g. CATS (Lee et al., 2024, arXiv 2404.08763) and TEAL (Liu et al., 2024, arXiv
@@ -67,18 +67,15 @@ a relative error below ``2**(2/bins_per_octave) - 1``, 0.5 % at the default 256)
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
 from deftune.arch import SITE_KINDS, ActivationSite, find_activation_sites
 from deftune.density import ActivationRecorder
+from deftune.sparse.thresholds import ThresholdedActivation, Thresholds, thresholded
 
 # ---- configuration -----------------------------------------------------------------------------
 
@@ -132,73 +129,6 @@ def _check_target(target: float) -> float:
     if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
         raise ValueError(f"target must be a density in (0, 1], got {target!r}")
     return float(target)
-
-
-# ---- the result --------------------------------------------------------------------------------
-
-
-@dataclass
-class Thresholds:
-    """Per-layer thresholds ``t`` (activations with ``|a| <= t`` become 0) and what they achieve.
-
-    Attributes:
-        values: layer name (``"encoder.3"``) -> threshold ``t`` (a float32 value).
-        target: the density asked for.
-        mode: ``layer`` or ``global``.
-        achieved: layer -> density ``|a| > t`` on the calibration data (exact, real tokens).
-        natural: layer -> exact non-zero density before this layer's threshold (calibration data,
-            earlier layers thresholded when refined).
-        elements: layer -> calibration activations counted (tokens x features).
-        site: the activation site kind the thresholds act on (``act`` or ``product``).
-        refine_passes: calibration passes made after the first, with thresholds applied (fewer than
-            asked when all thresholds are 0).
-    """
-
-    values: dict[str, float]
-    target: float
-    mode: str
-    achieved: dict[str, float]
-    natural: dict[str, float]
-    elements: dict[str, int]
-    site: str = "act"
-    refine_passes: int = 0
-
-    @property
-    def overall_achieved(self) -> float:
-        """Element-weighted density over all layers on the calibration data."""
-        total = sum(self.elements.values())
-        return sum(self.achieved[k] * n for k, n in self.elements.items()) / max(total, 1)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["overall_achieved"] = self.overall_achieved
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> Thresholds:
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    def save(self, path: str | Path) -> None:
-        """Write JSON atomically (temp file in the same folder, then ``os.replace``)."""
-        from deftune.runs import write_json_atomic
-
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> Thresholds:
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
-    def table(self) -> str:
-        lines = [
-            f"Thresholds ({self.mode}, target {self.target:g})",
-            f"{'layer':<12}{'t':>12}{'natural':>9}{'achieved':>10}",
-        ]
-        for name, t in self.values.items():
-            lines.append(f"{name:<12}{t:>12.4g}{self.natural[name]:>9.4f}{self.achieved[name]:>10.4f}")
-        lines.append(f"{'overall':<12}{'':>12}{'':>9}{self.overall_achieved:>10.4f}")
-        return "\n".join(lines)
 
 
 # ---- threshold choice (registry of modes) -----------------------------------------------------
@@ -437,160 +367,6 @@ def calibrate_thresholds(
         passes += 1
     th.refine_passes = passes
     return th
-
-
-# ---- application -------------------------------------------------------------------------------
-
-
-def _zero_at_most(a: Tensor, threshold: float) -> Tensor:
-    """``a`` with ``|a| <= threshold`` set to 0, compared in float32 for half-precision inputs (so
-    it matches calibration exactly)."""
-    mag = a.abs() if a.dtype in (torch.float32, torch.float64) else a.abs().float()
-    return a.masked_fill(mag <= threshold, 0.0)
-
-
-class ThresholdedActivation(nn.Module):
-    """Wraps an activation module; outputs with ``|a| <= threshold`` become exactly 0.
-
-    The threshold is a plain float (not a buffer), so ``model.to(dtype)`` cannot round it; the
-    comparison runs in float32 for half-precision outputs, so it matches calibration exactly.
-    """
-
-    def __init__(self, inner: nn.Module, threshold: float) -> None:
-        super().__init__()
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
-        self.inner = inner
-        self.threshold = float(threshold)
-
-    def forward(self, *args, **kwargs) -> Tensor:
-        return _zero_at_most(self.inner(*args, **kwargs), self.threshold)  # (..., F)
-
-    def extra_repr(self) -> str:
-        return f"threshold={self.threshold:.4g}"
-
-
-class InputThreshold:
-    """A forward pre-hook that sets ``|x| <= threshold`` of a module's first input to exactly 0.
-
-    Installed by :func:`apply_thresholds` on input sites (the down projection of a gated MLP); the
-    hook object is kept on the module as ``module.deftune_input_threshold`` (with its handle), so
-    :func:`threshold_holders` finds it and :func:`remove_thresholds` takes it off. Whatever replaces
-    the module (e.g. ``merge_and_unload`` of an adapter) drops the hook: apply the thresholds again.
-    """
-
-    ATTR = "deftune_input_threshold"
-
-    def __init__(self, threshold: float) -> None:
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
-        self.threshold = float(threshold)
-        self.handle: torch.utils.hooks.RemovableHandle | None = None
-
-    def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        return (_zero_at_most(args[0], self.threshold), *args[1:])  # (..., F)
-
-    def attach(self, module: nn.Module) -> None:
-        self.handle = module.register_forward_pre_hook(self, prepend=True)  # ahead of any recorder
-        setattr(module, self.ATTR, self)
-
-    def detach(self, module: nn.Module) -> None:
-        if self.handle is not None:
-            self.handle.remove()
-        if getattr(module, self.ATTR, None) is self:
-            delattr(module, self.ATTR)
-
-
-def threshold_holders(model: nn.Module) -> list[ThresholdedActivation | InputThreshold]:
-    """Every threshold installed on ``model`` (wrappers and input hooks), each with a mutable
-    ``.threshold``, in module order."""
-    out: list[ThresholdedActivation | InputThreshold] = []
-    for m in model.modules():
-        if isinstance(m, ThresholdedActivation):
-            out.append(m)
-        hook = getattr(m, InputThreshold.ATTR, None)
-        if isinstance(hook, InputThreshold):
-            out.append(hook)
-    return out
-
-
-def _sites_for(model: nn.Module, thresholds: Thresholds) -> list[ActivationSite]:
-    if thresholds.site not in SITE_KINDS:
-        raise ValueError(f"thresholds.site must be one of {list(SITE_KINDS)}, got {thresholds.site!r}")
-    sites = {s.name: s for s in find_activation_sites(model, thresholds.site)}  # type: ignore[arg-type]
-    unknown = sorted(set(thresholds.values) - set(sites))
-    if unknown:
-        raise KeyError(f"thresholds name layers {unknown} that the model lacks; its layers: {sorted(sites)}")
-    return [sites[name] for name in thresholds.values]
-
-
-def _install(model: nn.Module, site: ActivationSite, t: float) -> None:
-    current = model.get_submodule(site.module_path)
-    if site.hook == "input":
-        hook = getattr(current, InputThreshold.ATTR, None)
-        if isinstance(hook, InputThreshold):
-            hook.threshold = float(t)
-        else:
-            InputThreshold(t).attach(current)
-    elif isinstance(current, ThresholdedActivation):
-        current.threshold = float(t)
-    else:
-        model.set_submodule(site.module_path, ThresholdedActivation(current, t))
-
-
-def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> list[str]:
-    """Threshold every site of ``thresholds`` in place; returns the module paths touched.
-
-    Output sites: the activation module is wrapped (:class:`ThresholdedActivation`); input sites:
-    an :class:`InputThreshold` pre-hook goes on the module. Re-applying updates the thresholds (no
-    double wrapping). Layers absent from ``thresholds`` are left alone; a layer the model lacks
-    raises ``KeyError``. Apply after adapters that replace the thresholded module (peft on
-    ``down_proj``), so that the hook sits on the module the model finally calls.
-    """
-    paths = []
-    for site in _sites_for(model, thresholds):
-        _install(model, site, thresholds.values[site.name])
-        paths.append(site.module_path)
-    return paths
-
-
-def remove_thresholds(model: nn.Module) -> int:
-    """Put every wrapped activation module back (the original objects) and take every input
-    threshold off; returns how many."""
-    wrapped = [(name, m) for name, m in model.named_modules() if isinstance(m, ThresholdedActivation)]
-    for name, module in wrapped:
-        model.set_submodule(name, module.inner)
-    hooked = [(m, h) for m in model.modules() if isinstance(h := getattr(m, InputThreshold.ATTR, None), InputThreshold)]
-    for module, hook in hooked:
-        hook.detach(module)
-    return len(wrapped) + len(hooked)
-
-
-@contextmanager
-def thresholded(model: nn.Module, thresholds: Thresholds) -> Iterator[nn.Module]:
-    """Within the block ``model`` runs with ``thresholds`` applied; on exit every touched
-    site is exactly what it was before (also when the body raises)."""
-    sites = _sites_for(model, thresholds)
-    before = {s.module_path: model.get_submodule(s.module_path) for s in sites}
-    saved = {p: m.threshold for p, m in before.items() if isinstance(m, ThresholdedActivation)}
-    hooks = {p: getattr(m, InputThreshold.ATTR, None) for p, m in before.items()}
-    saved_hooks = {p: h.threshold for p, h in hooks.items() if isinstance(h, InputThreshold)}
-    try:
-        apply_thresholds(model, thresholds)
-        yield model
-    finally:
-        for site in sites:
-            path, module = site.module_path, before[site.module_path]
-            if site.hook == "input":
-                hook = getattr(module, InputThreshold.ATTR, None)
-                if path in saved_hooks:
-                    hook.threshold = saved_hooks[path]  # type: ignore[union-attr]
-                elif isinstance(hook, InputThreshold):
-                    hook.detach(module)
-                continue
-            if path in saved:
-                module.threshold = saved[path]  # type: ignore[assignment]
-            model.set_submodule(path, module)
 
 
 # ---- metric vs target density ------------------------------------------------------------------

@@ -8,7 +8,7 @@ Modules are *wrapped*, never patched: each wrapper holds the original module as 
   :func:`deftune.sparse.ops.sparse_gated_mlp` (gate, threshold, and only the active rows of the
   up and down projections);
 * non-gated MLPs (BERT, GPT-2, OPT, DistilBERT, T5): the activation becomes a
-  :class:`ThresholdedActivation` and the down projection a :class:`SparseInputLinear`, which reads
+  :class:`SparseThresholdedActivation` and the down projection a :class:`SparseInputLinear`, which reads
   only the rows of ``W_down^T`` whose input is non-zero. This also holds for any gated MLP whose
   activation site feeds the down projection through a product (T5 gated-GELU): the product is
   zero wherever the activation is.
@@ -128,7 +128,7 @@ class SparseGatedMLP(SparseWrapper):
         return f"threshold={self.threshold:g}, activation={self.activation!r}"
 
 
-class ThresholdedActivation(SparseWrapper):
+class SparseThresholdedActivation(SparseWrapper):
     """``base(x)`` with entries ``|a| <= threshold`` set to zero."""
 
     def __init__(self, base: nn.Module, threshold: float) -> None:
@@ -185,7 +185,7 @@ def _wrap_act_down(
     act = model.get_submodule(site.module_path)
     down = model.get_submodule(down_path)
     sparse_down = SparseInputLinear(down, config)  # validates before anything is replaced
-    model.set_submodule(site.module_path, ThresholdedActivation(act, threshold))
+    model.set_submodule(site.module_path, SparseThresholdedActivation(act, threshold))
     model.set_submodule(down_path, sparse_down)
     return [site.module_path, down_path]
 
