@@ -156,6 +156,9 @@ def test_saved_run_reloads_with_the_same_answers(squad_file, tmp_path):
     assert cfg_over.eval_questions == 2 and cfg_over.seed == cfg.seed
     with pytest.raises(ValueError, match="unknown GenConfig field"):
         load_generative_run(tmp_path / "run", eval_question=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU; use device='cpu'"):
+            load_generative_run(tmp_path / "run", device="cuda")
     with pytest.raises(FileNotFoundError, match="not a generative run folder"):
         evaluate_generative_run(tmp_path)
 

@@ -138,6 +138,9 @@ def _lr_lambda(cfg: GenConfig):
 def _device(cfg: GenConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or 'auto' "
+                           "(CLI: --device cpu)")
     return torch.device(cfg.device)
 
 
