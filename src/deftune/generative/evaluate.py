@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from deftune.data.squad import SquadExample, squad_scores
 from deftune.density import ActivationRecorder, DensityResult, measure_density
 from deftune.generative.format import Encoded, prompt_batch, training_batch
+from deftune.progress import track
 
 
 def is_seq2seq(model: nn.Module) -> bool:
@@ -152,7 +153,7 @@ def generate_answers(
             decode = ActivationRecorder(model, later, site=site)  # type: ignore[arg-type]
             prefill.attach()
             decode.attach()
-        for start in range(0, len(items), batch_size):
+        for start in track(range(0, len(items), batch_size), description="generating answers"):
             chunk = items[start : start + batch_size]
             toks = greedy_generate(model, prompt_batch(chunk, pad, seq2seq), eos_id=eos, pad_id=pad,
                                    max_new_tokens=max_new_tokens, prefill_recorder=prefill,
@@ -180,7 +181,8 @@ def teacher_forced_density(
     seq2seq = is_seq2seq(model)
     batches = [training_batch(items[i : i + batch_size], tokenizer.pad_token_id, seq2seq)
                for i in range(0, len(items), batch_size)]
-    return measure_density(model, batches, site=site)  # type: ignore[arg-type]
+    return measure_density(model, batches, site=site, progress=True,  # type: ignore[arg-type]
+                           description="teacher-forced density")
 
 
 @torch.no_grad()

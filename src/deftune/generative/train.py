@@ -39,6 +39,7 @@ from deftune.generative.models import load_generative
 from deftune.generative.peft_methods import apply_method
 from deftune.generative.relufy import relufy
 from deftune.losses import ALPHA_SCHEDULES
+from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import write_json_atomic
 from deftune.sparse import (
@@ -195,7 +196,7 @@ def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: i
     with DensityRegularizer(model, cfg.density_config()) as reg, \
             threshold_ramp(model, cfg.act_threshold_warmup_steps) as set_threshold_step:
         acc = {"task": 0.0, "density": 0.0, "n": 0}
-        for step in range(cfg.steps):
+        for step in track(range(cfg.steps), description="training"):
             threshold_scale = set_threshold_step(step)
             for _ in range(cfg.grad_accum):
                 if len(order) < cfg.batch_size:
