@@ -319,6 +319,7 @@ def load_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> tuple[n
     if meta.get("kind") != "generative":
         raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r} run, not a generative one")
     cfg = GenConfig.from_dict({**meta["config"], **overrides})
+    device = _device(cfg)  # fails before any weights load when the device is missing
     if not (run / "adapter").is_dir():
         raise FileNotFoundError(f"{str(run)!r} has no adapter/ folder (method {cfg.method!r} saves none)")
     from peft import PeftModel
@@ -329,7 +330,7 @@ def load_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> tuple[n
     model = PeftModel.from_pretrained(model, str(run / "adapter"))
     if cfg.act_threshold_density is not None:
         apply_thresholds(model, Thresholds.load(run / THRESHOLDS_FILE))
-    return model.to(_device(cfg)).eval(), tokenizer, cfg
+    return model.to(device).eval(), tokenizer, cfg
 
 
 def evaluate_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> EvalReport:
