@@ -9,9 +9,10 @@ thresholds the product itself, i.e. the input of the down projection (TEAL's cho
 rows of ``W_down`` only, but ``|act(gate) * up|`` measures what each entry contributes, so the same
 density costs far less quality (SmolLM2 at density 0.58: perplexity 21.2 -> 21.3, against 25.6 at
 the activated gate; ``docs/generative.md``). Output sites are thresholded by wrapping their module
-(:class:`ThresholdedActivation`, in :mod:`deftune.sparse.thresholds` with the rest of the run-time side); input sites by a forward pre-hook on the down projection
+(:class:`ThresholdedActivation`), input sites by a forward pre-hook on the down projection
 (:class:`InputThreshold`), which leaves adapters on that layer (peft LoRA on ``down_proj``) and
-state-dict keys untouched. This is the post-hoc
+state-dict keys untouched; both live in :mod:`deftune.sparse.thresholds` with the rest of the run-time
+side. This is the post-hoc
 thresholding of e.g. CATS (Lee et al., 2024, arXiv 2404.08763) and TEAL (Liu et al., 2024, arXiv
 2408.14690); it pairs naturally with DEFT (Runwal et al., AAAI 2025, arXiv 2402.01911), whose
 trained near-zeros cost little when they become exact zeros.
