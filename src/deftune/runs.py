@@ -28,6 +28,7 @@ from typing import Any
 CONFIG_FILE = "deftune.json"
 RESULTS_FILE = "results.json"
 EXTENSION_FILE = "extension.safetensors"
+THRESHOLDS_FILE = "act_thresholds.json"  # calibrated activation thresholds of a threshold-route run
 
 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
@@ -130,7 +131,8 @@ def load_result(run_dir: str | os.PathLike) -> RunResult:
 def load_run(run_dir: str | os.PathLike):
     """``(model, tokenizer, config)`` of a finished GLUE run, in eval mode on the CPU.
 
-    Rebuilds the base model named in ``deftune.json`` and loads the trained adapter and task head.
+    Rebuilds the base model named in ``deftune.json``, loads the trained adapter and task head, and
+    re-applies the run's activation thresholds when it trained through them (``act_threshold_density``).
     """
     from deftune.train.config import TrainConfig
     from deftune.train.model import build_base_model
@@ -144,5 +146,9 @@ def load_run(run_dir: str | os.PathLike):
 
     base, tokenizer = build_base_model(config)
     model = load_adapter(base, run_dir)
+    if config.act_threshold_density is not None:  # the run trained (and was scored) through them
+        from deftune.sparse import Thresholds, apply_thresholds
+
+        apply_thresholds(model, Thresholds.load(run_dir / THRESHOLDS_FILE))
     model.eval()
     return model, tokenizer, config

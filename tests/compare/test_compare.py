@@ -137,3 +137,39 @@ def test_workers_share_a_grid_claimed_runs_are_passed_over_and_rows_merge(tiny_s
     rows = compare.run_grid(runs, cfg.results_json, progress=False)
     assert "sst2-bitfit-a1: done, skipped" in capsys.readouterr().out
     assert len(rows) == 3
+
+
+def test_compare_threshold_route_is_its_own_variant(tiny_setup, tmp_path):
+    from deftune.compare import config_key, run_key
+
+    cfg = _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,), threshold_densities=(0.5,))
+    names = [c.run_name for c in cfg.runs()]
+    assert names == ["sst2-lora-a0", "sst2-lora-a0-t0.5"]
+    assert len({config_key(c) for c in cfg.runs()}) == 2  # same α, different key
+    rows = run_compare(cfg, progress=False)
+    assert len(rows) == 2 and {r.get("act_threshold_density") for r in rows} == {None, 0.5}
+    assert {config_key(c) for c in cfg.runs()} == {run_key(r) for r in rows}
+    summary = summarise(rows)
+    assert set(summary) == {"t0.5"}  # compared with the dense PEFT run, not pooled with it
+    dense, thr = sorted(rows, key=lambda r: r.get("act_threshold_density") or 0)
+    assert summary["t0.5"]["overall"]["density_reduction_pct"] == 100 * (dense["density"] - thr["density"]) / dense["density"]
+    assert summary["t0.5"]["overall"]["density_reduction_pct"] > 20
+    report = (tmp_path / "results.md").read_text()
+    assert "| sst2 | lora | 0 + thresholds 0.5 | 1 |" in report
+    assert "## α = 0, thresholds at density 0.5: DEFT vs PEFT" in report and "--threshold-densities 0.5" in report
+
+
+def test_compare_rejects_bad_threshold_densities(tiny_setup, tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="threshold_densities must be densities in"):
+        _grid(tiny_setup, tmp_path, threshold_densities=(1.5,))
+
+
+def test_report_reproduce_line_names_every_changed_budget_flag(tiny_setup, tmp_path):
+    from deftune.compare import write_compare_report
+
+    cfg = _grid(tiny_setup, tmp_path, steps=3, warmup_steps=2)
+    write_compare_report([], cfg)
+    line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("Reproduce"))
+    assert "--steps 3" in line and "--warmup-steps 2" in line and "--batch-size 4" in line

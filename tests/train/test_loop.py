@@ -111,3 +111,47 @@ def test_every_command_has_help(capsys):
         for a in action._actions:
             if a.dest not in ("help",) and a.option_strings:
                 assert a.help, f"{action.prog} {a.option_strings} has no help"
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_threshold_route_trains_through_calibrated_zeros_and_reloads(tiny_setup, tmp_path, method):
+    from deftune.runs import THRESHOLDS_FILE
+    from deftune.sparse import Thresholds, threshold_holders
+
+    options = {"num_virtual_tokens": 4} if method == "prompt" else {}  # virtual tokens: left out of calibration
+    dense = train_glue(_config(tiny_setup, tmp_path, method=method, method_options=options, alpha=0.0, output_dir=None),
+                       progress=False)
+    cfg = _config(tiny_setup, tmp_path, method=method, method_options=options, alpha=0.0, act_threshold_density=0.5,
+                  act_threshold_batches=2)
+    assert cfg.run_name == f"sst2-{method}-a0-t0.5"
+    result = train_glue(cfg, progress=False)
+    saved = Thresholds.load(tmp_path / "run" / THRESHOLDS_FILE)
+    assert set(saved.values) == {"encoder.0", "encoder.1"} and all(t > 0 for t in saved.values.values())
+    assert saved.target == 0.5
+    # calibrated to 0.5 on training batches; the dev density stays near it, far below the dense run's
+    assert dense.density["exact"] > 0.9 and 0.3 < result.density["exact"] < 0.7
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["exact_density"] < 0.8 for r in log)  # the zeros hold during training, not only at eval
+
+    model, tok, cfg2 = load_run(tmp_path / "run")
+    assert cfg2 == cfg and len(threshold_holders(model)) == 2
+    again = evaluate_glue(model, tok, cfg2)
+    assert again.density.overall == pytest.approx(result.density["exact"])
+    assert again.metrics[result.metric["name"]] == pytest.approx(result.metric["value"])
+
+
+def test_threshold_calibration_leaves_the_training_order_alone(tiny_setup, tmp_path):
+    # density 1.0: thresholds of 0 change nothing, so the run must equal the dense one exactly
+    a = train_glue(_config(tiny_setup, tmp_path, alpha=0.0, output_dir=None), progress=False)
+    b = train_glue(_config(tiny_setup, tmp_path, alpha=0.0, output_dir=None, act_threshold_density=1.0), progress=False)
+    assert b.metric == a.metric and b.density == a.density
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"act_threshold_density": 0.0}, "act_threshold_density must be in (0, 1]"),
+    ({"act_threshold_density": 0.5, "act_threshold_mode": "median"}, "act_threshold_mode must be one of"),
+    ({"act_threshold_batches": 0}, "act_threshold_batches must be an integer >= 1"),
+])
+def test_threshold_options_are_validated(kw, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+        TrainConfig(**kw)

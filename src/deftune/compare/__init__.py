@@ -8,7 +8,8 @@ of :func:`deftune.generative.train_generative` runs: greedy-decoding QA, metric 
 teacher-forced pass):
 
 * every finished run is a row in the results JSON (``docs/results/glue.json`` by default),
-  keyed by (task, method, alpha, steps, seed, eval split); a key already present is skipped;
+  keyed by (task, method, alpha, steps, seed, eval split, threshold density); a key already
+  present is skipped;
 * several workers may run the same command at once (one per core): runs are claimed and rows
   appended under file locks (:func:`run_grid`);
 * the JSON is rewritten atomically after each run, so an interruption loses at most the run in

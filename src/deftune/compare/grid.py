@@ -1,7 +1,8 @@
 """The grid of ``deftune compare``: its config, run keys, results rows and the resumable runner.
 
 * every finished run is a row in the results JSON (``docs/results/glue.json`` by default),
-  keyed by (task, method, alpha, steps, seed, eval split); a key already present is skipped;
+  keyed by (task, method, alpha, steps, seed, eval split, threshold density); a key already
+  present is skipped;
 * the JSON is rewritten atomically after each run, so an interruption loses at most the run in
   progress, whose half-written run directory is removed and restarted on the next invocation;
 * several workers may run the same command at once (one per core): runs are claimed and rows
@@ -69,6 +70,10 @@ class CompareConfig:
         select_alpha_from: a results file of a ``holdout`` grid; the report then adds the dev results
             at the α chosen per task on it (:func:`deftune.select_alpha.select_alphas`).
         select_tolerance: the most held-out metric points the chosen α may lose against PEFT.
+        threshold_densities: the threshold route: for each density d, every GLUE (task, method,
+            seed) also runs at α = 0 through activation thresholds calibrated to d before training
+            (``TrainConfig.act_threshold_density``); the report compares those runs with the dense
+            PEFT runs as it compares each α. Empty: no threshold runs.
         generative_options: further :class:`deftune.generative.GenConfig` fields of the ``squad``
             runs (``batch_size=8,eval_questions=1000,act_threshold_density=0.58`` …); ``steps``
             and the seed come from this grid, the rest from ``GenConfig``'s defaults. A results
@@ -102,6 +107,7 @@ class CompareConfig:
     holdout: int | None = None
     select_alpha_from: str | None = None
     select_tolerance: float = 1.0
+    threshold_densities: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         from deftune.data.glue import get_task
@@ -133,6 +139,11 @@ class CompareConfig:
             raise ValueError(f"select_tolerance must be a number >= 0, got {self.select_tolerance!r}")
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
+        if any(not 0 < d <= 1 for d in self.threshold_densities):
+            raise ValueError(f"threshold_densities must be densities in (0, 1], got {self.threshold_densities}")
+        if self.threshold_densities and SQUAD in self.tasks:
+            raise ValueError("threshold_densities applies to GLUE tasks; squad runs take "
+                             "--generative-options act_threshold_density=...")
         if not self.seeds or any(int(s) != s or s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be one or more integers >= 0, got {self.seeds}")
 
@@ -143,41 +154,50 @@ class CompareConfig:
             "output_dir": str(Path(self.runs_dir) / name),
         })
 
+    def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:
+        name = (f"{task}-{method}-a{alpha:g}" + (f"-t{density:g}" if density is not None else "")
+                + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else ""))
+        return TrainConfig(
+            task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
+            method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
+            lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
+            batch_size=self.batch_size, max_length=self.max_length,
+            train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
+            schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
+            act_threshold_density=density, output_dir=str(Path(self.runs_dir) / name), seed=seed, name=name,
+        )
+
     def runs(self) -> list[RunConfig]:
         out: list[RunConfig] = []
         for seed in self.seeds:
             for task in self.tasks:
                 for method in self.methods:
                     for alpha in self.alphas:
-                        name = (f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
-                                + (f"-h{self.holdout}" if self.holdout else ""))
                         if task == SQUAD:
+                            name = f"{task}-{method}-a{alpha:g}" + (f"-s{seed}" if seed else "")
                             out.append(self._squad_config(method, alpha, seed, name))
-                            continue
-                        out.append(
-                            TrainConfig(
-                                task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
-                                method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
-                                lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
-                                batch_size=self.batch_size, max_length=self.max_length,
-                                train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
-                                schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
-                                output_dir=str(Path(self.runs_dir) / name), seed=seed, name=name,
-                            )
-                        )
+                        else:
+                            out.append(self._glue_config(task, method, alpha, seed, None))
+                    if task != SQUAD:
+                        out += [self._glue_config(task, method, 0.0, seed, d) for d in self.threshold_densities]
         return out
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def run_key(row: dict[str, Any]) -> tuple:
     return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)),
-            row.get("eval_split", "dev"))
+            row.get("eval_split", "dev"), _optional_float(row.get("act_threshold_density")))
 
 
 def config_key(config: RunConfig) -> tuple:
     """The results-file key of a run config (as :func:`run_key` of its row)."""
     if isinstance(config, GenConfig):
-        return (SQUAD, config.method, float(config.alpha), int(config.steps), int(config.seed), "dev")
-    return (config.task, config.method, float(config.alpha), int(config.steps), int(config.seed), config.eval_split)
+        return (SQUAD, config.method, float(config.alpha), int(config.steps), int(config.seed), "dev", None)
+    return (config.task, config.method, float(config.alpha), int(config.steps), int(config.seed), config.eval_split,
+            _optional_float(config.act_threshold_density))
 
 
 def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
@@ -188,6 +208,7 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
         "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
         **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
+        **({"act_threshold_density": config.act_threshold_density} if config.act_threshold_density is not None else {}),
         "metric": d["metric"], "metrics": d["metrics"],
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
         "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],

@@ -20,22 +20,39 @@ def _sd(values: Sequence[float]) -> float:
     return stdev(values) if len(values) > 1 else 0.0
 
 
+def variant(row: dict[str, Any]) -> float | str:
+    """What a row is compared as: its α, or ``"t<density>"`` for a threshold-route run (α = 0
+    through activation thresholds calibrated to that density). PEFT is the variant ``0.0``."""
+    density = row.get("act_threshold_density")
+    return f"t{float(density):g}" if density is not None else float(row["alpha"])
+
+
+def variant_label(v: float | str) -> str:
+    """``α = 0.1`` or ``α = 0, thresholds at density 0.55``."""
+    return f"α = {v:g}" if isinstance(v, float) else f"α = 0, thresholds at density {v[1:]}"
+
+
+def _variant_order(v: float | str) -> tuple:
+    return (0, v, "") if isinstance(v, float) else (1, 0.0, v)
+
+
 def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hashable | None] | None = None
               ) -> dict[Any, dict[str, Any]]:
-    """DEFT vs PEFT averages per α > 0, over the (task, seed) pairs where both runs exist.
+    """DEFT vs PEFT averages per α > 0 (and per threshold-route density, keyed ``"t<density>"``,
+    :func:`variant`), over the (task, seed) pairs where both runs exist.
 
     Returns ``{alpha: {"methods": {method: {...}}, "seeds": {seed: {...}}, "overall": {...}}}``; each
     leaf has ``pairs``, ``density_reduction_pct`` (relative, %) and ``metric_delta`` (points).
     A pair is one (task, method, seed): the DEFT run against the PEFT run of the same seed.
-    ``group(row)`` replaces the α as the key of a DEFT row (``None``: leave the row out), e.g. to
-    pool the α chosen per task.
+    ``group(row)`` replaces the variant as the key of a DEFT row (``None``: leave the row out), e.g.
+    to pool the α chosen per task.
     """
-    by = {(r["task"], r["method"], float(r["alpha"]), int(r.get("seed", 0))): r for r in rows}
+    by = {(r["task"], r["method"], variant(r), int(r.get("seed", 0))): r for r in rows}
     pairs: dict[Any, list[tuple[str, int, float, float]]] = {}
-    for (task, method, alpha, seed), r in by.items():
+    for (task, method, v, seed), r in by.items():
         base = by.get((task, method, 0.0, seed))
-        key = alpha if group is None else group(r)
-        if alpha == 0 or base is None or key is None:
+        key = v if group is None else group(r)
+        if v == 0.0 or base is None or key is None:
             continue
         reduction = 100 * (base["density"] - r["density"]) / base["density"]
         pairs.setdefault(key, []).append((method, seed, reduction, r["metric"]["value"] - base["metric"]["value"]))
@@ -48,7 +65,7 @@ def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hash
         }
 
     out: dict[float, dict[str, Any]] = {}
-    for alpha, items in sorted(pairs.items()):
+    for alpha, items in sorted(pairs.items(), key=lambda kv: _variant_order(kv[0]) if group is None else str(kv[0])):
         methods = {m: leaf([i for i in items if i[0] == m]) for m in sorted({i[0] for i in items})}
         seeds = {sd: leaf([i for i in items if i[1] == sd]) for sd in sorted({i[1] for i in items})}
         overall = leaf(items)
@@ -127,10 +144,14 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         "",
         "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
         + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
-        + " --seeds " + ",".join(map(str, config.seeds)) + (" --data-dir ../shared/data/glue" if has_glue else "")
+        + " --seeds " + ",".join(map(str, config.seeds))
+        + (" --threshold-densities " + ",".join(f"{d:g}" for d in config.threshold_densities)
+           if config.threshold_densities else "") + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
-                  for name in ("results_json", "report_md", "runs_dir", "generative_model", "squad_dir", "holdout",
-                               "select_alpha_from", "select_tolerance")
+                  for name in ("steps", "warmup_steps", "schedule", "train_subset", "eval_subset", "batch_size",
+                               "max_length", "model", "act_scale", "scale_lr", "head_lr", "results_json", "report_md",
+                               "runs_dir", "generative_model", "squad_dir", "holdout", "select_alpha_from",
+                               "select_tolerance")
                   if getattr(config, name) != getattr(CompareConfig, name))
         + (" --generative-options " + ",".join(f"{k}={v}" for k, v in config.generative_options.items())
            if config.generative_options else "") + "`",
@@ -138,18 +159,19 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, float | str], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((r["task"], r["method"], float(r["alpha"])), []).append(r)
-    for (task, method, alpha), rs in sorted(groups.items()):
+        groups.setdefault((r["task"], r["method"], variant(r)), []).append(r)
+    for (task, method, v), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], _variant_order(kv[0][2]))):
         values = [r["metric"]["value"] for r in rs]
+        shown = f"{v:g}" if isinstance(v, float) else f"0 + thresholds {v[1:]}"
         lines.append(
-            f"| {task} | {method} | {alpha:g} | {len(rs)} | {rs[0]['metric']['name']} | {fmean(values):.2f} | "
+            f"| {task} | {method} | {shown} | {len(rs)} | {rs[0]['metric']['name']} | {fmean(values):.2f} | "
             f"{_sd(values):.2f} | {fmean([r['density'] for r in rs]):.4f} | {rs[0]['trainable_parameters']:,} | "
             f"{fmean([r['train_seconds'] for r in rs]):.0f} |"
         )
-    for alpha, summary in summarise(rows).items():
-        lines += summary_lines(f"α = {alpha:g}: DEFT vs PEFT, averaged over tasks and seeds", summary)
+    for v, summary in summarise(rows).items():
+        lines += summary_lines(f"{variant_label(v)}: DEFT vs PEFT, averaged over tasks and seeds", summary)
     if config.select_alpha_from:
         from deftune.compare.select_alpha import selection_lines
 
@@ -174,14 +196,14 @@ def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
 
     tasks = sorted({r["task"] for r in rows})
     methods = sorted({r["method"] for r in rows})
-    alphas = sorted({float(r["alpha"]) for r in rows})
+    alphas = sorted({variant(r) for r in rows}, key=_variant_order)  # each α, then each threshold density
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     markers = {a: "osD^vP*X"[i % 8] for i, a in enumerate(alphas)}
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4 * max(1, len(tasks)), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for method in methods:
             for alpha in alphas:
-                rs = [r for r in rows if r["task"] == task and r["method"] == method and float(r["alpha"]) == alpha]
+                rs = [r for r in rows if r["task"] == task and r["method"] == method and variant(r) == alpha]
                 if rs:
                     ax.scatter(fmean([r["density"] for r in rs]), fmean([r["metric"]["value"] for r in rs]),
                                color=colours[method], marker=markers[alpha], s=28)
@@ -189,7 +211,8 @@ def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("exact density")
         ax.set_ylabel("dev metric (mean over seeds)")
     handles = [Line2D([], [], color=c, marker="o", ls="", label=m) for m, c in colours.items()]
-    handles += [Line2D([], [], color="k", marker=mk, ls="", label=f"α={a:g}") for a, mk in markers.items()]
+    handles += [Line2D([], [], color="k", marker=mk, ls="", label=variant_label(a).replace(" = ", "="))
+                for a, mk in markers.items()]
     axes[0][-1].legend(handles=handles, fontsize=6, loc="best")
     fig.tight_layout()
     save_figure(fig, path)

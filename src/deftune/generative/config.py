@@ -140,17 +140,10 @@ class GenConfig:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {self.device!r}")
-        if self.act_threshold_density is not None and not (
-            isinstance(self.act_threshold_density, (int, float)) and 0 < self.act_threshold_density <= 1
-        ):
-            raise ValueError(f"act_threshold_density must be in (0, 1] or None, got {self.act_threshold_density!r}")
-        from deftune.sparse.calibrate import THRESHOLD_MODES
+        from deftune.sparse.calibrate import check_threshold_options
 
-        if self.act_threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(
-                f"act_threshold_mode must be one of {sorted(THRESHOLD_MODES)}, got {self.act_threshold_mode!r}"
-            )
-        positive = ("lora_r", "steps", "act_threshold_batches", "batch_size", "grad_accum", "max_length", "max_context_tokens",
+        check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
+        positive = ("lora_r", "steps", "batch_size", "grad_accum", "max_length", "max_context_tokens",
                     "max_new_tokens", "eval_articles", "eval_questions", "eval_batch_size", "log_every")
         for name in positive:
             value = getattr(self, name)

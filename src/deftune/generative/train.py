@@ -41,7 +41,7 @@ from deftune.generative.relufy import relufy
 from deftune.losses import ALPHA_SCHEDULES
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
-from deftune.runs import write_json_atomic
+from deftune.runs import THRESHOLDS_FILE, write_json_atomic
 from deftune.sparse import (
     CalibrationConfig,
     Thresholds,
@@ -49,8 +49,6 @@ from deftune.sparse import (
     calibrate_thresholds,
     threshold_holders,
 )
-
-THRESHOLDS_FILE = "act_thresholds.json"
 
 
 @dataclass

@@ -132,6 +132,17 @@ def _check_target(target: float) -> float:
     return float(target)
 
 
+def check_threshold_options(density: float | None, mode: str, batches: int) -> None:
+    """Validate a run config's ``act_threshold_density`` / ``_mode`` / ``_batches`` (GLUE and
+    generative runs share them); raises ``ValueError`` naming the field and the accepted values."""
+    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+        raise ValueError(f"act_threshold_density must be in (0, 1] or None, got {density!r}")
+    if mode not in THRESHOLD_MODES:
+        raise ValueError(f"act_threshold_mode must be one of {sorted(THRESHOLD_MODES)}, got {mode!r}")
+    if not isinstance(batches, int) or batches < 1:
+        raise ValueError(f"act_threshold_batches must be an integer >= 1, got {batches!r}")
+
+
 # ---- threshold choice (registry of modes) -----------------------------------------------------
 # Each mode maps (layer -> density above each edge, layer -> element count,
 # layer -> energy fraction at or below each edge, target) to layer -> chosen edge index.
@@ -288,13 +299,15 @@ class _HistogramRecorder(ActivationRecorder):
     # thresholds of earlier layers stay in effect.
     inputs_first = True
 
-    def __init__(self, model: nn.Module, histogram: MagnitudeHistogram, *, count_padding: bool) -> None:
+    def __init__(self, model: nn.Module, histogram: MagnitudeHistogram, *, count_padding: bool,
+                 skip_leading: int = 0) -> None:
         sites = []
         for s in find_activation_sites(model, histogram.site):  # type: ignore[arg-type]
             if isinstance(model.get_submodule(s.module_path), ThresholdedActivation):
                 s = replace(s, module_path=s.module_path + ".inner")
             sites.append(s)
-        super().__init__(model, sites, thresholds=(), count_padding=count_padding, track_stats=False)
+        super().__init__(model, sites, thresholds=(), count_padding=count_padding, track_stats=False,
+                         skip_leading=skip_leading)
         self.histogram = histogram
 
     def _record(self, site: ActivationSite, a: Tensor) -> None:
@@ -316,12 +329,15 @@ def collect_histograms(
     config: CalibrationConfig | None = None,
     *,
     progress: bool = False,
+    skip_leading: int = 0,
 ) -> MagnitudeHistogram:
     """One pass over ``batches`` (dicts of model inputs): per-layer histograms of ``|a|``.
 
     The model runs in eval mode (restored afterwards). Only real tokens count (the attention mask
-    of each forward call; see :class:`deftune.density.ActivationRecorder`). On a model with
-    thresholds applied, each layer is observed before its own threshold, after earlier layers'.
+    of each forward call; see :class:`deftune.density.ActivationRecorder`), less the first
+    ``skip_leading`` positions of each sequence (prompt tuning's virtual tokens,
+    :func:`deftune.methods.virtual_token_count`). On a model with thresholds applied, each layer is
+    observed before its own threshold, after earlier layers'.
     """
     config = config or CalibrationConfig()
     histogram = MagnitudeHistogram.empty(config)
@@ -329,7 +345,7 @@ def collect_histograms(
     was_training = model.training
     model.eval()
     try:
-        with _HistogramRecorder(model, histogram, count_padding=config.count_padding):
+        with _HistogramRecorder(model, histogram, count_padding=config.count_padding, skip_leading=skip_leading):
             iterator = batches
             if progress:
                 from deftune.progress import track
@@ -349,21 +365,22 @@ def calibrate_thresholds(
     *,
     histogram: MagnitudeHistogram | None = None,
     progress: bool = False,
+    skip_leading: int = 0,
 ) -> Thresholds:
     """Per-layer thresholds that reach ``config.target`` density on ``batches``.
 
     ``1 + config.refine_passes`` passes over ``batches`` (a list: it is iterated again); pass a
     ``histogram`` of the unthresholded model (:func:`collect_histograms`) to skip the first pass,
-    e.g. when calibrating several targets.
+    e.g. when calibrating several targets. ``skip_leading``: as :func:`collect_histograms`.
     """
     config = config or CalibrationConfig()
     if histogram is None:
-        histogram = collect_histograms(model, batches, config, progress=progress)
+        histogram = collect_histograms(model, batches, config, progress=progress, skip_leading=skip_leading)
     th = histogram.thresholds(config.target, config.mode)
     passes = 0
     while passes < config.refine_passes and any(th.values.values()):  # all 0: a pass would change nothing
         with thresholded(model, th):
-            histogram = collect_histograms(model, batches, config, progress=progress)
+            histogram = collect_histograms(model, batches, config, progress=progress, skip_leading=skip_leading)
         th = histogram.thresholds(config.target, config.mode)
         passes += 1
     th.refine_passes = passes

@@ -46,6 +46,17 @@ class TrainConfig:
         thresholds: τ values for the thresholded density |a| > τ.
         data_dir: GLUE folder (None: ``$DEFTUNE_DATA_DIR`` or the Hub).
         output_dir: run directory (None: nothing is saved).
+        act_threshold_density: None, or a target activation density in (0, 1]: before training,
+            per-layer thresholds ``t_l`` are calibrated (:func:`deftune.sparse.calibrate_thresholds`)
+            on ``act_threshold_batches`` training batches of the model with its method added, and
+            ``|a| <= t_l`` is exactly 0 during training and every evaluation — the method learns
+            through the zeros (as CATS, Lee et al. 2024, fine-tunes through its thresholds). With
+            ``alpha = 0`` this is the threshold route to sparsity; the thresholds are saved with the
+            run (``act_thresholds.json``) and re-applied by :func:`deftune.runs.load_run`.
+        act_threshold_mode: how the target is shared among layers
+            (:data:`deftune.sparse.calibrate.THRESHOLD_MODES`: ``layer``, ``global``, ``energy``).
+        act_threshold_batches: training batches used for that calibration (a seeded draw of their
+            own, so the training data order is the same with and without thresholds).
         seed: random seed (model head init, data order).
         log_every: log (and measure training density) every this many steps.
         name: run name used in results tables (default: ``{task}-{method}-a{alpha}``).
@@ -79,6 +90,9 @@ class TrainConfig:
     holdout: int | None = None
     eval_batch_size: int = 128
     thresholds: tuple[float, ...] = (1e-3, 1e-2)
+    act_threshold_density: float | None = None
+    act_threshold_mode: str = "layer"
+    act_threshold_batches: int = 8
     data_dir: str | None = None
     output_dir: str | None = None
     seed: int = 0
@@ -108,6 +122,9 @@ class TrainConfig:
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         self.thresholds = tuple(float(t) for t in self.thresholds)
+        from deftune.sparse.calibrate import check_threshold_options
+
+        check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
         self.density_config()  # validates alpha, eps, loss name, schedule, site
 
     @property
@@ -117,7 +134,8 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
-        return self.name or f"{self.task}-{self.method}-a{self.alpha:g}"
+        thresholds = f"-t{self.act_threshold_density:g}" if self.act_threshold_density is not None else ""
+        return self.name or f"{self.task}-{self.method}-a{self.alpha:g}{thresholds}"
 
     def density_config(self) -> DensityLossConfig:
         return DensityLossConfig(

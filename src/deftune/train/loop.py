@@ -7,7 +7,10 @@ Data flow of one step::
               └► per-layer surrogate φ(a) ───────►├─► total = task + α(step)·density (+ extensions)
                                                   ┘        │ backward → only method/head params
 
-PEFT (α = 0) and DEFT take exactly this path. Under ``torchrun`` / ``accelerate launch`` the loop is
+PEFT (α = 0) and DEFT take exactly this path. The threshold route (``act_threshold_density``)
+calibrates per-layer activation thresholds on a few training batches before the first step and
+wraps the activations in them (:mod:`deftune.sparse.thresholds`), so the method trains, and is
+scored, through exact zeros. Under ``torchrun`` / ``accelerate launch`` the loop is
 data-parallel (``accelerate`` wraps the model in DDP; each process takes every ``world``-th batch)
 and the density counts are summed over processes before logging.
 """
@@ -32,10 +35,12 @@ from deftune.runs import (
     CONFIG_FILE,
     EXTENSION_FILE,
     RESULTS_FILE,
+    THRESHOLDS_FILE,
     RunResult,
     write_json_atomic,
     write_safetensors_atomic,
 )
+from deftune.sparse import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
 from deftune.train.config import TrainConfig
 from deftune.train.evaluate import EvalResult, evaluate_batches
 from deftune.train.model import build_model, count_trainable
@@ -142,6 +147,11 @@ def train_glue(
         shuffle=True, seed=config.seed, regression=task.is_regression,
     )
     plan = _step_batches(batches, config.steps, rank, world, config.seed)
+    thresholds = None
+    if config.act_threshold_density is not None:  # the threshold route: calibrate, then train through them
+        model.to(accelerator.device)
+        thresholds = calibrate_on_training_batches(model, batches, config)
+        apply_thresholds(model, thresholds)
 
     extra_params = [p for ext in extensions for p in ext.trainable_parameters()]
     optimizer = torch.optim.AdamW(_param_groups(model, config, extra_params), weight_decay=config.weight_decay)
@@ -210,13 +220,33 @@ def train_glue(
     evaluation = evaluate_batches(model, dev_batches, task, thresholds=config.thresholds, progress=progress)
     result = _make_result(config, evaluation, train_seconds, count_trainable(model))
     if config.output_dir and accelerator.is_main_process:
-        save_run(config, model, result, extensions)
+        save_run(config, model, result, extensions, thresholds)
     accelerator.wait_for_everyone()
     for ext in extensions:  # optional clean-up once evaluated and saved (hooks of gates, RigL, ...)
         close = getattr(ext, "close", None)
         if callable(close):
             close()
     return result
+
+
+def calibrate_on_training_batches(model: nn.Module, batches: Sequence[dict], config: TrainConfig) -> Thresholds:
+    """Per-layer thresholds reaching ``config.act_threshold_density`` on ``config.act_threshold_batches``
+    training batches, drawn in a seeded order of their own (the training plan is unchanged).
+
+    Calibrated on the model with its method added (LoRA, IA3, adapters and BitFit start as the
+    pre-trained function; prompt tuning's virtual tokens are left out, as in the density).
+    """
+    import random
+
+    from deftune.methods import virtual_token_count
+
+    order = random.Random(config.seed + 1).sample(range(len(batches)), len(batches))
+    device = next(model.parameters()).device
+    chosen = [{k: v.to(device) for k, v in batches[i].items() if k != "labels"}
+              for i in order[: config.act_threshold_batches]]
+    cal = CalibrationConfig(target=float(config.act_threshold_density), mode=config.act_threshold_mode,
+                            count_padding=config.count_padding)
+    return calibrate_thresholds(model, chosen, cal, skip_leading=virtual_token_count(model))
 
 
 def _make_result(config: TrainConfig, ev: EvalResult, seconds: float, n_trainable: int) -> RunResult:
@@ -240,8 +270,10 @@ def _make_result(config: TrainConfig, ev: EvalResult, seconds: float, n_trainabl
     )
 
 
-def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extensions=()) -> Path:
-    """Write the run directory: adapter, ``deftune.json``, ``results.json``, extension state."""
+def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extensions=(),
+             thresholds: Thresholds | None = None) -> Path:
+    """Write the run directory: adapter, ``deftune.json``, ``results.json``, extension state and
+    the activation thresholds of a threshold-route run."""
     import deftune
     from deftune.methods import save_adapter
 
@@ -255,5 +287,7 @@ def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extension
             states[f"{i}.{key}"] = value.detach().cpu().contiguous()
     if states:
         write_safetensors_atomic(out / EXTENSION_FILE, states)
-    write_json_atomic(out / RESULTS_FILE, result.to_dict())
+    if thresholds is not None:
+        thresholds.save(out / THRESHOLDS_FILE)
+    write_json_atomic(out / RESULTS_FILE, result.to_dict())  # last: its presence marks a finished run
     return out
