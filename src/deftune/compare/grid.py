@@ -155,17 +155,19 @@ class CompareConfig:
         })
 
     def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:
-        name = (f"{task}-{method}-a{alpha:g}" + (f"-t{density:g}" if density is not None else "")
-                + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else ""))
-        return TrainConfig(
+        config = TrainConfig(
             task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
             method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
             lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
             batch_size=self.batch_size, max_length=self.max_length,
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
             schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
-            act_threshold_density=density, output_dir=str(Path(self.runs_dir) / name), seed=seed, name=name,
+            act_threshold_density=density, seed=seed,
         )
+        # the run's own name (task-method-α[-t<density>]), made unique within the grid
+        name = config.run_name + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else "")
+        config.name, config.output_dir = name, str(Path(self.runs_dir) / name)
+        return config
 
     def runs(self) -> list[RunConfig]:
         out: list[RunConfig] = []
