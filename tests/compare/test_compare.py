@@ -156,7 +156,7 @@ def test_compare_threshold_route_is_its_own_variant(tiny_setup, tmp_path):
     assert summary["t0.5"]["overall"]["density_reduction_pct"] > 20
     report = (tmp_path / "results.md").read_text()
     assert "| sst2 | lora | 0 + thresholds 0.5 | 1 |" in report
-    assert "## α = 0, thresholds at density 0.5: DEFT vs PEFT" in report and "--threshold-densities 0.5" in report
+    assert "## α = 0, thresholds at density 0.5: threshold route vs PEFT" in report and "--threshold-densities 0.5" in report
 
 
 def test_compare_rejects_bad_threshold_densities(tiny_setup, tmp_path):

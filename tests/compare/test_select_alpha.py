@@ -53,9 +53,16 @@ def test_dev_rows_at_the_chosen_alpha_are_pooled_over_tasks():
         selected_summary(dev + [_row("stsb", "lora", 0.0, 0, 1.0, 1.0, "dev")], choices)
 
 
-def test_choosing_on_dev_rows_is_refused():
+def test_choosing_on_dev_rows_needs_other_seeds_than_the_reported_ones():
+    dev = [_row("sst2", "lora", 0.0, 0, 80.0, 1.0, "dev"), _row("sst2", "lora", 0.1, 0, 79.0, 0.5, "dev")]
     with pytest.raises(ValueError, match="scored on the dev set: choose α on a grid run with --holdout"):
-        select_alphas([_row("sst2", "lora", 0.0, 0, 80.0, 1.0, "dev"), _row("sst2", "lora", 0.1, 0, 79.0, 0.5, "dev")])
+        select_alphas(dev)
+    with pytest.raises(ValueError, match="with the reported seeds \\[0\\]"):
+        select_alphas(dev, report_seeds={0, 5})
+    with pytest.raises(ValueError, match="mix held-out and dev"):
+        select_alphas(dev + HOLDOUT[:2], report_seeds={5})
+    assert select_alphas(dev, tolerance=1.0, report_seeds={5, 6})["sst2"].alpha == 0.1
+    assert select_alphas(dev, tolerance=0.5, report_seeds={5, 6})["sst2"].alpha == 0.1  # least bad: the only one
     with pytest.raises(ValueError, match="needs α = 0"):
         select_alphas([_row("sst2", "lora", 0.1, 0, 79.0, 0.5)])
     with pytest.raises(ValueError, match="tolerance must be >= 0"):
@@ -97,6 +104,26 @@ def test_holdout_grid_scores_held_out_training_examples_and_feeds_the_dev_report
 
     assert len({run_key(r) for r in both}) == 4
     write_compare_report(dev_rows, dev)  # report-only path works too
+
+
+def test_report_chooses_on_the_dev_results_of_other_seeds(tiny_setup, tmp_path):
+    """Choose on seeds 0 (dev rows, written by hand), report seed 1: the section names the route."""
+    choose = [_row("sst2", "bitfit", 0.0, 0, 80.0, 1.0, "dev"), _row("sst2", "bitfit", 1.0, 0, 79.8, 0.5, "dev")]
+    from deftune.runs import write_json_atomic
+
+    write_json_atomic(tmp_path / "seed0.json", {"runs": choose})
+    grid = _grid(tiny_setup, tmp_path, seeds=(1,), results_json=str(tmp_path / "dev.json"),
+                 report_md=str(tmp_path / "dev.md"), select_alpha_from=str(tmp_path / "seed0.json"))
+    rows = run_compare(grid, progress=False)
+    report = (tmp_path / "dev.md").read_text()
+    assert "## α chosen per task on the dev results of other seeds" in report
+    assert "dev results of seeds 0, none of them reported here" in report
+    assert "| task | selection seeds: α → metric change" in report
+    assert "| sst2 | 1 → -0.20 / −50.0% (1) | 1 |" in report  # α = 0 is the baseline, not a candidate
+    assert "All 1 pairs" in report.split("## Dev results at the chosen α")[1]
+    # the reported seed among the selection seeds: refused, naming the fix
+    with pytest.raises(ValueError, match="other seeds than the reported ones"):
+        write_compare_report(rows + [{**rows[0], "seed": 0}], grid)
 
 
 def test_holdout_validation():

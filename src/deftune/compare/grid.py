@@ -67,9 +67,11 @@ class CompareConfig:
         holdout: None (score on the dev sets), or score every GLUE run on this many training
             examples held out of its training data (a fixed draw, :func:`deftune.data.glue.split_holdout`)
             — the grid for choosing α without the dev sets; use a results file of its own.
-        select_alpha_from: a results file of a ``holdout`` grid; the report then adds the dev results
-            at the α chosen per task on it (:func:`deftune.select_alpha.select_alphas`).
-        select_tolerance: the most held-out metric points the chosen α may lose against PEFT.
+        select_alpha_from: a results file of a ``holdout`` grid, or a dev grid of other seeds than
+            this one's; the report then adds the dev results at the α chosen per task on it
+            (:func:`deftune.compare.select_alpha.select_alphas`).
+        select_tolerance: the most metric points (on the selection file) the chosen α may lose
+            against PEFT.
         threshold_densities: the threshold route: for each density d, every GLUE (task, method,
             seed) also runs at α = 0 through activation thresholds calibrated to d before training
             (``TrainConfig.act_threshold_density``); the report compares those runs with the dense

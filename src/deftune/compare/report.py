@@ -171,7 +171,8 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
             f"{fmean([r['train_seconds'] for r in rs]):.0f} |"
         )
     for v, summary in summarise(rows).items():
-        lines += summary_lines(f"{variant_label(v)}: DEFT vs PEFT, averaged over tasks and seeds", summary)
+        route = "DEFT" if isinstance(v, float) else "threshold route"
+        lines += summary_lines(f"{variant_label(v)}: {route} vs PEFT, averaged over tasks and seeds", summary)
     if config.select_alpha_from:
         from deftune.compare.select_alpha import selection_lines
 

@@ -1,20 +1,24 @@
-"""Choose α per task on held-out training data, then read the dev results at that α.
+"""Choose α per task on other data than the reported runs, then read the dev results at that α.
 
 The GLUE dev sets are where results are reported, so an α picked by looking at them is optimistic
-(the classic hyper-parameter selection bias). The honest route, which this module implements:
+(the classic hyper-parameter selection bias). Two routes, both implemented here:
 
-1. run the grid scored on training examples held out of training
-   (``deftune compare --holdout N --results-json HOLDOUT.json``; every run holds out the same
-   ``N`` examples, :func:`deftune.data.glue.split_holdout`);
-2. :func:`select_alphas`: for each task, the **largest** α whose mean held-out metric change against
-   PEFT (over methods and seeds; each DEFT run against the PEFT run of the same method and seed) is
-   no worse than ``-tolerance`` points; if no α qualifies, the α that loses least. Larger α means
-   sparser activations, so this is "as sparse as the held-out metric allows";
-3. :func:`selection_lines` (``deftune compare --select-alpha-from HOLDOUT.json``): the dev-set
-   pairs at the chosen α of each task, pooled over tasks, methods and seeds.
+* **held-out training data** (the clean one): run the grid scored on training examples held out of
+  training (``deftune compare --holdout N --results-json HOLDOUT.json``; every run holds out the
+  same ``N`` examples, :func:`deftune.data.glue.split_holdout`) and choose on it;
+* **the dev results of other seeds** (choose on seeds 0–4, report seeds 5–9): the choice then never
+  sees the training randomness of the reported runs, but it has seen the same dev examples, so it
+  guards against seed luck, not against fitting the dev set. The seeds must be disjoint.
 
-The rule and the tolerance are fixed before the dev numbers are read; the dev grid must contain
-every candidate α (it is only read, never re-run).
+:func:`select_alphas`: for each task, the **largest** α whose mean metric change against PEFT on the
+selection rows (over methods and seeds; each DEFT run against the PEFT run of the same method and
+seed) is no worse than ``-tolerance`` points; if no α qualifies, the α that loses least. Larger α
+means sparser activations, so this is "as sparse as the selection data allow".
+:func:`selection_lines` (``deftune compare --select-alpha-from FILE``): the dev-set pairs at the
+chosen α of each task, pooled over tasks, methods and seeds.
+
+The rule and the tolerance are fixed before the reported numbers are read; the reported grid must
+contain every chosen α (it is only read, never re-run).
 """
 
 from __future__ import annotations
@@ -42,15 +46,27 @@ class AlphaChoice:
     candidates: dict[float, tuple[float, float, int]]
 
 
-def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0) -> dict[str, AlphaChoice]:
-    """Per task, the largest α whose mean held-out metric change is ``>= -tolerance`` (see module doc)."""
+def _seeds(rows: list[dict[str, Any]]) -> set[int]:
+    return {int(r.get("seed", 0)) for r in rows}
+
+
+def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0,
+                  report_seeds: set[int] | None = None) -> dict[str, AlphaChoice]:
+    """Per task, the largest α whose mean metric change on ``holdout_rows`` is ``>= -tolerance``
+    (see module doc). Rows scored on the dev set are accepted only when ``report_seeds`` (the seeds
+    of the reported runs) is given and shares no seed with them."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-    not_holdout = sorted({r["task"] for r in holdout_rows if r.get("eval_split", "dev") != "holdout"})
-    if not_holdout:
+    dev = [r for r in holdout_rows if r.get("eval_split", "dev") != "holdout"]
+    if dev and len(dev) != len(holdout_rows):
+        raise ValueError("the selection rows mix held-out and dev scores: choose α on one kind of grid")
+    if dev and (report_seeds is None or _seeds(dev) & set(report_seeds)):
+        shared = sorted(_seeds(dev) & set(report_seeds or ()))
         raise ValueError(
-            f"rows of {not_holdout} were scored on the dev set: choose α on a grid run with --holdout N "
-            "(and its own --results-json)"
+            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set"
+            + (f" with the reported seeds {shared}" if shared else "")
+            + ": choose α on a grid run with --holdout N (and its own --results-json), or on the dev "
+            "results of other seeds than the reported ones"
         )
     choices: dict[str, AlphaChoice] = {}
     for task in sorted({r["task"] for r in holdout_rows}):
@@ -80,17 +96,24 @@ def selection_lines(dev_rows: list[dict[str, Any]], holdout_rows: list[dict[str,
                     tolerance: float) -> list[str]:
     """The report section: the choice per task (with every candidate) and the dev results at it."""
     dev_tasks = {r["task"] for r in dev_rows}
-    choices = {t: c for t, c in select_alphas(holdout_rows, tolerance).items() if t in dev_tasks}
+    choices = {t: c for t, c in select_alphas(holdout_rows, tolerance, _seeds(dev_rows)).items() if t in dev_tasks}
     held = sorted({int(r["holdout"]) for r in holdout_rows if "holdout" in r})
+    rule = (f"Rule (fixed before reading the reported results): per task, the largest α whose mean {{}} "
+            f"against PEFT is ≥ −{tolerance:g} points, else the α that loses least.")
+    if held:
+        title, kind, change = "held-out training data", "held-out", "held-out metric change"
+        what = f"the same grid scored on {', '.join(map(str, held))} training examples held out of training"
+    else:
+        title, kind, change = "the dev results of other seeds", "selection seeds", "metric change on those seeds"
+        what = (f"dev results of seeds {', '.join(map(str, sorted(_seeds(holdout_rows))))}, none of them reported "
+                "here (the choice has not seen these runs, but it has seen the same dev examples)")
     lines = [
         "",
-        "## α chosen per task on held-out training data",
+        f"## α chosen per task on {title}",
         "",
-        f"From `{source}`: the same grid scored on {', '.join(map(str, held)) or '?'} training examples held out "
-        f"of training. Rule (fixed before reading the dev results): per task, the largest α whose mean held-out "
-        f"metric change against PEFT is ≥ −{tolerance:g} points, else the α that loses least.",
+        f"From `{source}`: {what}. {rule.format(change)}",
         "",
-        "| task | held-out: α → metric change / density reduction (pairs) | chosen α |",
+        f"| task | {kind}: α → metric change / density reduction (pairs) | chosen α |",
         "|---|---|---|",
     ]
     for task, c in choices.items():
