@@ -59,10 +59,29 @@ def test_choosing_on_dev_rows_needs_other_seeds_than_the_reported_ones():
         select_alphas(dev)
     with pytest.raises(ValueError, match="with the reported seeds \\[0\\]"):
         select_alphas(dev, report_seeds={0, 5})
-    with pytest.raises(ValueError, match="mix held-out and dev"):
+    with pytest.raises(ValueError, match="mix 2 held-out and 2 dev-scored runs"):
         select_alphas(dev + HOLDOUT[:2], report_seeds={5})
-    assert select_alphas(dev, tolerance=1.0, report_seeds={5, 6})["sst2"].alpha == 0.1
-    assert select_alphas(dev, tolerance=0.5, report_seeds={5, 6})["sst2"].alpha == 0.1  # least bad: the only one
+    with pytest.raises(ValueError, match="pass report_seeds"):
+        select_alphas(dev, report_seeds=None)
+    two = dev + [_row("sst2", "lora", 0.05, 0, 79.8, 0.7, "dev")]  # 0.05 loses 0.2, 0.1 loses 1.0
+    lenient = select_alphas(two, tolerance=1.5, report_seeds={5, 6})["sst2"]
+    assert (lenient.alpha, lenient.within_tolerance) == (0.1, True)
+    assert select_alphas(two, tolerance=1.0, report_seeds={5})["sst2"].alpha == 0.1  # the bar itself passes
+    strict = select_alphas(two, tolerance=0.5, report_seeds={5, 6})["sst2"]
+    assert (strict.alpha, strict.within_tolerance) == (0.05, True)
+    none = select_alphas(two, tolerance=0.1, report_seeds={5})["sst2"]
+    assert (none.alpha, none.within_tolerance) == (0.05, False)  # the least bad
+    # threshold-route rows are not α candidates
+    thr = {**_row("sst2", "lora", 0.0, 0, 70.0, 0.5, "dev"), "act_threshold_density": 0.5}
+    assert set(select_alphas(two + [thr], tolerance=1.5, report_seeds={5})["sst2"].candidates) == {0.05, 0.1}
+
+
+def test_reported_grid_without_the_chosen_alpha_is_refused():
+    choices = select_alphas(HOLDOUT, tolerance=1.0)  # sst2 -> 0.05, rte -> 0.1
+    dev = [_row("sst2", "lora", 0.0, 0, 81.0, 1.0, "dev"), _row("sst2", "lora", 0.05, 0, 80.0, 0.5, "dev"),
+           _row("rte", "lora", 0.0, 0, 60.0, 1.0, "dev"), _row("rte", "lora", 0.05, 0, 60.0, 0.5, "dev")]
+    with pytest.raises(ValueError, match="no runs at the chosen α of rte \\(α = 0.1\\)"):
+        selected_summary(dev, choices)
     with pytest.raises(ValueError, match="needs α = 0"):
         select_alphas([_row("sst2", "lora", 0.1, 0, 79.0, 0.5)])
     with pytest.raises(ValueError, match="tolerance must be >= 0"):

@@ -31,13 +31,13 @@ from deftune.compare.report import summarise, summary_lines
 
 @dataclass(frozen=True)
 class AlphaChoice:
-    """The α chosen for one task, and what every candidate did on the held-out examples.
+    """The α chosen for one task, and what every candidate did on the selection rows.
 
     Attributes:
         task: GLUE task.
         alpha: the chosen α.
         within_tolerance: whether the chosen α met the tolerance (else it is the least-bad one).
-        candidates: α -> (held-out metric change in points, density reduction in %, pairs).
+        candidates: α -> (metric change on the selection rows in points, density reduction in %, pairs).
     """
 
     task: str
@@ -50,29 +50,50 @@ def _seeds(rows: list[dict[str, Any]]) -> set[int]:
     return {int(r.get("seed", 0)) for r in rows}
 
 
+def _is_holdout(row: dict[str, Any]) -> bool:
+    return row.get("eval_split", "dev") == "holdout"
+
+
+def _check_selection_rows(rows: list[dict[str, Any]], report_seeds: set[int] | None) -> None:
+    """Held-out rows are always fit to choose on; dev rows only when none of their seeds is reported."""
+    dev = [r for r in rows if not _is_holdout(r)]
+    if dev and len(dev) != len(rows):
+        raise ValueError(
+            f"the selection rows mix {len(rows) - len(dev)} held-out and {len(dev)} dev-scored runs: choose α on "
+            "one kind of grid (a --holdout grid, or dev results of other seeds)"
+        )
+    if not dev:
+        return
+    if report_seeds is None:
+        raise ValueError(
+            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set: choose α on a grid run with "
+            "--holdout N (and its own --results-json), or on the dev results of other seeds than the reported "
+            "ones (pass report_seeds, the seeds of the reported runs)"
+        )
+    shared = sorted(_seeds(dev) & {int(s) for s in report_seeds})
+    if shared:
+        raise ValueError(
+            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set with the reported seeds {shared}: "
+            "choose α on a grid run with --holdout N (and its own --results-json), or on the dev results of "
+            "other seeds than the reported ones"
+        )
+
+
 def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0,
                   report_seeds: set[int] | None = None) -> dict[str, AlphaChoice]:
     """Per task, the largest α whose mean metric change on ``holdout_rows`` is ``>= -tolerance``
     (see module doc). Rows scored on the dev set are accepted only when ``report_seeds`` (the seeds
-    of the reported runs) is given and shares no seed with them."""
+    of the reported runs) is given and shares no seed with them. Threshold-route rows
+    (``act_threshold_density``) are not α candidates and are left out."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-    dev = [r for r in holdout_rows if r.get("eval_split", "dev") != "holdout"]
-    if dev and len(dev) != len(holdout_rows):
-        raise ValueError("the selection rows mix held-out and dev scores: choose α on one kind of grid")
-    if dev and (report_seeds is None or _seeds(dev) & set(report_seeds)):
-        shared = sorted(_seeds(dev) & set(report_seeds or ()))
-        raise ValueError(
-            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set"
-            + (f" with the reported seeds {shared}" if shared else "")
-            + ": choose α on a grid run with --holdout N (and its own --results-json), or on the dev "
-            "results of other seeds than the reported ones"
-        )
+    rows = [r for r in holdout_rows if r.get("act_threshold_density") is None]
+    _check_selection_rows(rows, report_seeds)
     choices: dict[str, AlphaChoice] = {}
-    for task in sorted({r["task"] for r in holdout_rows}):
-        summary = summarise([r for r in holdout_rows if r["task"] == task])
+    for task in sorted({r["task"] for r in rows}):
+        summary = summarise([r for r in rows if r["task"] == task])
         if not summary:
-            raise ValueError(f"task {task!r}: the held-out grid needs α = 0 (PEFT) and at least one α > 0 per method")
+            raise ValueError(f"task {task!r}: the selection grid needs α = 0 (PEFT) and at least one α > 0 per method")
         candidates = {
             float(a): (s["overall"]["metric_delta"], s["overall"]["density_reduction_pct"], s["overall"]["pairs"])
             for a, s in summary.items()
@@ -84,11 +105,23 @@ def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0,
 
 
 def selected_summary(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> dict[str, Any] | None:
-    """:func:`deftune.compare.report.summarise` of the dev pairs at each task's chosen α (None: no pairs)."""
-    missing = sorted(t for t in {r["task"] for r in dev_rows} - set(choices))
+    """:func:`deftune.compare.report.summarise` of the dev pairs at each task's chosen α (None: no pairs).
+
+    Raises if a task of ``dev_rows`` has no α chosen, or has PEFT runs but no run at its chosen α
+    (the pooled average would silently leave that task out)."""
+    rows = [r for r in dev_rows if r.get("act_threshold_density") is None]
+    tasks = {r["task"] for r in rows}
+    missing = sorted(tasks - set(choices))
     if missing:
-        raise ValueError(f"no α was chosen for tasks {missing}: the held-out grid lacks them")
-    out = summarise(dev_rows, group=lambda r: "chosen" if float(r["alpha"]) == choices[r["task"]].alpha else None)
+        raise ValueError(f"no α was chosen for tasks {missing}: the selection grid lacks them")
+    unrun = sorted(t for t in tasks if not any(r["task"] == t and float(r["alpha"]) == choices[t].alpha for r in rows))
+    if unrun:
+        raise ValueError(
+            "the reported grid has no runs at the chosen α of "
+            + ", ".join(f"{t} (α = {choices[t].alpha:g})" for t in unrun)
+            + ": run them into the same results file (deftune compare --tasks … --alphas … with its --results-json)"
+        )
+    out = summarise(rows, group=lambda r: "chosen" if float(r["alpha"]) == choices[r["task"]].alpha else None)
     return out.get("chosen")
 
 
@@ -97,12 +130,12 @@ def selection_lines(dev_rows: list[dict[str, Any]], holdout_rows: list[dict[str,
     """The report section: the choice per task (with every candidate) and the dev results at it."""
     dev_tasks = {r["task"] for r in dev_rows}
     choices = {t: c for t, c in select_alphas(holdout_rows, tolerance, _seeds(dev_rows)).items() if t in dev_tasks}
-    held = sorted({int(r["holdout"]) for r in holdout_rows if "holdout" in r})
-    rule = (f"Rule (fixed before reading the reported results): per task, the largest α whose mean {{}} "
-            f"against PEFT is ≥ −{tolerance:g} points, else the α that loses least.")
-    if held:
+    rule = (f"Rule: per task, the largest α whose mean {{}} against PEFT is ≥ −{tolerance:g} points, else the α "
+            "that loses least.")
+    if any(_is_holdout(r) for r in holdout_rows):
+        held = sorted({int(r["holdout"]) for r in holdout_rows if "holdout" in r})
         title, kind, change = "held-out training data", "held-out", "held-out metric change"
-        what = f"the same grid scored on {', '.join(map(str, held))} training examples held out of training"
+        what = f"the same grid scored on {', '.join(map(str, held)) or 'some'} training examples held out of training"
     else:
         title, kind, change = "the dev results of other seeds", "selection seeds", "metric change on those seeds"
         what = (f"dev results of seeds {', '.join(map(str, sorted(_seeds(holdout_rows))))}, none of them reported "
