@@ -85,6 +85,12 @@ def test_summarise_pairs_runs_of_the_same_seed_and_averages():
     assert abs(s["overall"]["density_reduction_pct"] - 37.5) < 1e-9
     assert set(s["seeds"]) == {0, 1} and abs(s["seeds"][0]["metric_delta"] + 1.0) < 1e-9
     assert abs(s["overall"]["metric_delta_seed_sd"] - 2**0.5 / 2) < 1e-9
+    from deftune.compare.report import summary_lines
+
+    overall = summary_lines("t", s)[-1]  # sd of the seed means 0.71, standard error 0.71 / sqrt(2) = 0.50
+    assert "sd of the seed means 0.71 points; standard error of the mean over 2 seeds 0.50)" in overall
+    one_seed = summarise(rows[:2])[0.1]
+    assert summary_lines("t", one_seed)[-1].endswith("(sd of the seed means 0.00 points).")
 
 
 def test_seeds_run_separately_and_validate(tiny_setup, tmp_path):

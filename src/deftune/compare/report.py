@@ -93,6 +93,7 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
             f"| {method} | {m['pairs']} | {m['density_reduction_pct']:.1f}% | {m['metric_delta']:+.2f} | "
             f"{'yes' if _meets(m) else 'no'} |"
         )
+    n = len(summary["seeds"])
     per_seed = ", ".join(
         f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}" for sd, v in summary["seeds"].items()
     )
@@ -100,7 +101,9 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
         "",
         f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
         f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
-        f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points).",
+        f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points"
+        + (f"; standard error of the mean over {n} seeds {o['metric_delta_seed_sd'] / n ** 0.5:.2f}" if n > 1 else "")
+        + ").",
     ]
 
 
