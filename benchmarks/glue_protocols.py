@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deftune.compare import load_rows
-from deftune.compare.report import summarise
+from deftune.compare.report import summarise, variant
 from deftune.compare.select_alpha import select_alphas, selected_summary
 from deftune.runs import read_json, write_json_atomic
 
@@ -82,13 +82,19 @@ def evaluate(p: Protocol) -> dict[str, Any] | None:
     if p.select_from is not None:
         choices = select_alphas(load_rows(p.select_from), p.tolerance, set(p.seeds))
         choices = {t: c for t, c in choices.items() if t in {r["task"] for r in rows}}
-        s = selected_summary([r for r in rows if r["task"] in choices], choices)
+        rows = [r for r in rows if r["task"] in choices]
+        s = selected_summary(rows, choices)
         chosen = {t: c.alpha for t, c in sorted(choices.items())}
+        picked = {t: c.alpha for t, c in choices.items()}
     else:
         s = summarise(rows).get(p.variant)
         chosen = None
+        picked = {r["task"]: p.variant for r in rows}
     if s is None:
         return None
+    # the mean change of each task × method cell: where the average's points are lost
+    by_cell = summarise(rows, group=lambda r: f"{r['task']}/{r['method']}" if variant(r) == picked.get(r["task"]) else None)
+    cells = {k: v["overall"]["metric_delta"] for k, v in by_cell.items()}
     o = s["overall"]
     n = len(s["seeds"])
     se = o["metric_delta_seed_sd"] / n**0.5 if n > 1 else None
@@ -96,7 +102,7 @@ def evaluate(p: Protocol) -> dict[str, Any] | None:
     return {
         "label": p.label, "how": p.how, "files": list(p.files), "seeds": sorted(s["seeds"]), "chosen": chosen,
         "pairs": o["pairs"], "density_reduction_pct": o["density_reduction_pct"], "metric_delta": o["metric_delta"],
-        "metric_delta_se": se, "hardware": sorted(hardware),
+        "metric_delta_se": se, "hardware": sorted(hardware), "cells": dict(sorted(cells.items(), key=lambda kv: kv[1])),
         "meets_density": o["density_reduction_pct"] >= 40, "meets_metric": o["metric_delta"] >= -1,
     }
 
@@ -125,6 +131,12 @@ def main() -> None:
         se = f"{r['metric_delta_se']:.2f}" if r["metric_delta_se"] is not None else "–"
         print(f"| {label} | {r['how']} | {_seeds(r['seeds'])} | {r['pairs']} | −{r['density_reduction_pct']:.1f} % | "
               f"{r['metric_delta']:+.2f} | {se} | {verdict} | {', '.join(r['hardware'])} |")
+    print("\nWhere the points go — the two task/method cells that lose most (mean change over seeds; each is "
+          "1/28 of the average):")
+    for r in out:
+        worst = list(r["cells"].items())[:2]
+        print(f"* {r['label']}, {r['how']}, seeds {_seeds(r['seeds'])}: "
+              + "; ".join(f"{k} {v:+.2f}" for k, v in worst))
     write_json_atomic(args.out, {"note": "recomputed from the results files by benchmarks/glue_protocols.py",
                                  "protocols": out})
     print(f"wrote {args.out}")

@@ -38,6 +38,7 @@ def test_fixed_alpha_threshold_route_and_selection_on_other_seeds(tmp_path):
     assert fixed["pairs"] == 2 and fixed["metric_delta"] == pytest.approx(-1.0)
     assert fixed["density_reduction_pct"] == pytest.approx(50.0) and fixed["metric_delta_se"] == pytest.approx(1.0)
     assert (fixed["meets_density"], fixed["meets_metric"], fixed["hardware"]) == (True, True, ["CPU"])
+    assert fixed["cells"] == {"sst2/lora": pytest.approx(-1.0)}  # (-2 + 0) / 2 over the two seeds
     only_seed_1 = gp.evaluate(gp.Protocol("thr", "route", (dev,), (1,), "t0.5"))
     assert only_seed_1["pairs"] == 1 and only_seed_1["metric_delta"] == pytest.approx(-1.0)
     assert only_seed_1["metric_delta_se"] is None  # one seed: no error bar
@@ -46,6 +47,7 @@ def test_fixed_alpha_threshold_route_and_selection_on_other_seeds(tmp_path):
     write_json_atomic(seed0, {"runs": [r for r in gp.load_rows(dev) if r["seed"] == 0]})
     chosen = gp.evaluate(gp.Protocol("per task", "other seeds", (dev,), (1,), select_from=seed0, tolerance=0.5))
     assert chosen["chosen"] == {"sst2": 0.05} and chosen["metric_delta"] == pytest.approx(-1.0)
+    assert chosen["cells"] == {"sst2/lora": pytest.approx(-1.0)}  # the chosen α's cell, not α = 0.1's
     with pytest.raises(ValueError, match="reported seeds"):  # choosing on the reported seed is refused
         gp.evaluate(gp.Protocol("per task", "same seed", (dev,), (0,), select_from=dev))
     assert gp.evaluate(gp.Protocol("α = 0.1", "missing file", (str(tmp_path / "nope.json"),), (0,), 0.1)) is None
