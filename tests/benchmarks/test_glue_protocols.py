@@ -3,51 +3,85 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-from deftune.runs import write_json_atomic
+from deftune.runs import read_json, write_json_atomic
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "glue_protocols.py"
 
 
-def _load():
+@pytest.fixture
+def gp(monkeypatch):
     spec = importlib.util.spec_from_file_location("glue_protocols", SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
-def _row(task, alpha, seed, metric, density, **extra):
-    return {"task": task, "method": "lora", "alpha": alpha, "seed": seed, "steps": 2, "density": density,
+def _row(task, alpha, seed, metric, density, method="lora", **extra):
+    return {"task": task, "method": method, "alpha": alpha, "seed": seed, "steps": 2, "density": density,
             "metric": {"name": "accuracy", "value": metric}, "trainable_parameters": 1, "train_seconds": 1.0, **extra}
 
 
-def test_fixed_alpha_threshold_route_and_selection_on_other_seeds(tmp_path):
-    gp = _load()
-    dev = str(tmp_path / "dev.json")
-    write_json_atomic(dev, {"hardware": {"gpu": None}, "runs": [
-        _row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 78.0, 0.4), _row("sst2", 0.05, 0, 79.8, 0.8),
+def _write(root, name, rows, gpu="H100"):
+    write_json_atomic(root / name, {"hardware": {"gpu": gpu}, "runs": rows})
+    return name
+
+
+def test_fixed_alpha_pools_files_tasks_and_methods(gp, tmp_path):
+    a = _write(tmp_path, "a.json", [
+        _row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 78.0, 0.4),  # -2, 60 %
+        _row("sst2", 0.0, 0, 70.0, 1.0, "ia3"), _row("sst2", 0.1, 0, 70.0, 0.8, "ia3"),  # 0, 20 %
+        _row("sst2", 0.0, 1, 82.0, 1.0), _row("sst2", 0.1, 1, 82.0, 0.6),  # 0, 40 %
+        _row("sst2", 0.0, 1, 70.0, 1.0, "ia3"), _row("sst2", 0.1, 1, 69.0, 0.8, "ia3"),  # -1, 20 %
+        _row("sst2", 0.0, 1, 81.0, 0.5, act_threshold_density=0.5),  # threshold route: not α = 0.1
+    ])
+    b = _write(tmp_path, "b.json", [_row("rte", 0.0, 0, 50.0, 1.0), _row("rte", 0.1, 0, 51.0, 0.5)], gpu=None)
+    r = gp.evaluate(gp.Protocol("x", "α = 0.1", "fixed", (a, b), (0, 1), 0.1), root=tmp_path)
+    assert (r["status"], r["pairs"], r["peft_runs"], r["seeds"]) == ("ok", 5, 5, [0, 1])
+    assert r["metric_delta"] == pytest.approx((-2 + 0 + 0 - 1 + 1) / 5)
+    assert r["density_reduction_pct"] == pytest.approx((60 + 20 + 40 + 20 + 50) / 5)
+    # seed means: seed 0 (-2 + 0 + 1) / 3 = -1/3, seed 1 -1/2 -> sd 0.1179, SE sd / sqrt(2)
+    assert r["metric_delta_se"] == pytest.approx(abs(-1 / 3 + 1 / 2) / 2**0.5 / 2**0.5)
+    assert r["cells"] == {"sst2/lora": pytest.approx(-1.0), "sst2/ia3": pytest.approx(-0.5),
+                          "rte/lora": pytest.approx(1.0)}  # worst first
+    assert r["hardware"] == ["CPU", "H100"] and (r["meets_density"], r["meets_metric"]) == (False, True)  # 38 %
+
+
+def test_threshold_route_selection_on_other_seeds_and_incomplete_grids(gp, tmp_path):
+    dev = _write(tmp_path, "dev.json", [
         _row("sst2", 0.0, 1, 82.0, 1.0), _row("sst2", 0.1, 1, 82.0, 0.6), _row("sst2", 0.05, 1, 81.0, 0.9),
         _row("sst2", 0.0, 1, 81.0, 0.5, act_threshold_density=0.5),
-    ]})
-    fixed = gp.evaluate(gp.Protocol("α = 0.1", "fixed", (dev,), (0, 1), 0.1))
-    assert fixed["pairs"] == 2 and fixed["metric_delta"] == pytest.approx(-1.0)
-    assert fixed["density_reduction_pct"] == pytest.approx(50.0) and fixed["metric_delta_se"] == pytest.approx(1.0)
-    assert (fixed["meets_density"], fixed["meets_metric"], fixed["hardware"]) == (True, True, ["CPU"])
-    assert fixed["cells"] == {"sst2/lora": pytest.approx(-1.0)}  # (-2 + 0) / 2 over the two seeds
-    only_seed_1 = gp.evaluate(gp.Protocol("thr", "route", (dev,), (1,), "t0.5"))
-    assert only_seed_1["pairs"] == 1 and only_seed_1["metric_delta"] == pytest.approx(-1.0)
-    assert only_seed_1["metric_delta_se"] is None  # one seed: no error bar
+        _row("sst2", 0.0, 2, 80.0, 1.0),  # seed 2: PEFT only, nothing to pair with yet
+    ])
+    thr = gp.evaluate(gp.Protocol("t", "thr", "route", (dev,), (1,), "t0.5"), root=tmp_path)
+    assert thr["status"] == "ok" and thr["metric_delta"] == pytest.approx(-1.0) and thr["metric_delta_se"] is None
     # choose on seed 0 (0.05 loses 0.2, 0.1 loses 2.0; tolerance 0.5 -> 0.05), report seed 1
-    seed0 = str(tmp_path / "seed0.json")
-    write_json_atomic(seed0, {"runs": [r for r in gp.load_rows(dev) if r["seed"] == 0]})
-    chosen = gp.evaluate(gp.Protocol("per task", "other seeds", (dev,), (1,), select_from=seed0, tolerance=0.5))
+    seed0 = _write(tmp_path, "seed0.json", [_row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 78.0, 0.4),
+                                            _row("sst2", 0.05, 0, 79.8, 0.8)])
+    chosen = gp.evaluate(gp.Protocol("c", "per task", "other seeds", (dev,), (1,), select_from=seed0, tolerance=0.5),
+                         root=tmp_path)
     assert chosen["chosen"] == {"sst2": 0.05} and chosen["metric_delta"] == pytest.approx(-1.0)
     assert chosen["cells"] == {"sst2/lora": pytest.approx(-1.0)}  # the chosen α's cell, not α = 0.1's
-    with pytest.raises(ValueError, match="reported seeds"):  # choosing on the reported seed is refused
-        gp.evaluate(gp.Protocol("per task", "same seed", (dev,), (0,), select_from=dev))
-    assert gp.evaluate(gp.Protocol("α = 0.1", "missing file", (str(tmp_path / "nope.json"),), (0,), 0.1)) is None
+    with pytest.raises(ValueError, match="reported seeds"):  # choosing on a reported seed is refused
+        gp.evaluate(gp.Protocol("s", "per task", "same seed", (seed0,), (0,), select_from=seed0), root=tmp_path)
+    # seed 2 asked for but not finished: scored, and marked incomplete
+    part = gp.evaluate(gp.Protocol("p", "α = 0.1", "fixed", (dev,), (1, 2), 0.1), root=tmp_path)
+    assert (part["status"], part["pairs"], part["peft_runs"]) == ("incomplete", 1, 2)
+    assert gp._verdict(part) == "incomplete (1 of 2 pairs)"
+    gone = gp.evaluate(gp.Protocol("m", "α = 0.1", "fixed", ("nope.json",), (0,), 0.1), root=tmp_path)
+    assert gone == {**gone, "status": "missing", "absent": ["nope.json"]}
+    with pytest.raises(ValueError, match="exactly one of key"):
+        gp.Protocol("bad", "?", "?", (dev,), (0,))
+
+
+def test_committed_table_is_the_scripts_output(gp):
+    """docs/results/glue_protocols.json must be regenerated whenever a results file changes."""
+    committed = read_json(gp.ROOT / gp.R / "glue_protocols.json")["protocols"]
+    fresh = json.loads(json.dumps([gp.evaluate(p) for p in gp.PROTOCOLS]))
+    assert committed == fresh

@@ -88,7 +88,7 @@ def test_summarise_pairs_runs_of_the_same_seed_and_averages():
     from deftune.compare.report import summary_lines
 
     overall = summary_lines("t", s)[-1]  # sd of the seed means 0.71, standard error 0.71 / sqrt(2) = 0.50
-    assert "sd of the seed means 0.71 points; standard error of the mean over 2 seeds 0.50)" in overall
+    assert "sd of the seed means 0.71 points; standard error of the mean over 2 seeds 0.50 points)" in overall
     one_seed = summarise(rows[:2])[0.1]
     assert summary_lines("t", one_seed)[-1].endswith("(sd of the seed means 0.00 points).")
 

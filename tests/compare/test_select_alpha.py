@@ -76,16 +76,19 @@ def test_choosing_on_dev_rows_needs_other_seeds_than_the_reported_ones():
     assert set(select_alphas(two + [thr], tolerance=1.5, report_seeds={5})["sst2"].candidates) == {0.05, 0.1}
 
 
-def test_reported_grid_without_the_chosen_alpha_is_refused():
-    choices = select_alphas(HOLDOUT, tolerance=1.0)  # sst2 -> 0.05, rte -> 0.1
+def test_runs_missing_at_the_chosen_alpha_are_listed_and_unchosen_tasks_refused():
+    from deftune.compare.select_alpha import missing_at_choice, selection_lines
+
+    choices = select_alphas(HOLDOUT, tolerance=1.0)  # sst2 -> 0.05, rte -> 0.1, mrpc -> 0.1
     dev = [_row("sst2", "lora", 0.0, 0, 81.0, 1.0, "dev"), _row("sst2", "lora", 0.05, 0, 80.0, 0.5, "dev"),
            _row("rte", "lora", 0.0, 0, 60.0, 1.0, "dev"), _row("rte", "lora", 0.05, 0, 60.0, 0.5, "dev")]
-    with pytest.raises(ValueError, match="no runs at the chosen α of rte \\(α = 0.1\\)"):
-        selected_summary(dev, choices)
-    with pytest.raises(ValueError, match="needs α = 0"):
-        select_alphas([_row("sst2", "lora", 0.1, 0, 79.0, 0.5)])
-    with pytest.raises(ValueError, match="tolerance must be >= 0"):
-        select_alphas(HOLDOUT, tolerance=-1)
+    assert missing_at_choice(dev, choices) == [("rte", "lora", 0)]  # rte's 0.05 run is not its chosen α
+    assert selected_summary(dev, choices)["overall"]["pairs"] == 1
+    lines = selection_lines(dev, HOLDOUT, "held.json", 1.0)
+    assert lines[-1] == "Not in the average: 1 PEFT runs have no run at their task's chosen α yet (rte lora seed 0)."
+    # a reported task that the selection grid never saw: refused through the report path too
+    with pytest.raises(ValueError, match="no α was chosen for tasks \\['stsb'\\]"):
+        selection_lines(dev + [_row("stsb", "lora", 0.0, 0, 1.0, 1.0, "dev")], HOLDOUT, "held.json", 1.0)
 
 
 def _grid(tiny_setup, tmp_path, **kw):

@@ -102,7 +102,10 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
         f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
         f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
         f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points"
-        + (f"; standard error of the mean over {n} seeds {o['metric_delta_seed_sd'] / n ** 0.5:.2f}" if n > 1 else "")
+        # seed-to-seed noise only (not dev-set sampling); sd/√n is the SE of the pooled mean when every
+        # seed has the same pairs, as in a finished grid
+        + (f"; standard error of the mean over {n} seeds {o['metric_delta_seed_sd'] / n ** 0.5:.2f} points"
+           if n > 1 else "")
         + ").",
     ]
 

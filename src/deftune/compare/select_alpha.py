@@ -104,23 +104,29 @@ def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0,
     return choices
 
 
+def _peft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if float(r["alpha"]) == 0 and r.get("act_threshold_density") is None]
+
+
+def missing_at_choice(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> list[tuple[str, str, int]]:
+    """(task, method, seed) of every PEFT run in ``dev_rows`` whose twin at the task's chosen α is
+    absent — pairs the pooled average cannot contain (a grid not yet finished, or never run)."""
+    have = {(r["task"], r["method"], int(r.get("seed", 0))) for r in dev_rows
+            if r.get("act_threshold_density") is None and r["task"] in choices
+            and float(r["alpha"]) == choices[r["task"]].alpha}
+    return sorted(k for k in {(r["task"], r["method"], int(r.get("seed", 0))) for r in _peft_rows(dev_rows)}
+                  if k not in have)
+
+
 def selected_summary(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> dict[str, Any] | None:
     """:func:`deftune.compare.report.summarise` of the dev pairs at each task's chosen α (None: no pairs).
 
-    Raises if a task of ``dev_rows`` has no α chosen, or has PEFT runs but no run at its chosen α
-    (the pooled average would silently leave that task out)."""
+    Raises if a task of ``dev_rows`` has no α chosen; PEFT runs without a run at the chosen α are
+    left out of the pairs (list them with :func:`missing_at_choice`)."""
     rows = [r for r in dev_rows if r.get("act_threshold_density") is None]
-    tasks = {r["task"] for r in rows}
-    missing = sorted(tasks - set(choices))
+    missing = sorted({r["task"] for r in rows} - set(choices))
     if missing:
         raise ValueError(f"no α was chosen for tasks {missing}: the selection grid lacks them")
-    unrun = sorted(t for t in tasks if not any(r["task"] == t and float(r["alpha"]) == choices[t].alpha for r in rows))
-    if unrun:
-        raise ValueError(
-            "the reported grid has no runs at the chosen α of "
-            + ", ".join(f"{t} (α = {choices[t].alpha:g})" for t in unrun)
-            + ": run them into the same results file (deftune compare --tasks … --alphas … with its --results-json)"
-        )
     out = summarise(rows, group=lambda r: "chosen" if float(r["alpha"]) == choices[r["task"]].alpha else None)
     return out.get("chosen")
 
@@ -129,6 +135,8 @@ def selection_lines(dev_rows: list[dict[str, Any]], holdout_rows: list[dict[str,
                     tolerance: float) -> list[str]:
     """The report section: the choice per task (with every candidate) and the dev results at it."""
     dev_tasks = {r["task"] for r in dev_rows}
+    # every reported task must have a choice (selected_summary raises otherwise); choices for tasks
+    # this grid does not have are not shown
     choices = {t: c for t, c in select_alphas(holdout_rows, tolerance, _seeds(dev_rows)).items() if t in dev_tasks}
     rule = (f"Rule: per task, the largest α whose mean {{}} against PEFT is ≥ −{tolerance:g} points, else the α "
             "that loses least.")
@@ -152,7 +160,13 @@ def selection_lines(dev_rows: list[dict[str, Any]], holdout_rows: list[dict[str,
     for task, c in choices.items():
         cells = "; ".join(f"{a:g} → {d:+.2f} / −{r:.1f}% ({n})" for a, (d, r, n) in sorted(c.candidates.items()))
         lines.append(f"| {task} | {cells} | {c.alpha:g}{'' if c.within_tolerance else ' (none within tolerance)'} |")
-    summary = selected_summary([r for r in dev_rows if r["task"] in choices], choices)
+    summary = selected_summary(dev_rows, choices)
+    absent = missing_at_choice(dev_rows, choices)
+    note = [] if not absent else [
+        "",
+        f"Not in the average: {len(absent)} PEFT runs have no run at their task's chosen α yet ("
+        + ", ".join(f"{t} {m} seed {sd}" for t, m, sd in absent[:10]) + (", …" if len(absent) > 10 else "") + ").",
+    ]
     if summary is None:
-        return lines + ["", "The dev grid has no runs at the chosen α values."]
-    return lines + summary_lines("Dev results at the chosen α, averaged over tasks and seeds", summary)
+        return lines + ["", "The dev grid has no runs at the chosen α values."] + note
+    return lines + summary_lines("Dev results at the chosen α, averaged over tasks and seeds", summary) + note
