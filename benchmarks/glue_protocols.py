@@ -121,7 +121,6 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
         return {**out, "status": "missing", "absent": []}
     o = s["overall"]
     peft = sum(1 for r in rows if variant(r) == 0.0)
-    n = len(s["seeds"])
     # the mean change of each task × method cell: where the average's points are lost
     by_cell = summarise(rows, group=lambda r: f"{r['task']}/{r['method']}" if variant(r) == picked.get(r["task"]) else None)
     cells = {k: v["overall"]["metric_delta"] for k, v in by_cell.items()}
@@ -129,8 +128,7 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
     return {
         **out, "status": "ok" if complete else "incomplete", "seeds": sorted(s["seeds"]), "pairs": o["pairs"],
         "peft_runs": peft, "density_reduction_pct": o["density_reduction_pct"], "metric_delta": o["metric_delta"],
-        # seed noise only; sd/√n is the SE of the pooled mean when every seed has the same pairs
-        "metric_delta_se": o["metric_delta_seed_sd"] / n**0.5 if n > 1 else None,
+        "metric_delta_se": o["metric_delta_se"],  # over seeds (deftune.compare.report.summarise)
         "hardware": sorted({_hardware(f) for f in files}),
         "meets_density": o["density_reduction_pct"] >= 40, "meets_metric": o["metric_delta"] >= -1,
         "cells": dict(sorted(cells.items(), key=lambda kv: kv[1])),

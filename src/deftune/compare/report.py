@@ -42,7 +42,8 @@ def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hash
     :func:`variant`), over the (task, seed) pairs where both runs exist.
 
     Returns ``{alpha: {"methods": {method: {...}}, "seeds": {seed: {...}}, "overall": {...}}}``; each
-    leaf has ``pairs``, ``density_reduction_pct`` (relative, %) and ``metric_delta`` (points).
+    leaf has ``pairs``, ``density_reduction_pct`` (relative, %) and ``metric_delta`` (points);
+    ``overall`` adds ``metric_delta_seed_sd`` and ``metric_delta_se`` (over seeds; None for one seed).
     A pair is one (task, method, seed): the DEFT run against the PEFT run of the same seed.
     ``group(row)`` replaces the variant as the key of a DEFT row (``None``: leave the row out), e.g.
     to pool the α chosen per task.
@@ -70,6 +71,9 @@ def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hash
         seeds = {sd: leaf([i for i in items if i[1] == sd]) for sd in sorted({i[1] for i in items})}
         overall = leaf(items)
         overall["metric_delta_seed_sd"] = _sd([v["metric_delta"] for v in seeds.values()])
+        # seed-to-seed noise only (not dev-set sampling); sd/√n is the SE of the pooled mean when every
+        # seed has the same pairs, as in a finished grid. None for one seed.
+        overall["metric_delta_se"] = overall["metric_delta_seed_sd"] / len(seeds) ** 0.5 if len(seeds) > 1 else None
         out[alpha] = {"methods": methods, "seeds": seeds, "overall": overall}
     return out
 
@@ -93,7 +97,6 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
             f"| {method} | {m['pairs']} | {m['density_reduction_pct']:.1f}% | {m['metric_delta']:+.2f} | "
             f"{'yes' if _meets(m) else 'no'} |"
         )
-    n = len(summary["seeds"])
     per_seed = ", ".join(
         f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}" for sd, v in summary["seeds"].items()
     )
@@ -102,10 +105,8 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
         f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
         f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
         f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points"
-        # seed-to-seed noise only (not dev-set sampling); sd/√n is the SE of the pooled mean when every
-        # seed has the same pairs, as in a finished grid
-        + (f"; standard error of the mean over {n} seeds {o['metric_delta_seed_sd'] / n ** 0.5:.2f} points"
-           if n > 1 else "")
+        + (f"; standard error of the mean over {len(summary['seeds'])} seeds {o['metric_delta_se']:.2f} points"
+           if o["metric_delta_se"] is not None else "")
         + ").",
     ]
 
