@@ -85,10 +85,9 @@ PROTOCOLS = (
 )
 
 
-def _hardware(path: Path) -> str:
+def _hardware(data: Any) -> str:
     """The GPU (or ``CPU``) of a results file's hardware record — the machine that appended its last
     row; ``unknown`` without a record."""
-    data = read_json(path)
     record = data.get("hardware") if isinstance(data, dict) else None
     if not isinstance(record, dict):
         return "unknown"
@@ -105,7 +104,8 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
         absent.append(p.select_from)
     if absent:
         return {**out, "status": "missing", "absent": absent}
-    rows = [r for f in files for r in load_rows(f) if int(r.get("seed", 0)) in p.seeds]
+    data = [read_json(f) for f in files]  # each file read once: rows and hardware record
+    rows = [r for d in data for r in (d["runs"] if isinstance(d, dict) else d) if int(r.get("seed", 0)) in p.seeds]
     if p.select_from is not None:
         choices = select_alphas(load_rows(root / p.select_from), p.tolerance, set(p.seeds))
         choices = {t: c for t, c in choices.items() if t in {r["task"] for r in rows}}
@@ -129,7 +129,7 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
         **out, "status": "ok" if complete else "incomplete", "seeds": sorted(s["seeds"]), "pairs": o["pairs"],
         "peft_runs": peft, "density_reduction_pct": o["density_reduction_pct"], "metric_delta": o["metric_delta"],
         "metric_delta_se": o["metric_delta_se"],  # over seeds (deftune.compare.report.summarise)
-        "hardware": sorted({_hardware(f) for f in files}),
+        "hardware": sorted({_hardware(d) for d in data}),
         "meets_density": o["density_reduction_pct"] >= 40, "meets_metric": o["metric_delta"] >= -1,
         "cells": dict(sorted(cells.items(), key=lambda kv: kv[1])),
     }

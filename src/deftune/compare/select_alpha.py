@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deftune.compare.report import summarise, summary_lines
+from deftune.compare.report import summarise, summary_lines, variant
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,14 @@ def _check_selection_rows(rows: list[dict[str, Any]], report_seeds: set[int] | N
         )
     if not dev:
         return
-    if report_seeds is None:
+    shared = sorted(_seeds(dev) & {int(s) for s in report_seeds or ()})
+    if report_seeds is None or shared:
         raise ValueError(
-            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set: choose α on a grid run with "
-            "--holdout N (and its own --results-json), or on the dev results of other seeds than the reported "
-            "ones (pass report_seeds, the seeds of the reported runs)"
-        )
-    shared = sorted(_seeds(dev) & {int(s) for s in report_seeds})
-    if shared:
-        raise ValueError(
-            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set with the reported seeds {shared}: "
-            "choose α on a grid run with --holdout N (and its own --results-json), or on the dev results of "
+            f"rows of {sorted({r['task'] for r in dev})} were scored on the dev set"
+            + (f" with the reported seeds {shared}" if shared else "")
+            + ": choose α on a grid run with --holdout N (and its own --results-json), or on the dev results of "
             "other seeds than the reported ones"
+            + (" (pass report_seeds, the seeds of the reported runs)" if report_seeds is None else "")
         )
 
 
@@ -87,7 +83,7 @@ def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0,
     (``act_threshold_density``) are not α candidates and are left out."""
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}")
-    rows = [r for r in holdout_rows if r.get("act_threshold_density") is None]
+    rows = [r for r in holdout_rows if isinstance(variant(r), float)]
     _check_selection_rows(rows, report_seeds)
     choices: dict[str, AlphaChoice] = {}
     for task in sorted({r["task"] for r in rows}):
@@ -104,18 +100,14 @@ def select_alphas(holdout_rows: list[dict[str, Any]], tolerance: float = 1.0,
     return choices
 
 
-def _peft_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [r for r in rows if float(r["alpha"]) == 0 and r.get("act_threshold_density") is None]
-
-
 def missing_at_choice(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> list[tuple[str, str, int]]:
     """(task, method, seed) of every PEFT run in ``dev_rows`` whose twin at the task's chosen α is
     absent — pairs the pooled average cannot contain (a grid not yet finished, or never run)."""
-    have = {(r["task"], r["method"], int(r.get("seed", 0))) for r in dev_rows
-            if r.get("act_threshold_density") is None and r["task"] in choices
-            and float(r["alpha"]) == choices[r["task"]].alpha}
-    return sorted(k for k in {(r["task"], r["method"], int(r.get("seed", 0))) for r in _peft_rows(dev_rows)}
-                  if k not in have)
+    def key(r: dict[str, Any]) -> tuple[str, str, int]:
+        return r["task"], r["method"], int(r.get("seed", 0))
+
+    have = {key(r) for r in dev_rows if r["task"] in choices and variant(r) == choices[r["task"]].alpha}
+    return sorted({key(r) for r in dev_rows if variant(r) == 0.0} - have)
 
 
 def selected_summary(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> dict[str, Any] | None:
@@ -123,7 +115,7 @@ def selected_summary(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaCho
 
     Raises if a task of ``dev_rows`` has no α chosen; PEFT runs without a run at the chosen α are
     left out of the pairs (list them with :func:`missing_at_choice`)."""
-    rows = [r for r in dev_rows if r.get("act_threshold_density") is None]
+    rows = [r for r in dev_rows if isinstance(variant(r), float)]
     missing = sorted({r["task"] for r in rows} - set(choices))
     if missing:
         raise ValueError(f"no α was chosen for tasks {missing}: the selection grid lacks them")
