@@ -70,14 +70,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
             kwargs["type"] = _ints if typing.get_args(base)[:1] == (int,) else _floats
             kwargs["metavar"] = "X,Y,..."
         elif typing.get_origin(base) is dict:
-            kwargs["type"] = _parse_mapping
+            kwargs["type"] = parse_mapping
             kwargs["metavar"] = "K=V,..."
         else:
             continue
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
 
 
-def _parse_mapping(value: str) -> dict[str, Any]:
+def parse_mapping(value: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, value.split(",")):
         if "=" not in item:

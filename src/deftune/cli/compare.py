@@ -14,8 +14,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-from deftune.cli._args import add_dataclass_arguments, dataclass_from_args
+from deftune.cli._args import add_dataclass_arguments, dataclass_from_args, parse_mapping
 from deftune.compare import CompareConfig
 
 COMMAND = "compare"
@@ -26,11 +27,24 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _method_options(value: str) -> dict[str, dict[str, Any]]:
+    """``prompt.prompt_init=vocab,prefix.prefix_projection=true`` -> ``{"prompt": {...}, "prefix": {...}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, v in parse_mapping(value).items():
+        method, dot, option = key.partition(".")
+        if not (dot and method and option):
+            raise argparse.ArgumentTypeError(f"expected METHOD.OPTION=VALUE pairs (prompt.prompt_init=vocab), got {key!r}")
+        out.setdefault(method, {})[option] = v
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, CompareConfig, exclude=("tasks", "methods", "method_options"))
     defaults = CompareConfig()
     parser.add_argument("--tasks", type=_names, default=defaults.tasks, help="comma-separated GLUE tasks, or squad (generative QA, see --generative-*)")
     parser.add_argument("--methods", type=_names, default=defaults.methods, help="comma-separated PEFT methods")
+    parser.add_argument("--method-options", type=_method_options, default={}, metavar="METHOD.OPTION=V,...",
+                        help="per-method MethodConfig options, e.g. prompt.prompt_init=vocab,prefix.prefix_projection=true")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
 
 

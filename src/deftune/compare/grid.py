@@ -61,7 +61,11 @@ class CompareConfig:
         scale_lr: learning rate of those scales.
         head_lr: learning rate of the task head (None: the method's learning rate). A head that
             starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
-        method_options: per-method overrides of :class:`deftune.methods.MethodConfig`.
+        method_options: per-method overrides of :class:`deftune.methods.MethodConfig`
+            (``{"prompt": {"prompt_init": "vocab"}}``; CLI ``prompt.prompt_init=vocab``).
+        method_lr: per-method overrides of the learning rates in ``METHOD_LR``
+            (``{"prompt": 0.1}``). A run's learning rate and method options are recorded in its
+            row; a results file refuses runs of another recipe under the same key.
         generative_model: the model of the ``squad`` runs (``smollm2``; ``tiny-llama`` etc. for tests).
         squad_dir: SQuAD folder or JSON file of the ``squad`` runs (else ``$DEFTUNE_SQUAD_DIR``).
         holdout: None (score on the dev sets), or score every GLUE run on this many training
@@ -103,6 +107,7 @@ class CompareConfig:
     scale_lr: float = 0.1
     head_lr: float | None = 5e-3
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method_lr: dict[str, float] = field(default_factory=dict)
     generative_model: str = "smollm2"
     squad_dir: str | None = None
     generative_options: dict[str, Any] = field(default_factory=dict)
@@ -114,12 +119,22 @@ class CompareConfig:
     def __post_init__(self) -> None:
         from deftune.data.glue import get_task
         from deftune.generative.peft_methods import PEFT_METHODS
+        from deftune.methods import METHODS, MethodConfig
 
         for t in self.tasks:
             if t != SQUAD:
                 get_task(t)
         if not self.methods:
             raise ValueError("methods must name at least one PEFT method")
+        for method, lr in self.method_lr.items():
+            if method not in METHODS:
+                raise ValueError(f"method_lr names unknown method {method!r}; choose from {sorted(METHODS)}")
+            if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 < lr < float("inf")):
+                raise ValueError(f"method_lr[{method!r}] must be a learning rate > 0, got {lr!r}")
+        for method, options in self.method_options.items():
+            if method not in METHODS:
+                raise ValueError(f"method_options names unknown method {method!r}; choose from {sorted(METHODS)}")
+            MethodConfig.from_dict({"name": method, **options})  # unknown or inapplicable options fail here
         if SQUAD in self.tasks:
             generative = sorted(PEFT_METHODS) + ["full"]
             unsupported = [m for m in self.methods if m not in generative]
@@ -160,7 +175,7 @@ class CompareConfig:
         config = TrainConfig(
             task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
             method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
-            lr=METHOD_LR.get(method, 1e-3), scale_lr=self.scale_lr, head_lr=self.head_lr,
+            lr=self.method_lr.get(method, METHOD_LR.get(method, 1e-3)), scale_lr=self.scale_lr, head_lr=self.head_lr,
             batch_size=self.batch_size, max_length=self.max_length,
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
             schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
@@ -204,6 +219,26 @@ def config_key(config: RunConfig) -> tuple:
             _optional_float(config.act_threshold_density))
 
 
+def recipe(row: dict[str, Any]) -> dict[str, Any]:
+    """The training recipe a GLUE row was run with beyond its key: learning rate and method options
+    that differ from :class:`deftune.methods.MethodConfig`'s defaults (``act_scale`` aside, which
+    has a column of its own). Rows written before these were recorded ran at ``METHOD_LR`` with the
+    default options."""
+    return {"lr": float(row.get("lr", METHOD_LR.get(row["method"], 1e-3))),
+            "method_options": _non_default(row["method"], row.get("method_options", {}))}
+
+
+def _non_default(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    from deftune.methods import MethodConfig
+
+    defaults = MethodConfig(name=method).to_dict()
+    return {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v}
+
+
+def _config_recipe(config: TrainConfig) -> dict[str, Any]:
+    return {"lr": float(config.lr), "method_options": _non_default(config.method, config.method_options)}
+
+
 def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
     from deftune.train import train_glue
 
@@ -211,6 +246,7 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
     return {
         "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
         "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
+        "lr": config.lr, **({"method_options": o} if (o := _config_recipe(config)["method_options"]) else {}),
         **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
         **({"act_threshold_density": config.act_threshold_density} if config.act_threshold_density is not None else {}),
         "metric": d["metric"], "metrics": d["metrics"],
@@ -255,6 +291,18 @@ def _append_row(results_json: str, row: dict[str, Any]) -> None:
     with file_lock(path.with_name(f".{path.name}.lock")):
         rows = [r for r in load_rows(results_json) if run_key(r) != run_key(row)] + [row]
         write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
+
+
+def _check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
+    done = {run_key(r): r for r in load_rows(results_json) if r["task"] != SQUAD}
+    for config in configs:
+        row = done.get(config_key(config)) if isinstance(config, TrainConfig) else None
+        if row is not None and recipe(row) != _config_recipe(config):
+            raise ValueError(
+                f"{results_json} already holds {config.run_name} (seed {config.seed}) trained with {recipe(row)}; "
+                f"this grid asks for {_config_recipe(config)}. Give this recipe a results file of its own "
+                "(--results-json, --report-md)"
+            )
 
 
 def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:

@@ -133,7 +133,9 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
            else "dev metric on the full dev set") + "; exact density in fp32 over real tokens.",
         f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
         f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
-        "from `METHOD_LR`; regression heads start at the mean training label.",
+        "from `METHOD_LR`" + "".join(f", {m} lr {lr:g}" for m, lr in sorted(config.method_lr.items()))
+        + "".join(f", {m} {k}={v}" for m, o in sorted(config.method_options.items()) for k, v in o.items())
+        + "; regression heads start at the mean training label.",
     ]
     squad_lines = [
         f"SQuAD rows: `{config.generative_model}`, {config.steps} steps, held-out articles of the SQuAD v1.1 dev file, "
@@ -161,7 +163,10 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
                                "select_tolerance")
                   if getattr(config, name) != getattr(CompareConfig, name))
         + (" --generative-options " + ",".join(f"{k}={v}" for k, v in config.generative_options.items())
-           if config.generative_options else "") + "`",
+           if config.generative_options else "")
+        + (" --method-lr " + ",".join(f"{m}={lr:g}" for m, lr in config.method_lr.items()) if config.method_lr else "")
+        + (" --method-options " + ",".join(f"{m}.{k}={v}" for m, o in config.method_options.items() for k, v in o.items())
+           if config.method_options else "") + "`",
         "",
         "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",

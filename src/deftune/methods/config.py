@@ -29,6 +29,7 @@ LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")
 ADAPTER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "identity")
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("sequential", "parallel")
 ACT_SCALES: tuple[str, ...] = ("none", "layer", "neuron")
+PROMPT_INITS: tuple[str, ...] = ("random", "vocab")
 
 _LORA = ("lora", "dora")
 _PROMPTS = ("prefix", "prompt", "ptuning")
@@ -56,6 +57,9 @@ class MethodConfig:
         feedforward_modules: IA3 modules whose *input* is scaled (the MLP down projections);
             ``None``: the down projections of :func:`deftune.arch.find_activation_sites`.
         num_virtual_tokens: virtual tokens of prefix / prompt / P-tuning.
+        prompt_init: how prompt tuning's virtual tokens start: ``random`` (peft's default, as in
+            the DEFT scripts) or ``vocab`` (each a copy of a vocabulary token's embedding drawn at
+            random; Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning", §3.2).
         prefix_projection: prefix tuning re-parameterised through an MLP (Li & Liang 2021).
         encoder_hidden_size: hidden size of the P-tuning prompt encoder / prefix projection
             (``None``: the model's hidden size).
@@ -82,6 +86,7 @@ class MethodConfig:
     target_modules: tuple[str, ...] | None = _for("lora", "dora", "ia3", "adapter")
     feedforward_modules: tuple[str, ...] | None = _for("ia3")
     num_virtual_tokens: int = _for(*_PROMPTS, default=60)
+    prompt_init: str = _for("prompt", default="random")
     prefix_projection: bool = _for("prefix", default=False)
     encoder_hidden_size: int | None = _for("prefix", "ptuning")
     adapter_kind: str = _for("adapter", default="pfeiffer")
@@ -136,6 +141,7 @@ class MethodConfig:
             "adapter_activation": ADAPTER_ACTIVATIONS,
             "adapter_placement": ADAPTER_PLACEMENTS,
             "act_scale": ACT_SCALES,
+            "prompt_init": PROMPT_INITS,
         }
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
