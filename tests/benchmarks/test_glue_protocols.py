@@ -51,6 +51,28 @@ def test_fixed_alpha_pools_files_tasks_and_methods(gp, tmp_path):
     assert r["cells"] == {"sst2/lora": pytest.approx(-1.0), "sst2/ia3": pytest.approx(-0.5),
                           "rte/lora": pytest.approx(1.0)}  # worst first
     assert r["hardware"] == ["CPU", "H100"] and (r["meets_density"], r["meets_metric"]) == (False, True)  # 38 %
+    # leave one method out: the pairs of the others, pooled
+    assert r["without"]["ia3"] == {"pairs": 3, "density_reduction_pct": pytest.approx(50.0),
+                                   "metric_delta": pytest.approx(-1 / 3)}
+    assert r["without"]["lora"]["pairs"] == 2 and r["without"]["lora"]["metric_delta"] == pytest.approx(-0.5)
+
+
+def test_method_files_take_a_methods_rows_from_their_own_file(gp, tmp_path):
+    main = _write(tmp_path, "main.json", [
+        _row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 78.0, 0.4),
+        _row("sst2", 0.0, 0, 60.0, 1.0, "prompt"), _row("sst2", 0.1, 0, 50.0, 0.5, "prompt"),  # replaced
+    ])
+    own = _write(tmp_path, "own.json", [
+        _row("sst2", 0.0, 0, 70.0, 1.0, "prompt"), _row("sst2", 0.1, 0, 71.0, 0.2, "prompt"),
+        _row("sst2", 0.0, 0, 10.0, 1.0, "ia3"), _row("sst2", 0.1, 0, 0.0, 1.0, "ia3"),  # not this file's method
+    ])
+    p = gp.Protocol("m", "α = 0.1", "own recipe", (main,), (0,), 0.1, method_files=((own, ("prompt",)),))
+    r = gp.evaluate(p, root=tmp_path)
+    assert r["files"] == [main, own] and r["cells"] == {"sst2/lora": pytest.approx(-2.0), "sst2/prompt": pytest.approx(1.0)}
+    assert r["pairs"] == r["peft_runs"] == 2 and r["without"]["prompt"]["metric_delta"] == pytest.approx(-2.0)
+    assert gp._without(r) == "−60.0 % / -2.00"
+    alone = gp.evaluate(gp.Protocol("a", "α = 0.1", "one method", (own,), (0,), 0.1), root=tmp_path)
+    assert alone["without"]["ia3"]["pairs"] == 1 and gp._without({"without": {}}) == "–"
 
 
 def test_threshold_route_selection_on_other_seeds_and_incomplete_grids(gp, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from deftune.compare import (
     AlphaSweepConfig,
     CompareConfig,
@@ -180,3 +182,65 @@ def test_report_reproduce_line_names_every_changed_budget_flag(tiny_setup, tmp_p
     write_compare_report([], cfg)
     line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("Reproduce"))
     assert "--steps 3" in line and "--warmup-steps 2" in line and "--batch-size 4" in line
+
+
+def test_method_lr_and_options_are_recorded_and_a_results_file_keeps_one_recipe(tiny_setup, tmp_path):
+    import pytest
+
+    from deftune.runs import write_json_atomic
+
+    opts = {"prompt": {"prompt_init": "vocab", "num_virtual_tokens": 4}}
+    cfg = _grid(tiny_setup, tmp_path, methods=("prompt",), alphas=(0.0,), method_lr={"prompt": 0.1}, method_options=opts)
+    (row,) = run_compare(cfg, progress=False)
+    assert row["lr"] == 0.1 and row["method_options"] == {"prompt_init": "vocab", "num_virtual_tokens": 4}
+    report = (tmp_path / "results.md").read_text()
+    assert "prompt lr 0.1, prompt prompt_init=vocab" in report
+    assert "--method-lr prompt=0.1 --method-options prompt.prompt_init=vocab,prompt.num_virtual_tokens=4" in report
+    # the same key under another recipe is refused before anything trains; the row is kept
+    with pytest.raises(ValueError, match="trained with .* results file of its own"):
+        run_compare(_grid(tiny_setup, tmp_path, methods=("prompt",), alphas=(0.0,), method_lr={"prompt": 0.3},
+                          method_options=opts), progress=False)
+    assert load_rows(cfg.results_json) == [row]
+    # rows written before recipes were recorded ran at METHOD_LR with default options; an option
+    # spelled out at its default value is the same recipe
+    old = {**row, "method": "bitfit"}
+    del old["lr"], old["method_options"]
+    write_json_atomic(cfg.results_json, {"runs": [old]})
+    default = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), method_options={"bitfit": {"task_type": None}})
+    assert len(run_compare(default, progress=False)) == 1  # skipped, not retrained
+    with pytest.raises(ValueError, match=r"'lr': 0.005.*'lr': 0.02"):
+        run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), method_lr={"bitfit": 0.02}),
+                    progress=False)
+
+
+def test_report_refuses_a_file_with_two_recipes_under_one_key(tiny_setup, tmp_path):
+    import pytest
+
+    from deftune.compare import write_compare_report
+
+    row = {"task": "sst2", "method": "prompt", "alpha": 0.0, "steps": 2, "seed": 0, "density": 1.0,
+           "metric": {"name": "accuracy", "value": 50.0}, "trainable_parameters": 1, "train_seconds": 1.0}
+    with pytest.raises(ValueError, match="two runs under one key .* split the file per recipe"):
+        write_compare_report([row, {**row, "lr": 0.3}], _grid(tiny_setup, tmp_path))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"method_lr": {"lorra": 0.1}}, "method_lr names unknown method 'lorra'"),
+    ({"method_lr": {"lora": 0.0}}, r"method_lr\['lora'\] must be a learning rate > 0, got 0.0"),
+    ({"method_options": {"lora": {"prompt_init": "vocab"}}}, "prompt_init='vocab' does not apply to method 'lora'"),
+    ({"method_options": {"lorra": {}}}, "method_options names unknown method 'lorra'"),
+])
+def test_method_lr_and_options_are_validated(tiny_setup, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        _grid(tiny_setup, tmp_path, **kw)
+
+
+def test_cli_parses_method_options_per_method():
+    from deftune.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--method-options", "prompt.prompt_init=vocab,prefix.prefix_projection=true",
+                                      "--method-lr", "prompt=0.1"])
+    assert args.method_options == {"prompt": {"prompt_init": "vocab"}, "prefix": {"prefix_projection": True}}
+    assert args.method_lr == {"prompt": 0.1}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--method-options", "prompt_init=vocab"])

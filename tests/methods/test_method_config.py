@@ -57,3 +57,29 @@ def test_round_trip_through_dict():
     assert MethodConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown MethodConfig keys \['rank'\]"):
         MethodConfig.from_dict({"name": "lora", "rank": 4})
+
+
+def test_prompt_init_is_validated_and_applies_to_prompt_tuning_only():
+    with pytest.raises(ValueError, match=r"prompt_init must be one of \('random', 'vocab'\), got 'text'"):
+        MethodConfig(name="prompt", prompt_init="text")
+    with pytest.raises(ValueError, match="prompt_init='vocab' does not apply to method 'prefix'"):
+        MethodConfig(name="prefix", prompt_init="vocab")
+
+
+def test_vocab_start_copies_vocabulary_embeddings_and_random_does_not():
+    import torch
+    from methods_tiny import tiny_bert
+
+    from deftune.methods import apply_method
+
+    def virtual_tokens(init: str) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        model = apply_method(tiny_bert(), MethodConfig(name="prompt", num_virtual_tokens=5, prompt_init=init))
+        return model.prompt_encoder["default"].embedding.weight.detach(), model.get_input_embeddings().weight.detach()
+
+    prompts, vocab = virtual_tokens("vocab")  # (5, hidden), (vocab, hidden)
+    is_vocab_row = (prompts[:, None] == vocab[None]).all(-1).any(-1)  # (5,)
+    assert prompts.shape[0] == 5 and bool(is_vocab_row.all())
+    assert torch.equal(prompts, virtual_tokens("vocab")[0])  # seeded: the same draw
+    random_prompts, vocab = virtual_tokens("random")
+    assert not (random_prompts[:, None] == vocab[None]).all(-1).any()

@@ -313,7 +313,12 @@ def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool 
     claimed by another worker is passed over), and rows are appended under a lock on
     ``.<results file name>.lock`` beside it. Locks die with their process, so a killed worker
     leaves nothing stale.
+
+    Raises:
+        ValueError: before anything trains, when the file holds a run under one of these keys that
+            was trained with another learning rate or other method options (:func:`recipe`).
     """
+    _check_recipes(configs, results_json)
     for i, config in enumerate(configs):
         name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
         out = Path(config.output_dir) if config.output_dir else None

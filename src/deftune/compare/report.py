@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
-from deftune.compare.grid import SQUAD, CompareConfig, load_rows
+from deftune.compare.grid import SQUAD, CompareConfig, load_rows, recipe, run_key
 from deftune.runs import read_json
 
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
@@ -115,6 +115,13 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
 
+    seen: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if (other := seen.setdefault(run_key(r), r)) is not r:
+            raise ValueError(
+                f"{config.results_json} holds two runs under one key {run_key(r)} (recipes {recipe(other)} and "
+                f"{recipe(r)}): a report pools one recipe; split the file per recipe"
+            )
     recorded = read_json(config.results_json).get("hardware") if Path(config.results_json).is_file() else None
 
     md = Path(config.report_md)
