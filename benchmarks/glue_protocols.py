@@ -62,6 +62,12 @@ class Protocol:
     def __post_init__(self) -> None:
         if (self.key is None) == (self.select_from is None):
             raise ValueError(f"protocol {self.id!r}: give exactly one of key (a fixed variant) and select_from")
+        both = sorted(set(self.files) & {f for f, _ in self.method_files})
+        if both:
+            raise ValueError(f"protocol {self.id!r}: {both} in both files and method_files (its rows would count twice)")
+        if self.method_files and self.select_from is not None:
+            raise ValueError(f"protocol {self.id!r}: select_from chooses α on one file's recipes; it does not take "
+                             "method_files")
 
 
 S04, S59 = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
@@ -87,12 +93,12 @@ PROTOCOLS = (
              (R + "glue_thresholds.json",), (0, 1, 2, 3, 4, 5, 6, 7), "t0.55"),
     Protocol("vocab-a0.1", "α = 0.1", "prompt tuning's start tuned on held-out data (`vocab`), plan fixed first",
              (R + "glue.json",), S04, 0.1, method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
-    Protocol("vocab-thr", "0 + thresholds 0.55", "the same tuned prompt tuning, threshold route",
+    Protocol("vocab-thr", "0 + thresholds 0.55", "the same tuned prompt tuning, threshold route; its prompt-tuning baseline learns little (see the next column)",
              (R + "glue_thresholds.json",), S04, "t0.55", method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
-    Protocol("vocab-thr-eight", "0 + thresholds 0.55", "the same, seeds 5–7 added after reading seeds 0–4",
+    Protocol("vocab-thr-eight", "0 + thresholds 0.55", "the same, seeds 5–7 added after reading seeds 0–4; the same caveat",
              (R + "glue_thresholds.json",), (0, 1, 2, 3, 4, 5, 6, 7), "t0.55",
              method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
-    Protocol("vocab-a0.05-ten", "α = 0.05", "the same tuned prompt tuning, all ten seeds; not planned (α 0.05 was picked on seeds 0–4)",
+    Protocol("vocab-a0.05-ten", "α = 0.05", "the same tuned prompt tuning, all ten seeds; not planned (α 0.05 was picked on seeds 0–4); the same caveat",
              (R + "glue.json", R + "glue_seeds5_9.json"), S04 + S59, 0.05,
              method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
     Protocol("cpu-a0.1", "α = 0.1", "CPU (2 cores), the recipe's", (R + "glue_cpu.json",), (0,), 0.1),

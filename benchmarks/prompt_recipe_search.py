@@ -25,7 +25,8 @@ from statistics import fmean
 from typing import Any
 
 from deftune.compare import load_rows
-from deftune.compare.grid import recipe
+from deftune.compare.grid import format_method_options, recipe
+from deftune.compare.report import variant
 from deftune.runs import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +51,8 @@ def commands() -> list[str]:
             out.append(
                 f"deftune compare --tasks {','.join(TASKS)} --methods {method} --alphas 0 "
                 f"--seeds {','.join(map(str, SEEDS))} --holdout {HOLDOUT} --method-lr {method}={lr:g} "
-                "--method-options " + ",".join(f"{method}.{k}={v}" for k, v in options.items())
-                + f" --data-dir ../shared/data/glue --results-json runs/recipe/{tag}.json --report-md runs/recipe/{tag}.md"
+                f"--method-options {format_method_options({method: options})}"
+                f" --data-dir ../shared/data/glue --results-json runs/recipe/{tag}.json --report-md runs/recipe/{tag}.md"
             )
     return out
 
@@ -59,11 +60,12 @@ def commands() -> list[str]:
 def search(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per method: every candidate's mean held-out metric (and per task), and the chosen one.
 
-    Only dense held-out rows count; a candidate is scored over the runs it has (``runs`` says how
-    many of the ``len(TASKS) * len(SEEDS)`` planned)."""
+    Only the planned runs count (dense, held out ``HOLDOUT`` examples, ``TASKS`` × ``SEEDS``); a
+    candidate with fewer than all of them is listed but cannot be chosen (``complete``)."""
     groups: dict[tuple[str, float, tuple], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        if r.get("eval_split") != "holdout" or float(r["alpha"]) != 0 or r.get("act_threshold_density") is not None:
+        planned = r["task"] in TASKS and int(r.get("seed", 0)) in SEEDS and r.get("holdout") == HOLDOUT
+        if not planned or r.get("eval_split") != "holdout" or variant(r) != 0.0:
             continue
         rec = recipe(r)
         groups[(r["method"], rec["lr"], tuple(sorted(rec["method_options"].items())))].append(r)
@@ -77,10 +79,13 @@ def search(rows: list[dict[str, Any]]) -> dict[str, Any]:
             for r in rs:
                 by_task[r["task"]].append(r["metric"]["value"])
             cands.append({"lr": lr, "method_options": dict(opts), "runs": len(rs),
+                          "complete": len({(r["task"], int(r.get("seed", 0))) for r in rs}) == len(TASKS) * len(SEEDS),
                           "mean": fmean(r["metric"]["value"] for r in rs),
                           "per_task": {t: fmean(v) for t, v in sorted(by_task.items())}})
         cands.sort(key=lambda c: -c["mean"])
-        out[method] = {"candidates": cands, "chosen": {k: cands[0][k] for k in ("lr", "method_options")}}
+        eligible = [c for c in cands if c["complete"]]
+        chosen = {k: eligible[0][k] for k in ("lr", "method_options")} if eligible else None
+        out[method] = {"candidates": cands, "chosen": chosen}
     return out
 
 
@@ -100,6 +105,7 @@ def main() -> None:
         print("|---|---|---|" + "---|" * len(TASKS))
         for c in s["candidates"]:
             chosen = " (chosen)" if {k: c[k] for k in ("lr", "method_options")} == s["chosen"] else ""
+            chosen += "" if c["complete"] else " (incomplete: not eligible)"
             print(f"| {_label(c['lr'], c['method_options'])}{chosen} | {c['runs']} | {c['mean']:.2f} | "
                   + " | ".join(f"{c['per_task'].get(t, float('nan')):.1f}" for t in TASKS) + " |")
     write_json_atomic(args.out, {"note": "recomputed from the results file by benchmarks/prompt_recipe_search.py",

@@ -73,6 +73,10 @@ def test_method_files_take_a_methods_rows_from_their_own_file(gp, tmp_path):
     assert gp._without(r) == "−60.0 % / -2.00"
     alone = gp.evaluate(gp.Protocol("a", "α = 0.1", "one method", (own,), (0,), 0.1), root=tmp_path)
     assert alone["without"]["ia3"]["pairs"] == 1 and gp._without({"without": {}}) == "–"
+    with pytest.raises(ValueError, match="count twice"):
+        gp.Protocol("d", "α = 0.1", "?", (own,), (0,), 0.1, method_files=((own, ("prompt",)),))
+    with pytest.raises(ValueError, match="does not take method_files"):
+        gp.Protocol("s", "per task", "?", (main,), (0,), select_from=main, method_files=((own, ("prompt",)),))
 
 
 def test_threshold_route_selection_on_other_seeds_and_incomplete_grids(gp, tmp_path):

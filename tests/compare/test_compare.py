@@ -100,7 +100,6 @@ def test_seeds_run_separately_and_validate(tiny_setup, tmp_path):
     cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), seeds=(0, 3))
     names = [c.run_name for c in cfg.runs()]
     assert names == ["sst2-bitfit-a0", "sst2-bitfit-a0-s3"] and [c.seed for c in cfg.runs()] == [0, 3]
-    import pytest
 
     with pytest.raises(ValueError, match="seeds"):
         _grid(tiny_setup, tmp_path, seeds=())
@@ -123,7 +122,7 @@ def test_workers_share_a_grid_claimed_runs_are_passed_over_and_rows_merge(tiny_s
     cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",))
     runs = cfg.runs()
     assert [c.run_name for c in runs] == ["sst2-bitfit-a0", "sst2-bitfit-a1"]
-    foreign = {"task": "rte", "method": "lora", "alpha": 0.0, "steps": 2, "seed": 0, "density": 1.0,
+    foreign = {"task": "rte", "method": "lora", "alpha": 0.0, "steps": 2, "seed": 0, "density": 1.0, "act_scale": "layer",
                "metric": {"name": "accuracy", "value": 50.0}, "trainable_parameters": 1, "train_seconds": 1.0}
 
     def fake_row(config, *, progress):  # "another worker" appends while this run trains
@@ -169,8 +168,6 @@ def test_compare_threshold_route_is_its_own_variant(tiny_setup, tmp_path):
 
 
 def test_compare_rejects_bad_threshold_densities(tiny_setup, tmp_path):
-    import pytest
-
     with pytest.raises(ValueError, match="threshold_densities must be densities in"):
         _grid(tiny_setup, tmp_path, threshold_densities=(1.5,))
 
@@ -184,9 +181,7 @@ def test_report_reproduce_line_names_every_changed_budget_flag(tiny_setup, tmp_p
     assert "--steps 3" in line and "--warmup-steps 2" in line and "--batch-size 4" in line
 
 
-def test_method_lr_and_options_are_recorded_and_a_results_file_keeps_one_recipe(tiny_setup, tmp_path):
-    import pytest
-
+def test_method_lr_and_options_are_recorded_and_a_results_file_keeps_one_recipe(tiny_setup, tmp_path, capsys):
     from deftune.runs import write_json_atomic
 
     opts = {"prompt": {"prompt_init": "vocab", "num_virtual_tokens": 4}}
@@ -207,15 +202,27 @@ def test_method_lr_and_options_are_recorded_and_a_results_file_keeps_one_recipe(
     del old["lr"], old["method_options"]
     write_json_atomic(cfg.results_json, {"runs": [old]})
     default = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), method_options={"bitfit": {"task_type": None}})
-    assert len(run_compare(default, progress=False)) == 1  # skipped, not retrained
+    capsys.readouterr()
+    assert run_compare(default, progress=False) == [old] and "done, skipped" in capsys.readouterr().out
     with pytest.raises(ValueError, match=r"'lr': 0.005.*'lr': 0.02"):
         run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), method_lr={"bitfit": 0.02}),
                     progress=False)
 
 
-def test_report_refuses_a_file_with_two_recipes_under_one_key(tiny_setup, tmp_path):
-    import pytest
+def test_a_grid_with_tuple_options_resumes_its_own_file(tiny_setup, tmp_path, capsys):
+    """Rows store tuples as JSON lists; the recipe check compares them as equal."""
+    cfg = _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,),
+                method_options={"lora": {"target_modules": ("query", "value"), "r": 2}})
+    (row,) = run_compare(cfg, progress=False)
+    assert row["method_options"] == {"target_modules": ["query", "value"], "r": 2}
+    capsys.readouterr()
+    assert run_compare(cfg, progress=False) == [row] and "done, skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="results file of its own"):  # another act_scale is another recipe
+        run_compare(_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,), act_scale="none",
+                          method_options={"lora": {"target_modules": ("query", "value"), "r": 2}}), progress=False)
 
+
+def test_report_refuses_a_file_with_two_recipes_under_one_key(tiny_setup, tmp_path):
     from deftune.compare import write_compare_report
 
     row = {"task": "sst2", "method": "prompt", "alpha": 0.0, "steps": 2, "seed": 0, "density": 1.0,
@@ -229,6 +236,8 @@ def test_report_refuses_a_file_with_two_recipes_under_one_key(tiny_setup, tmp_pa
     ({"method_lr": {"lora": 0.0}}, r"method_lr\['lora'\] must be a learning rate > 0, got 0.0"),
     ({"method_options": {"lora": {"prompt_init": "vocab"}}}, "prompt_init='vocab' does not apply to method 'lora'"),
     ({"method_options": {"lorra": {}}}, "method_options names unknown method 'lorra'"),
+    ({"method_lr": {"prompt": 0.1}}, r"name methods \['prompt'\] that this grid does not run"),
+    ({"tasks": ("squad",), "methods": ("lora",), "method_lr": {"lora": 0.1}}, "apply to GLUE runs"),
 ])
 def test_method_lr_and_options_are_validated(tiny_setup, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -242,5 +251,9 @@ def test_cli_parses_method_options_per_method():
                                       "--method-lr", "prompt=0.1"])
     assert args.method_options == {"prompt": {"prompt_init": "vocab"}, "prefix": {"prefix_projection": True}}
     assert args.method_lr == {"prompt": 0.1}
+    from deftune.compare.grid import format_method_options
+
+    again = build_parser().parse_args(["compare", "--method-options", format_method_options(args.method_options)])
+    assert again.method_options == args.method_options  # the report's Reproduce line parses back
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--method-options", "prompt_init=vocab"])

@@ -81,5 +81,8 @@ def test_vocab_start_copies_vocabulary_embeddings_and_random_does_not():
     is_vocab_row = (prompts[:, None] == vocab[None]).all(-1).any(-1)  # (5,)
     assert prompts.shape[0] == 5 and bool(is_vocab_row.all())
     assert torch.equal(prompts, virtual_tokens("vocab")[0])  # seeded: the same draw
+    torch.manual_seed(0)
+    saved = apply_method(tiny_bert(), MethodConfig(name="prompt", num_virtual_tokens=5, prompt_init="vocab"))
+    assert saved.peft_config["default"].prompt_tuning_init == "SAMPLE_VOCAB"  # recorded in adapter_config.json
     random_prompts, vocab = virtual_tokens("random")
     assert not (random_prompts[:, None] == vocab[None]).all(-1).any()

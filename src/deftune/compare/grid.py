@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -135,6 +136,13 @@ class CompareConfig:
             if method not in METHODS:
                 raise ValueError(f"method_options names unknown method {method!r}; choose from {sorted(METHODS)}")
             MethodConfig.from_dict({"name": method, **options})  # unknown or inapplicable options fail here
+        unused = sorted((set(self.method_lr) | set(self.method_options)) - set(self.methods))
+        if unused:
+            raise ValueError(f"method_lr / method_options name methods {unused} that this grid does not run "
+                             f"(methods: {list(self.methods)})")
+        if SQUAD in self.tasks and (self.method_lr or self.method_options):
+            raise ValueError("method_lr and method_options apply to GLUE runs; squad runs take "
+                             "--generative-options (run squad in a grid of its own)")
         if SQUAD in self.tasks:
             generative = sorted(PEFT_METHODS) + ["full"]
             unsupported = [m for m in self.methods if m not in generative]
@@ -202,6 +210,12 @@ class CompareConfig:
         return out
 
 
+def format_method_options(options: dict[str, dict[str, Any]]) -> str:
+    """``{"prompt": {"prompt_init": "vocab"}}`` -> ``prompt.prompt_init=vocab``, the CLI's
+    ``--method-options`` syntax (scalar values; list options have no CLI form)."""
+    return ",".join(f"{m}.{k}={v}" for m, o in options.items() for k, v in o.items())
+
+
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
@@ -220,23 +234,23 @@ def config_key(config: RunConfig) -> tuple:
 
 
 def recipe(row: dict[str, Any]) -> dict[str, Any]:
-    """The training recipe a GLUE row was run with beyond its key: learning rate and method options
-    that differ from :class:`deftune.methods.MethodConfig`'s defaults (``act_scale`` aside, which
-    has a column of its own). Rows written before these were recorded ran at ``METHOD_LR`` with the
-    default options."""
-    return {"lr": float(row.get("lr", METHOD_LR.get(row["method"], 1e-3))),
-            "method_options": _non_default(row["method"], row.get("method_options", {}))}
-
-
-def _non_default(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The training recipe a GLUE row was run with beyond its key: learning rate, ``act_scale`` and
+    the method options that differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON
+    values: tuples as lists). Rows written before the learning rate and options were recorded ran
+    at ``METHOD_LR`` with the default options. Other ``CompareConfig`` fields (head / scale learning
+    rates, batch size, ...) are not in rows: a grid that changes them needs a results file of its own."""
     from deftune.methods import MethodConfig
 
-    defaults = MethodConfig(name=method).to_dict()
-    return {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v}
+    defaults = MethodConfig(name=row["method"]).to_dict()
+    options = json.loads(json.dumps(row.get("method_options", {})))
+    return {"lr": float(row.get("lr", METHOD_LR.get(row["method"], 1e-3))),
+            "act_scale": row.get("act_scale", "none"),
+            "method_options": {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v}}
 
 
 def _config_recipe(config: TrainConfig) -> dict[str, Any]:
-    return {"lr": float(config.lr), "method_options": _non_default(config.method, config.method_options)}
+    return recipe({"method": config.method, "lr": config.lr, "act_scale": config.method_options.get("act_scale", "none"),
+                   "method_options": config.method_options})
 
 
 def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
@@ -293,16 +307,20 @@ def _append_row(results_json: str, row: dict[str, Any]) -> None:
         write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
 
 
+def _check_recipe(config: RunConfig, row: dict[str, Any], results_json: str) -> None:
+    if isinstance(config, TrainConfig) and recipe(row) != _config_recipe(config):
+        raise ValueError(
+            f"{results_json} already holds {config.run_name} (seed {config.seed}) trained with {recipe(row)}; "
+            f"this grid asks for {_config_recipe(config)}. Give this recipe a results file of its own "
+            "(--results-json, --report-md)"
+        )
+
+
 def _check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
-    done = {run_key(r): r for r in load_rows(results_json) if r["task"] != SQUAD}
+    done = {run_key(r): r for r in load_rows(results_json)}
     for config in configs:
-        row = done.get(config_key(config)) if isinstance(config, TrainConfig) else None
-        if row is not None and recipe(row) != _config_recipe(config):
-            raise ValueError(
-                f"{results_json} already holds {config.run_name} (seed {config.seed}) trained with {recipe(row)}; "
-                f"this grid asks for {_config_recipe(config)}. Give this recipe a results file of its own "
-                "(--results-json, --report-md)"
-            )
+        if (row := done.get(config_key(config))) is not None:
+            _check_recipe(config, row, results_json)
 
 
 def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -328,7 +346,9 @@ def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool 
             if not mine:
                 print(f"[{i + 1}/{len(configs)}] {name}: training in another worker, passed over")
                 continue
-            if config_key(config) in {run_key(r) for r in load_rows(results_json)}:  # re-read: others append
+            done = {run_key(r): r for r in load_rows(results_json)}  # re-read: others append
+            if config_key(config) in done:
+                _check_recipe(config, done[config_key(config)], results_json)
                 print(f"[{i + 1}/{len(configs)}] {name}: done, skipped")
                 continue
             if out is not None and out.exists() and not (out / RESULTS_FILE).exists():

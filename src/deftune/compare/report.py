@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import fmean, stdev
 from typing import Any
 
-from deftune.compare.grid import SQUAD, CompareConfig, load_rows, recipe, run_key
+from deftune.compare.grid import SQUAD, CompareConfig, format_method_options, load_rows, recipe, run_key
 from deftune.runs import read_json
 
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
@@ -172,8 +172,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         + (" --generative-options " + ",".join(f"{k}={v}" for k, v in config.generative_options.items())
            if config.generative_options else "")
         + (" --method-lr " + ",".join(f"{m}={lr:g}" for m, lr in config.method_lr.items()) if config.method_lr else "")
-        + (" --method-options " + ",".join(f"{m}.{k}={v}" for m, o in config.method_options.items() for k, v in o.items())
-           if config.method_options else "") + "`",
+        + (" --method-options " + format_method_options(config.method_options) if config.method_options else "") + "`",
         "",
         "| task | method | α | seeds | metric | mean | sd | exact density | trainable params | train s |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -59,7 +59,8 @@ class MethodConfig:
         num_virtual_tokens: virtual tokens of prefix / prompt / P-tuning.
         prompt_init: how prompt tuning's virtual tokens start: ``random`` (peft's default, as in
             the DEFT scripts) or ``vocab`` (each a copy of a vocabulary token's embedding drawn at
-            random; Lester et al. 2021, "The Power of Scale for Parameter-Efficient Prompt Tuning", §3.2).
+            random, peft's ``SAMPLE_VOCAB``; Lester et al. 2021, "The Power of Scale for
+            Parameter-Efficient Prompt Tuning", §3.2, draw from the 5,000 most frequent tokens).
         prefix_projection: prefix tuning re-parameterised through an MLP (Li & Liang 2021).
         encoder_hidden_size: hidden size of the P-tuning prompt encoder / prefix projection
             (``None``: the model's hidden size).

@@ -27,7 +27,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from peft import (
     IA3Config,
     LoraConfig,
@@ -36,6 +35,7 @@ from peft import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    PromptTuningInit,
     get_peft_model,
 )
 from peft.utils import PeftType, load_peft_weights, set_peft_model_state_dict
@@ -114,9 +114,11 @@ def _prefix(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig,
 
 def _prompt(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, MethodConfig]:
     # random initialisation of the virtual token embeddings, as in the DEFT scripts (peft's default);
-    # cfg.prompt_init == "vocab" overwrites them in _apply
+    # "vocab": peft's SAMPLE_VOCAB, a uniform draw of vocabulary embeddings (torch's global generator)
+    start = PromptTuningInit.SAMPLE_VOCAB if cfg.prompt_init == "vocab" else PromptTuningInit.RANDOM
     peft_config = PromptTuningConfig(
-        task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=_extra_modules(cfg)
+        task_type=task, num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=start,
+        modules_to_save=_extra_modules(cfg),
     )
     return peft_config, cfg.replace(task_type=task)
 
@@ -146,23 +148,9 @@ def _apply(builder: Builder) -> Callable[[nn.Module, MethodConfig], tuple[nn.Mod
     def apply(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, MethodConfig]:
         task = cfg.task_type or infer_task_type(model)
         peft_config, resolved = builder(model, cfg, task)
-        peft_model = get_peft_model(model, peft_config)
-        if resolved.prompt_init == "vocab":
-            _init_from_vocab(peft_model)
-        return peft_model, resolved
+        return get_peft_model(model, peft_config), resolved
 
     return apply
-
-
-def _init_from_vocab(peft_model: PeftModel) -> None:
-    """Start every virtual token as the embedding of a vocabulary token drawn uniformly at random
-    (torch's global generator, so a seeded run draws the same tokens). Lester et al. 2021 draw from
-    the 5,000 most frequent tokens; a tokenizer's frequency order is not at hand here."""
-    vocab = peft_model.get_input_embeddings().weight  # (vocab, hidden)
-    prompts = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight  # (virtual tokens, hidden)
-    ids = torch.randint(vocab.shape[0], (prompts.shape[0],))
-    with torch.no_grad():
-        prompts.copy_(vocab[ids.to(vocab.device)].to(prompts.dtype))
 
 
 PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
