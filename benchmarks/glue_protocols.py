@@ -132,7 +132,7 @@ def _pool(leaves: list[dict[str, Any]]) -> dict[str, Any] | None:
 def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
     """The pooled pairs of one protocol, with completeness: ``status`` is ``ok``, ``incomplete``
     (fewer pairs than PEFT runs, or fewer seeds than asked) or ``missing`` (no file, or no pairs)."""
-    replaced = {m: f for f, methods in p.method_files for m in methods}
+    source = {m: f for f, methods in p.method_files for m in methods}  # method -> the file its rows come from
     names = list(p.files) + [f for f, _ in p.method_files]
     files = [root / f for f in names]
     out: dict[str, Any] = {"id": p.id, "label": p.label, "how": p.how, "files": names}
@@ -143,7 +143,8 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
         return {**out, "status": "missing", "absent": absent}
     data = [read_json(f) for f in files]  # each file read once: rows and hardware record
     rows = [r for name, d in zip(names, data) for r in (d["runs"] if isinstance(d, dict) else d)
-            if int(r.get("seed", 0)) in p.seeds and replaced.get(r["method"], name if name in p.files else None) == name]
+            if int(r.get("seed", 0)) in p.seeds
+            and (source[r["method"]] == name if r["method"] in source else name in p.files)]
     if p.select_from is not None:
         choices = select_alphas(load_rows(root / p.select_from), p.tolerance, set(p.seeds))
         choices = {t: c for t, c in choices.items() if t in {r["task"] for r in rows}}
