@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", type=_names, default=defaults.tasks, help="comma-separated GLUE tasks, or squad (generative QA, see --generative-*)")
     parser.add_argument("--methods", type=_names, default=defaults.methods, help="comma-separated PEFT methods")
     parser.add_argument("--method-options", type=_method_options, default={}, metavar="METHOD.OPTION=V,...",
-                        help="per-method MethodConfig options, e.g. prompt.prompt_init=vocab,prefix.prefix_projection=true")
+                        help="per-method MethodConfig options, e.g. prompt.prompt_init=vocab,prefix.prefix_projection=true "
+                             "(scalar values; list options such as target_modules: CompareConfig in Python)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
 
 
