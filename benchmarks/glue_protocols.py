@@ -95,6 +95,10 @@ PROTOCOLS = (
              (R + "glue_thresholds.json",), S04 + S59, "t0.55"),
     Protocol("thr-noscale", "0 + thresholds 0.55, no learned scales", "exploratory, planned after reading the worst STS-B "
              "pairs; a lead for a ten-seed run, not a result", (R + "glue_thresholds_noscale.json",), (0, 1, 2), "t0.55"),
+    Protocol("thr-noscale-fresh", "0 + thresholds 0.55, no learned scales", "the same recipe on fresh seeds 3–9: the "
+             "planned evaluation (ninth session)", (R + "glue_thresholds_noscale.json",), (3, 4) + S59, "t0.55"),
+    Protocol("thr-noscale-ten", "0 + thresholds 0.55, no learned scales", "all ten seeds (0–2 exploratory, 3–9 planned)",
+             (R + "glue_thresholds_noscale.json",), S04 + S59, "t0.55"),
     Protocol("vocab-a0.1", "α = 0.1", "prompt tuning's start tuned on held-out data (`vocab`), plan fixed first",
              (R + "glue.json",), S04, 0.1, method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
     Protocol("vocab-thr", "0 + thresholds 0.55", "the same tuned prompt tuning, threshold route; its prompt-tuning baseline learns little (see the next column)",
