@@ -29,6 +29,9 @@ from deftune.runs import read_json, write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 R = "docs/results/"  # results files, relative to the repository root
+# dense PEFT without learned activation scales (α = 0, act_scale none; seeds 0–9, 250 steps, H100),
+# the baseline of the table's last column; its file also holds the no-scale threshold runs
+PLAIN = R + "glue_plain_peft.json"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,11 @@ PROTOCOLS = (
              "planned evaluation (ninth session)", (R + "glue_thresholds_noscale.json",), (3, 4) + S59, "t0.55"),
     Protocol("thr-noscale-ten", "0 + thresholds 0.55, no learned scales", "all ten seeds (0–2 exploratory, 3–9 planned)",
              (R + "glue_thresholds_noscale.json",), S04 + S59, "t0.55"),
+    Protocol("thr-noscale-plain-fresh", "0 + thresholds 0.55, no learned scales", "the same runs against dense PEFT "
+             "without learned scales (like for like; planned after the row above was read)",
+             (R + "glue_plain_peft.json",), (3, 4) + S59, "t0.55"),
+    Protocol("thr-noscale-plain-ten", "0 + thresholds 0.55, no learned scales", "the same, all ten seeds",
+             (R + "glue_plain_peft.json",), S04 + S59, "t0.55"),
     Protocol("vocab-a0.1", "α = 0.1", "prompt tuning's start tuned on held-out data (`vocab`), plan fixed first",
              (R + "glue.json",), S04, 0.1, method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
     Protocol("vocab-thr", "0 + thresholds 0.55", "the same tuned prompt tuning, threshold route; its prompt-tuning baseline learns little (see the next column)",
@@ -151,17 +159,9 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
     rows = [r for name, d in zip(names, data) for r in (d["runs"] if isinstance(d, dict) else d)
             if int(r.get("seed", 0)) in p.seeds
             and (source[r["method"]] == name if r["method"] in source else name in p.files)]
+    s, picked, unpaired = _score(p, rows, root)
     if p.select_from is not None:
-        choices = select_alphas(load_rows(root / p.select_from), p.tolerance, set(p.seeds))
-        choices = {t: c for t, c in choices.items() if t in {r["task"] for r in rows}}
-        s = selected_summary(rows, choices)
-        picked: dict[str, float | str] = {t: c.alpha for t, c in sorted(choices.items())}
-        unpaired = len(missing_at_choice(rows, choices))
         out["chosen"] = picked
-    else:
-        s = summarise(rows).get(p.key)
-        picked = {r["task"]: p.key for r in rows}
-        unpaired = None
     if s is None:
         return {**out, "status": "missing", "absent": []}
     o = s["overall"]
@@ -179,7 +179,46 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
         "cells": dict(sorted(cells.items(), key=lambda kv: kv[1])),
         # leave one method out: how much the verdict rests on one method
         "without": {m: _pool([v for k, v in s["methods"].items() if k != m]) for m in s["methods"]},
+        "vs_plain_peft": _vs_plain(p, rows, data, root),
     }
+
+
+def _score(p: Protocol, rows: list[dict[str, Any]], root: Path
+           ) -> tuple[dict[str, Any] | None, dict[str, float | str], int | None]:
+    """``(summary, variant chosen per task, unpaired runs at the choice)`` of a protocol's rows: its
+    fixed variant, or α chosen per task on ``select_from`` (``unpaired`` None for a fixed variant)."""
+    if p.select_from is None:
+        return summarise(rows).get(p.key), {r["task"]: p.key for r in rows}, None
+    choices = select_alphas(load_rows(root / p.select_from), p.tolerance, set(p.seeds))
+    choices = {t: c for t, c in choices.items() if t in {r["task"] for r in rows}}
+    picked: dict[str, float | str] = {t: c.alpha for t, c in sorted(choices.items())}
+    return selected_summary(rows, choices), picked, len(missing_at_choice(rows, choices))
+
+
+def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Path) -> dict[str, Any] | None:
+    """The protocol against dense PEFT *without* learned activation scales (``PLAIN``): each dense
+    PEFT run is replaced by the plain run of the same task, method, seed and steps. None where that
+    baseline does not exist for every pair: another machine, other steps or seeds, or a protocol
+    whose methods carry a recipe of their own (``method_files``)."""
+    path = root / PLAIN
+    if p.method_files or not path.is_file():
+        return None
+    plain_data = read_json(path)
+    if {_hardware(d) for d in data} != {_hardware(plain_data)}:
+        return None
+
+    def key(r: dict[str, Any]) -> tuple:
+        return r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"])
+
+    plain = {key(r): r for r in plain_data["runs"] if variant(r) == 0.0 and r.get("act_scale") == "none"}
+    dense = [r for r in rows if variant(r) == 0.0]
+    if not dense or any(key(r) not in plain for r in dense):
+        return None
+    s, _, _ = _score(p, [r for r in rows if variant(r) != 0.0] + [plain[key(r)] for r in dense], root)
+    if s is None:
+        return None
+    o = s["overall"]
+    return {k: o[k] for k in ("pairs", "density_reduction_pct", "metric_delta", "metric_delta_se")}
 
 
 def _format_seeds(seeds: list[int]) -> str:
@@ -202,22 +241,27 @@ def _without(r: dict[str, Any]) -> str:
     return "–" if w is None else f"−{w['density_reduction_pct']:.1f} % / {w['metric_delta']:+.2f}"
 
 
+def _plain(r: dict[str, Any]) -> str:
+    v = r.get("vs_plain_peft")
+    return "–" if v is None else f"−{v['density_reduction_pct']:.1f} % / {v['metric_delta']:+.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / R / "glue_protocols.json"), help="JSON output")
     args = ap.parse_args()
     results = [evaluate(p) for p in PROTOCOLS]
     print("| variant | how it was chosen | seeds | pairs | density | metric (points) | SE | target | "
-          f"without {LEFT_OUT} tuning | hardware |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"without {LEFT_OUT} tuning | vs PEFT without learned scales | hardware |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["status"] == "missing":
-            print(f"| {r['label']} | {r['how']} | – | 0 | – | – | – | missing ({', '.join(r['absent']) or 'no pairs'}) | | |")
+            print(f"| {r['label']} | {r['how']} | – | 0 | – | – | – | missing ({', '.join(r['absent']) or 'no pairs'}) | | | |")
             continue
         label = r["label"] + (" (" + ", ".join(f"{t} {a:g}" for t, a in r["chosen"].items()) + ")" if "chosen" in r else "")
         se = f"{r['metric_delta_se']:.2f}" if r["metric_delta_se"] is not None else "–"
         print(f"| {label} | {r['how']} | {_format_seeds(r['seeds'])} | {r['pairs']} | −{r['density_reduction_pct']:.1f} % | "
-              f"{r['metric_delta']:+.2f} | {se} | {_verdict(r)} | {_without(r)} | {', '.join(r['hardware'])} |")
+              f"{r['metric_delta']:+.2f} | {se} | {_verdict(r)} | {_without(r)} | {_plain(r)} | {', '.join(r['hardware'])} |")
     print("\nWhere the points go — the two task/method cells that lose most (mean change over seeds; each "
           "cell weighs 1/cells of the average):")
     for r in results:

@@ -106,6 +106,32 @@ def test_threshold_route_selection_on_other_seeds_and_incomplete_grids(gp, tmp_p
         gp.Protocol("bad", "?", "?", (dev,), (0,))
 
 
+def test_vs_plain_peft_swaps_only_the_dense_baseline(gp, tmp_path):
+    """The last column pairs each DEFT run with the plain-PEFT run (no learned scales) of the same
+    task, method, seed and steps; it is left out where that baseline does not exist for every pair."""
+    main = _write(tmp_path, "main.json", [
+        _row("sst2", 0.0, 0, 80.0, 1.0, act_scale="layer"), _row("sst2", 0.1, 0, 78.0, 0.4, act_scale="layer"),
+        _row("rte", 0.0, 0, 50.0, 0.9, act_scale="layer"), _row("rte", 0.1, 0, 51.0, 0.45, act_scale="layer"),
+    ])
+    _write(tmp_path, gp.PLAIN, [
+        _row("sst2", 0.0, 0, 83.0, 0.8, act_scale="none"), _row("rte", 0.0, 0, 52.0, 1.0, act_scale="none"),
+        _row("sst2", 0.0, 0, 99.0, 1.0, act_scale="none", steps=6),  # other steps: never a twin here
+        _row("sst2", 0.0, 0, 10.0, 1.0, act_scale="layer", method="ia3"),  # a scaled run is no plain baseline
+    ])
+    r = gp.evaluate(gp.Protocol("x", "α = 0.1", "fixed", (main,), (0,), 0.1), root=tmp_path)
+    assert r["metric_delta"] == pytest.approx(-0.5)  # against the file's own (scaled) PEFT runs
+    v = r["vs_plain_peft"]  # sst2 78 vs 83 (-5), density 0.4 vs 0.8 (50 %); rte 51 vs 52 (-1), 0.45 vs 1.0 (55 %)
+    assert v["pairs"] == 2 and v["metric_delta"] == pytest.approx(-3.0)
+    assert v["density_reduction_pct"] == pytest.approx(52.5) and gp._plain(r) == "−52.5 % / -3.00"
+    # no plain twin for a pair (seed 1), another machine, or a method with a recipe of its own: no column
+    more = _write(tmp_path, "more.json", [_row("sst2", 0.0, 1, 80.0, 1.0), _row("sst2", 0.1, 1, 79.0, 0.5)])
+    assert gp.evaluate(gp.Protocol("s", "α = 0.1", "?", (more,), (1,), 0.1), root=tmp_path)["vs_plain_peft"] is None
+    cpu = _write(tmp_path, "cpu.json", [_row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 79.0, 0.5)], gpu=None)
+    assert gp.evaluate(gp.Protocol("c", "α = 0.1", "?", (cpu,), (0,), 0.1), root=tmp_path)["vs_plain_peft"] is None
+    own = gp.Protocol("o", "α = 0.1", "?", (main,), (0,), 0.1, method_files=((more, ("prompt",)),))
+    assert gp.evaluate(own, root=tmp_path)["vs_plain_peft"] is None and gp._plain({}) == "–"
+
+
 def test_committed_table_is_the_scripts_output(gp):
     """docs/results/glue_protocols.json must be regenerated whenever a results file changes."""
     committed = read_json(gp.ROOT / gp.R / "glue_protocols.json")["protocols"]

@@ -231,6 +231,20 @@ def test_report_refuses_a_file_with_two_recipes_under_one_key(tiny_setup, tmp_pa
         write_compare_report([row, {**row, "lr": 0.3}], _grid(tiny_setup, tmp_path))
 
 
+@pytest.mark.parametrize("act_scale, says", [
+    ("layer", "learned activation scales `act_scale=layer` (lr 0.1, in PEFT and DEFT runs alike)"),
+    ("none", "no learned activation scales (`act_scale=none`, in PEFT and DEFT runs alike)"),
+])
+def test_report_names_the_activation_scales(tiny_setup, tmp_path, act_scale, says):
+    from deftune.compare import write_compare_report
+
+    row = {"task": "sst2", "method": "lora", "alpha": 0.0, "steps": 2, "seed": 0, "density": 1.0, "act_scale": act_scale,
+           "metric": {"name": "accuracy", "value": 50.0}, "trainable_parameters": 1, "train_seconds": 1.0}
+    cfg = _grid(tiny_setup, tmp_path, act_scale=act_scale)
+    write_compare_report([row], cfg)
+    assert says in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"method_lr": {"lorra": 0.1}}, "method_lr names unknown method 'lorra'"),
     ({"method_lr": {"lora": 0.0}}, r"method_lr\['lora'\] must be a learning rate > 0, got 0.0"),

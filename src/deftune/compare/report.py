@@ -138,8 +138,10 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"(warm-up {config.warmup_steps}); "
         + (f"metric on {config.holdout} training examples held out of training (not the dev set)" if config.holdout
            else "dev metric on the full dev set") + "; exact density in fp32 over real tokens.",
-        f"DEFT recipe for every method: learned activation scales `act_scale={config.act_scale}` "
-        f"(lr {config.scale_lr:g}, in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
+        "DEFT recipe for every method: "
+        + ("no learned activation scales (`act_scale=none`" if config.act_scale == "none" else
+           f"learned activation scales `act_scale={config.act_scale}` (lr {config.scale_lr:g}")
+        + f", in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
         "from `METHOD_LR`" + "".join(f", {m} lr {lr:g}" for m, lr in sorted(config.method_lr.items()))
         + "".join(f", {m} {k}={v}" for m, o in sorted(config.method_options.items()) for k, v in o.items())
         + "; regression heads start at the mean training label.",
