@@ -231,6 +231,26 @@ def test_report_refuses_a_file_with_two_recipes_under_one_key(tiny_setup, tmp_pa
         write_compare_report([row, {**row, "lr": 0.3}], _grid(tiny_setup, tmp_path))
 
 
+def test_peft_act_scale_gives_the_dense_runs_their_own_scales(tiny_setup, tmp_path, capsys):
+    """peft_act_scale="none": DEFT keeps its learned scales, the α = 0 baseline is plain PEFT; the
+    rows record it, a rerun resumes, the report says so and reproduces it."""
+    cfg = _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), threshold_densities=(0.5,),
+                peft_act_scale="none")
+    rows = run_compare(cfg, progress=False)
+    scales = {(r["alpha"], r.get("act_threshold_density")): r["act_scale"] for r in rows}
+    assert scales == {(0.0, None): "none", (1.0, None): "layer", (0.0, 0.5): "layer"}
+    capsys.readouterr()
+    assert run_compare(cfg, progress=False) == rows and "done, skipped" in capsys.readouterr().out
+    text = (tmp_path / "results.md").read_text()
+    assert "the dense PEFT runs: no learned activation scales (`peft_act_scale=none`)" in text
+    assert "in PEFT and DEFT runs alike" not in text and "--peft-act-scale none" in text
+    with pytest.raises(ValueError, match="results file of its own"):  # the scaled baseline is another recipe
+        run_compare(_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,)), progress=False)
+    for bad in ("relu", "None"):
+        with pytest.raises(ValueError, match=r"peft_act_scale must be one of \['none', 'layer', 'neuron'\]"):
+            _grid(tiny_setup, tmp_path, peft_act_scale=bad)
+
+
 @pytest.mark.parametrize("act_scale, says", [
     ("layer", "learned activation scales `act_scale=layer` (lr 0.1, in PEFT and DEFT runs alike)"),
     ("none", "no learned activation scales (`act_scale=none`, in PEFT and DEFT runs alike)"),
@@ -271,3 +291,5 @@ def test_cli_parses_method_options_per_method():
     assert again.method_options == args.method_options  # the report's Reproduce line parses back
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--method-options", "prompt_init=vocab"])
+    assert build_parser().parse_args(["compare", "--peft-act-scale", "none"]).peft_act_scale == "none"
+    assert build_parser().parse_args(["compare"]).peft_act_scale is None  # as act_scale

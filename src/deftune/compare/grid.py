@@ -58,7 +58,12 @@ class CompareConfig:
             over seeds (the small GLUE dev sets make one seed's average swing by about a point).
         model: the model every run fine-tunes.
         act_scale: learned activation scales for every method (``none``, ``layer``, ``neuron``;
-            see :mod:`deftune.act_scale`): PEFT and DEFT runs both carry them.
+            see :mod:`deftune.act_scale`): PEFT and DEFT runs both carry them, unless
+            ``peft_act_scale`` says otherwise.
+        peft_act_scale: the activation scales of the dense PEFT (α = 0) runs only; None: as
+            ``act_scale``. ``none`` compares DEFT with plain PEFT, the baseline a ``peft`` user
+            has: on the MiniLM GLUE grid the PEFT runs with learned scales score 1.22 points below
+            plain PEFT (docs/results_plain_peft.md), so the default comparison flatters DEFT.
         scale_lr: learning rate of those scales.
         head_lr: learning rate of the task head (None: the method's learning rate). A head that
             starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
@@ -105,6 +110,7 @@ class CompareConfig:
     seeds: tuple[int, ...] = (0,)
     model: str = "minilm"
     act_scale: str = "layer"
+    peft_act_scale: str | None = None
     scale_lr: float = 0.1
     head_lr: float | None = 5e-3
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -121,10 +127,15 @@ class CompareConfig:
         from deftune.data.glue import get_task
         from deftune.generative.peft_methods import PEFT_METHODS
         from deftune.methods import METHODS, MethodConfig
+        from deftune.methods.config import ACT_SCALES
 
         for t in self.tasks:
             if t != SQUAD:
                 get_task(t)
+        for name in ("act_scale", "peft_act_scale"):
+            value = getattr(self, name)
+            if value not in ACT_SCALES and not (name == "peft_act_scale" and value is None):
+                raise ValueError(f"{name} must be one of {list(ACT_SCALES)}, got {value!r}")
         if not self.methods:
             raise ValueError("methods must name at least one PEFT method")
         for method, lr in self.method_lr.items():
@@ -182,7 +193,7 @@ class CompareConfig:
     def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:
         config = TrainConfig(
             task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
-            method_options={"act_scale": self.act_scale, **self.method_options.get(method, {})},
+            method_options={"act_scale": self.scales_of(alpha, density), **self.method_options.get(method, {})},
             lr=self.method_lr.get(method, METHOD_LR.get(method, 1e-3)), scale_lr=self.scale_lr, head_lr=self.head_lr,
             batch_size=self.batch_size, max_length=self.max_length,
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
@@ -193,6 +204,12 @@ class CompareConfig:
         name = config.run_name + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else "")
         config.name, config.output_dir = name, str(Path(self.runs_dir) / name)
         return config
+
+    def scales_of(self, alpha: float, density: float | None) -> str:
+        """The ``act_scale`` of a GLUE run: ``peft_act_scale`` for the dense PEFT runs (α = 0, no
+        thresholds) where it is set, ``act_scale`` for every other run."""
+        dense_peft = alpha == 0 and density is None
+        return self.peft_act_scale if dense_peft and self.peft_act_scale is not None else self.act_scale
 
     def runs(self) -> list[RunConfig]:
         out: list[RunConfig] = []

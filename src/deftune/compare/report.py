@@ -111,6 +111,20 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def _scales_line(config: CompareConfig) -> str:
+    """How the grid's runs carry learned activation scales (``act_scale`` / ``peft_act_scale``)."""
+    def scales(value: str, name: str) -> str:
+        if value == "none":
+            return f"no learned activation scales (`{name}=none`"
+        return f"learned activation scales `{name}={value}` (lr {config.scale_lr:g}"
+
+    peft = config.peft_act_scale
+    if peft is None or peft == config.act_scale:
+        return scales(config.act_scale, "act_scale") + ", in PEFT and DEFT runs alike)"
+    return (scales(config.act_scale, "act_scale") + ", in the DEFT and threshold runs); the dense PEFT runs: "
+            + scales(peft, "peft_act_scale") + ")")
+
+
 def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> None:
     """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
@@ -138,10 +152,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"(warm-up {config.warmup_steps}); "
         + (f"metric on {config.holdout} training examples held out of training (not the dev set)" if config.holdout
            else "dev metric on the full dev set") + "; exact density in fp32 over real tokens.",
-        "DEFT recipe for every method: "
-        + ("no learned activation scales (`act_scale=none`" if config.act_scale == "none" else
-           f"learned activation scales `act_scale={config.act_scale}` (lr {config.scale_lr:g}")
-        + f", in PEFT and DEFT runs alike), head lr {config.head_lr}, method lr "
+        "DEFT recipe for every method: " + _scales_line(config) + f", head lr {config.head_lr}, method lr "
         "from `METHOD_LR`" + "".join(f", {m} lr {lr:g}" for m, lr in sorted(config.method_lr.items()))
         + "".join(f", {m} {k}={v}" for m, o in sorted(config.method_options.items()) for k, v in o.items())
         + "; regression heads start at the mean training label.",
@@ -167,7 +178,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
            if config.threshold_densities else "") + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
                   for name in ("steps", "warmup_steps", "schedule", "train_subset", "eval_subset", "batch_size",
-                               "max_length", "model", "act_scale", "scale_lr", "head_lr", "results_json", "report_md",
+                               "max_length", "model", "act_scale", "peft_act_scale", "scale_lr", "head_lr", "results_json", "report_md",
                                "runs_dir", "generative_model", "squad_dir", "holdout", "select_alpha_from",
                                "select_tolerance")
                   if getattr(config, name) != getattr(CompareConfig, name))
