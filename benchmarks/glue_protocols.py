@@ -18,11 +18,13 @@ error of the metric change over seeds (seed-to-seed noise only, not dev-set samp
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from deftune.compare import load_rows
+from deftune.compare.grid import recipe
 from deftune.compare.report import summarise, variant
 from deftune.compare.select_alpha import missing_at_choice, select_alphas, selected_summary
 from deftune.runs import read_json, write_json_atomic
@@ -103,7 +105,7 @@ PROTOCOLS = (
     Protocol("thr-noscale-ten", "0 + thresholds 0.55, no learned scales", "all ten seeds (0–2 exploratory, 3–9 planned)",
              (R + "glue_thresholds_noscale.json",), S04 + S59, "t0.55"),
     Protocol("thr-noscale-plain-fresh", "0 + thresholds 0.55, no learned scales", "the same runs against dense PEFT "
-             "without learned scales (like for like; planned after the row above was read)",
+             "without learned scales (like for like; planned after the seeds 3–9 row was read)",
              (R + "glue_plain_peft.json",), (3, 4) + S59, "t0.55"),
     Protocol("thr-noscale-plain-ten", "0 + thresholds 0.55, no learned scales", "the same, all ten seeds",
              (R + "glue_plain_peft.json",), S04 + S59, "t0.55"),
@@ -197,9 +199,11 @@ def _score(p: Protocol, rows: list[dict[str, Any]], root: Path
 
 def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Path) -> dict[str, Any] | None:
     """The protocol against dense PEFT *without* learned activation scales (``PLAIN``): each dense
-    PEFT run is replaced by the plain run of the same task, method, seed and steps. None where that
-    baseline does not exist for every pair: another machine, other steps or seeds, or a protocol
-    whose methods carry a recipe of their own (``method_files``)."""
+    PEFT run is replaced by the plain run of the same task, method, seed, steps, eval split and
+    recipe (learning rate, method options; all but the scales). A per-task protocol keeps the α
+    chosen on ``select_from``. None where that baseline does not exist for every pair: a file
+    recorded on another GPU (or the CPU; the files' hardware records), other steps, seeds or
+    recipes, or a protocol whose methods carry a recipe of their own (``method_files``)."""
     path = root / PLAIN
     if p.method_files or not path.is_file():
         return None
@@ -208,9 +212,11 @@ def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Pa
         return None
 
     def key(r: dict[str, Any]) -> tuple:
-        return r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"])
+        rest = {k: v for k, v in recipe(r).items() if k != "act_scale"}
+        return (r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"]), r.get("eval_split", "dev"),
+                json.dumps(rest, sort_keys=True))
 
-    plain = {key(r): r for r in plain_data["runs"] if variant(r) == 0.0 and r.get("act_scale") == "none"}
+    plain = {key(r): r for r in plain_data["runs"] if variant(r) == 0.0 and recipe(r)["act_scale"] == "none"}
     dense = [r for r in rows if variant(r) == 0.0]
     if not dense or any(key(r) not in plain for r in dense):
         return None

@@ -114,9 +114,13 @@ def test_vs_plain_peft_swaps_only_the_dense_baseline(gp, tmp_path):
         _row("rte", 0.0, 0, 50.0, 0.9, act_scale="layer"), _row("rte", 0.1, 0, 51.0, 0.45, act_scale="layer"),
     ])
     _write(tmp_path, gp.PLAIN, [
-        _row("sst2", 0.0, 0, 83.0, 0.8, act_scale="none"), _row("rte", 0.0, 0, 52.0, 1.0, act_scale="none"),
-        _row("sst2", 0.0, 0, 99.0, 1.0, act_scale="none", steps=6),  # other steps: never a twin here
-        _row("sst2", 0.0, 0, 10.0, 1.0, act_scale="layer", method="ia3"),  # a scaled run is no plain baseline
+        _row("sst2", 0.0, 0, 83.0, 0.8, act_scale="none"), _row("rte", 0.0, 0, 52.0, 1.0),  # no key: "none"
+        # none of these is a twin: other steps, eval split or learning rate, a scaled or a threshold run
+        _row("sst2", 0.0, 0, 99.0, 1.0, act_scale="none", steps=6),
+        _row("sst2", 0.0, 0, 98.0, 1.0, act_scale="none", eval_split="holdout"),
+        _row("sst2", 0.0, 0, 97.0, 1.0, act_scale="none", lr=0.5),
+        _row("sst2", 0.0, 0, 10.0, 1.0, act_scale="layer"),
+        _row("sst2", 0.0, 0, 11.0, 0.5, act_scale="none", act_threshold_density=0.5),
     ])
     r = gp.evaluate(gp.Protocol("x", "α = 0.1", "fixed", (main,), (0,), 0.1), root=tmp_path)
     assert r["metric_delta"] == pytest.approx(-0.5)  # against the file's own (scaled) PEFT runs

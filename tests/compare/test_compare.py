@@ -249,6 +249,22 @@ def test_peft_act_scale_gives_the_dense_runs_their_own_scales(tiny_setup, tmp_pa
     for bad in ("relu", "None"):
         with pytest.raises(ValueError, match=r"peft_act_scale must be one of \['none', 'layer', 'neuron'\]"):
             _grid(tiny_setup, tmp_path, peft_act_scale=bad)
+    with pytest.raises(ValueError, match=r"act_scale must be one of .* got 'global'"):
+        _grid(tiny_setup, tmp_path, act_scale="global")
+    with pytest.raises(ValueError, match="this grid has none .* add 0 to --alphas"):
+        _grid(tiny_setup, tmp_path, alphas=(0.1,), peft_act_scale="none")
+
+
+def test_peft_act_scale_the_other_way_round_is_the_no_scale_threshold_grid(tiny_setup, tmp_path):
+    """act_scale="none", peft_act_scale="layer": scaled PEFT twins, everything else without scales
+    (the recipe of docs/results/glue_thresholds_noscale.json)."""
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), threshold_densities=(0.5,),
+                act_scale="none", peft_act_scale="layer")
+    rows = run_compare(cfg, progress=False)
+    assert {r.get("act_threshold_density"): r["act_scale"] for r in rows} == {None: "layer", 0.5: "none"}
+    text = (tmp_path / "results.md").read_text()
+    assert ("no learned activation scales (`act_scale=none`, in the DEFT and threshold runs); the dense PEFT runs: "
+            "learned activation scales `peft_act_scale=layer` (lr 0.1)") in text
 
 
 @pytest.mark.parametrize("act_scale, says", [

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -136,6 +137,10 @@ class CompareConfig:
             value = getattr(self, name)
             if value not in ACT_SCALES and not (name == "peft_act_scale" and value is None):
                 raise ValueError(f"{name} must be one of {list(ACT_SCALES)}, got {value!r}")
+        if self.peft_act_scale is not None and (0.0 not in self.alphas or SQUAD in self.tasks):
+            raise ValueError(f"peft_act_scale sets the scales of the dense GLUE PEFT runs (α = 0); this grid has "
+                             f"none (alphas {list(self.alphas)}, tasks {list(self.tasks)}): add 0 to --alphas, or "
+                             "drop --peft-act-scale")
         if not self.methods:
             raise ValueError("methods must name at least one PEFT method")
         for method, lr in self.method_lr.items():
@@ -250,15 +255,21 @@ def config_key(config: RunConfig) -> tuple:
             _optional_float(config.act_threshold_density))
 
 
+@functools.cache
+def _method_defaults(method: str) -> dict[str, Any]:
+    """``MethodConfig(method)``'s fields, built once per method (read-only: shared between calls)."""
+    from deftune.methods import MethodConfig
+
+    return MethodConfig(name=method).to_dict()
+
+
 def recipe(row: dict[str, Any]) -> dict[str, Any]:
     """The training recipe a GLUE row was run with beyond its key: learning rate, ``act_scale`` and
     the method options that differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON
     values: tuples as lists). Rows written before the learning rate and options were recorded ran
     at ``METHOD_LR`` with the default options. Other ``CompareConfig`` fields (head / scale learning
     rates, batch size, ...) are not in rows: a grid that changes them needs a results file of its own."""
-    from deftune.methods import MethodConfig
-
-    defaults = MethodConfig(name=row["method"]).to_dict()
+    defaults = _method_defaults(row["method"])
     options = json.loads(json.dumps(row.get("method_options", {})))
     return {"lr": float(row.get("lr", METHOD_LR.get(row["method"], 1e-3))),
             "act_scale": row.get("act_scale", "none"),

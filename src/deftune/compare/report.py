@@ -121,7 +121,8 @@ def _scales_line(config: CompareConfig) -> str:
     peft = config.peft_act_scale
     if peft is None or peft == config.act_scale:
         return scales(config.act_scale, "act_scale") + ", in PEFT and DEFT runs alike)"
-    return (scales(config.act_scale, "act_scale") + ", in the DEFT and threshold runs); the dense PEFT runs: "
+    others = "the DEFT and threshold runs" if config.threshold_densities else "the DEFT runs"
+    return (scales(config.act_scale, "act_scale") + f", in {others}); the dense PEFT runs: "
             + scales(peft, "peft_act_scale") + ")")
 
 
