@@ -278,7 +278,11 @@ def test_report_names_the_activation_scales(tiny_setup, tmp_path, act_scale, say
            "metric": {"name": "accuracy", "value": 50.0}, "trainable_parameters": 1, "train_seconds": 1.0}
     cfg = _grid(tiny_setup, tmp_path, act_scale=act_scale)
     write_compare_report([row], cfg)
-    assert says in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert says in text
+    # a baseline with learned scales is flagged as weaker than plain PEFT; a plain one is not
+    assert ("Baseline: the dense PEFT runs here carry learned activation scales (`act_scale=layer`)" in text) == (
+        act_scale == "layer")
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -158,6 +158,14 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         + "".join(f", {m} {k}={v}" for m, o in sorted(config.method_options.items()) for k, v in o.items())
         + "; regression heads start at the mean training label.",
     ]
+    scaled = sorted({r.get("act_scale", "none") for r in rows if r["task"] != SQUAD and variant(r) == 0.0} - {"none"})
+    if scaled:
+        glue_lines.append(
+            f"Baseline: the dense PEFT runs here carry learned activation scales (`act_scale={', '.join(scaled)}`); "
+            "on the MiniLM GLUE grid such runs score below plain PEFT (`docs/results_plain_peft.md`), so the "
+            "metric changes below are against a weaker baseline than plain PEFT. `--peft-act-scale none` runs the "
+            "baseline without them."
+        )
     squad_lines = [
         f"SQuAD rows: `{config.generative_model}`, {config.steps} steps, held-out articles of the SQuAD v1.1 dev file, "
         "greedy decoding, metric F1 (EM in the JSON), exact density of the teacher-forced pass; GenConfig options "
