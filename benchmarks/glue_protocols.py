@@ -109,6 +109,10 @@ PROTOCOLS = (
              (R + "glue_plain_peft.json",), (3, 4) + S59, "t0.55"),
     Protocol("thr-noscale-plain-ten", "0 + thresholds 0.55, no learned scales", "the same, all ten seeds",
              (R + "glue_plain_peft.json",), S04 + S59, "t0.55"),
+    Protocol("a0.1-s01", "α = 0.1", "the recipe's, seeds 0–1 only: the reference of the next row",
+             (R + "glue.json",), (0, 1), 0.1),
+    Protocol("a0.1-scale-lr0.01", "α = 0.1, scale lr 0.01", "exploratory (ninth session, planned after the "
+             "baseline gap was read): a slower scale", (R + "glue_scale_lr001.json",), (0, 1), 0.1),
     Protocol("vocab-a0.1", "α = 0.1", "prompt tuning's start tuned on held-out data (`vocab`), plan fixed first",
              (R + "glue.json",), S04, 0.1, method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
     Protocol("vocab-thr", "0 + thresholds 0.55", "the same tuned prompt tuning, threshold route; its prompt-tuning baseline learns little (see the next column)",
@@ -204,27 +208,91 @@ def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Pa
     chosen on ``select_from``. None where that baseline does not exist for every pair: a file
     recorded on another GPU (or the CPU; the files' hardware records), other steps, seeds or
     recipes, or a protocol whose methods carry a recipe of their own (``method_files``)."""
-    path = root / PLAIN
-    if p.method_files or not path.is_file():
+    if p.method_files:
         return None
-    plain_data = read_json(path)
-    if {_hardware(d) for d in data} != {_hardware(plain_data)}:
-        return None
-
-    def key(r: dict[str, Any]) -> tuple:
-        rest = {k: v for k, v in recipe(r).items() if k != "act_scale"}
-        return (r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"]), r.get("eval_split", "dev"),
-                json.dumps(rest, sort_keys=True))
-
-    plain = {key(r): r for r in plain_data["runs"] if variant(r) == 0.0 and recipe(r)["act_scale"] == "none"}
+    plain = _plain_runs(data, root)
     dense = [r for r in rows if variant(r) == 0.0]
-    if not dense or any(key(r) not in plain for r in dense):
+    if plain is None or not dense or any(_twin_key(r) not in plain for r in dense):
         return None
-    s, _, _ = _score(p, [r for r in rows if variant(r) != 0.0] + [plain[key(r)] for r in dense], root)
+    s, _, _ = _score(p, [r for r in rows if variant(r) != 0.0] + [plain[_twin_key(r)] for r in dense], root)
     if s is None:
         return None
     o = s["overall"]
     return {k: o[k] for k in ("pairs", "density_reduction_pct", "metric_delta", "metric_delta_se")}
+
+
+def _twin_key(r: dict[str, Any]) -> tuple:
+    """What a dense run and its plain twin share: task, method, seed, steps, eval split and the
+    recipe but the activation scales."""
+    rest = {k: v for k, v in recipe(r).items() if k != "act_scale"}
+    return (r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"]), r.get("eval_split", "dev"),
+            json.dumps(rest, sort_keys=True))
+
+
+def _plain_runs(data: list[Any], root: Path) -> dict[tuple, dict[str, Any]] | None:
+    """The dense PEFT runs without learned scales of ``PLAIN`` by :func:`_twin_key`; None when the
+    file is missing or was recorded on another GPU (or the CPU) than the files ``data``."""
+    path = root / PLAIN
+    if not path.is_file():
+        return None
+    plain_data = read_json(path)
+    if {_hardware(d) for d in data} != {_hardware(plain_data)}:
+        return None
+    return {_twin_key(r): r for r in plain_data["runs"] if variant(r) == 0.0 and recipe(r)["act_scale"] == "none"}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """Dense PEFT runs with learned scales, scored against plain PEFT (``PLAIN``): what the scales
+    cost a run that has no density loss. ``files`` and ``seeds`` as in :class:`Protocol`."""
+
+    id: str
+    label: str
+    files: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+BASELINES = (
+    Baseline("scales-lr0.1", "learned scales, lr 0.1 (the recipe's)", (R + "glue.json", R + "glue_seeds5_9.json"),
+             S04 + S59),
+    Baseline("scales-lr0.01", "learned scales, lr 0.01 (exploratory)", (R + "glue_scale_lr001.json",), (0, 1)),
+)
+
+
+def baseline_gap(b: Baseline, root: Path = ROOT) -> dict[str, Any]:
+    """Mean metric of the scaled dense runs minus their plain twins (points), overall (with the SE
+    over seeds), per task and per method; ``status`` ``missing`` without files or twins."""
+    files = [root / f for f in b.files]
+    out: dict[str, Any] = {"id": b.id, "label": b.label, "files": list(b.files)}
+    if not all(f.is_file() for f in files):
+        return {**out, "status": "missing"}
+    data = [read_json(f) for f in files]
+    plain = _plain_runs(data, root) or {}
+    scaled = [r for d in data for r in d["runs"] if variant(r) == 0.0 and recipe(r)["act_scale"] != "none"
+              and int(r.get("seed", 0)) in b.seeds]
+    diffs = [(r, r["metric"]["value"] - plain[_twin_key(r)]["metric"]["value"]) for r in scaled if _twin_key(r) in plain]
+    if not diffs:
+        return {**out, "status": "missing"}
+
+    def mean_by(field: str) -> dict[Any, float]:
+        groups: dict[Any, list[float]] = {}
+        for r, d in diffs:
+            groups.setdefault(r.get(field, 0) if field == "seed" else r[field], []).append(d)
+        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+
+    seeds = mean_by("seed")
+    sd = _seed_sd(list(seeds.values()))
+    return {**out, "status": "ok" if len(diffs) == len(scaled) else "incomplete", "pairs": len(diffs),
+            "seeds": sorted(seeds), "metric_delta": sum(d for _, d in diffs) / len(diffs),
+            "metric_delta_se": None if sd is None else sd / len(seeds) ** 0.5,
+            "tasks": mean_by("task"), "methods": mean_by("method")}
+
+
+def _seed_sd(values: list[float]) -> float | None:
+    if len(values) < 2:
+        return None
+    m = sum(values) / len(values)
+    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def _format_seeds(seeds: list[int]) -> str:
@@ -274,8 +342,17 @@ def main() -> None:
         if r["status"] != "missing":
             worst = "; ".join(f"{k} {v:+.2f}" for k, v in list(r["cells"].items())[:2])
             print(f"* {r['id']} ({len(r['cells'])} cells): {worst}")
+    gaps = [baseline_gap(b) for b in BASELINES]
+    print("\nDense PEFT with learned scales minus plain PEFT (points; the baseline of the last column):")
+    for g in gaps:
+        if g["status"] == "missing":
+            print(f"* {g['label']}: missing")
+            continue
+        se = "" if g["metric_delta_se"] is None else f" (SE {g['metric_delta_se']:.2f})"
+        tasks = ", ".join(f"{t} {v:+.2f}" for t, v in g["tasks"].items())
+        print(f"* {g['label']}, seeds {_format_seeds(g['seeds'])}, {g['pairs']} pairs: {g['metric_delta']:+.2f}{se}; {tasks}")
     write_json_atomic(args.out, {"note": "recomputed from the results files by benchmarks/glue_protocols.py",
-                                 "protocols": results})
+                                 "protocols": results, "baselines": gaps})
     print(f"wrote {args.out}")
 
 

@@ -136,8 +136,31 @@ def test_vs_plain_peft_swaps_only_the_dense_baseline(gp, tmp_path):
     assert gp.evaluate(own, root=tmp_path)["vs_plain_peft"] is None and gp._plain({}) == "–"
 
 
+def test_baseline_gap_scores_scaled_dense_runs_against_their_plain_twins(gp, tmp_path):
+    scaled = _write(tmp_path, "scaled.json", [
+        _row("sst2", 0.0, 0, 80.0, 1.0, act_scale="layer"), _row("rte", 0.0, 0, 50.0, 1.0, act_scale="layer"),
+        _row("sst2", 0.0, 1, 81.0, 1.0, act_scale="layer"), _row("rte", 0.0, 1, 55.0, 1.0, act_scale="layer"),
+        _row("sst2", 0.1, 0, 10.0, 0.5, act_scale="layer"),  # DEFT: not a baseline run
+        _row("sst2", 0.0, 2, 10.0, 1.0, act_scale="layer"),  # a seed not asked for
+    ])
+    _write(tmp_path, gp.PLAIN, [
+        _row("sst2", 0.0, 0, 82.0, 1.0, act_scale="none"), _row("rte", 0.0, 0, 50.0, 1.0, act_scale="none"),
+        _row("sst2", 0.0, 1, 82.0, 1.0, act_scale="none"), _row("rte", 0.0, 1, 52.0, 1.0, act_scale="none"),
+        _row("sst2", 0.0, 0, 99.0, 1.0, act_scale="layer"),  # a scaled run in the plain file is no twin
+    ])
+    g = gp.baseline_gap(gp.Baseline("b", "scales", (scaled,), (0, 1)), root=tmp_path)
+    # sst2 -2, -1; rte 0, +3 -> seed means -1, +1: mean 0, SE sd(√2) / √2 = 1
+    assert (g["status"], g["pairs"], g["seeds"]) == ("ok", 4, [0, 1])
+    assert g["metric_delta"] == pytest.approx(0.0) and g["metric_delta_se"] == pytest.approx(1.0)
+    assert g["tasks"] == {"rte": pytest.approx(1.5), "sst2": pytest.approx(-1.5)} and g["methods"] == {"lora": 0.0}
+    part = gp.baseline_gap(gp.Baseline("p", "scales", (scaled,), (0, 1, 2)), root=tmp_path)
+    assert part["status"] == "incomplete" and part["pairs"] == 4  # seed 2 has no plain twin
+    assert gp.baseline_gap(gp.Baseline("m", "?", ("nope.json",), (0,)), root=tmp_path)["status"] == "missing"
+
+
 def test_committed_table_is_the_scripts_output(gp):
     """docs/results/glue_protocols.json must be regenerated whenever a results file changes."""
-    committed = read_json(gp.ROOT / gp.R / "glue_protocols.json")["protocols"]
+    committed = read_json(gp.ROOT / gp.R / "glue_protocols.json")
     fresh = json.loads(json.dumps([gp.evaluate(p) for p in gp.PROTOCOLS]))
-    assert committed == fresh
+    assert committed["protocols"] == fresh
+    assert committed["baselines"] == json.loads(json.dumps([gp.baseline_gap(b) for b in gp.BASELINES]))
