@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean, stdev
 from typing import Any
 
 from deftune.compare import load_rows
@@ -274,25 +276,17 @@ def baseline_gap(b: Baseline, root: Path = ROOT) -> dict[str, Any]:
     if not diffs:
         return {**out, "status": "missing"}
 
-    def mean_by(field: str) -> dict[Any, float]:
+    def mean_by(group: Callable[[dict[str, Any]], Any]) -> dict[Any, float]:
         groups: dict[Any, list[float]] = {}
         for r, d in diffs:
-            groups.setdefault(r.get(field, 0) if field == "seed" else r[field], []).append(d)
-        return {k: sum(v) / len(v) for k, v in sorted(groups.items())}
+            groups.setdefault(group(r), []).append(d)
+        return {k: fmean(v) for k, v in sorted(groups.items())}
 
-    seeds = mean_by("seed")
-    sd = _seed_sd(list(seeds.values()))
+    seeds = mean_by(lambda r: int(r.get("seed", 0)))
     return {**out, "status": "ok" if len(diffs) == len(scaled) else "incomplete", "pairs": len(diffs),
-            "seeds": sorted(seeds), "metric_delta": sum(d for _, d in diffs) / len(diffs),
-            "metric_delta_se": None if sd is None else sd / len(seeds) ** 0.5,
-            "tasks": mean_by("task"), "methods": mean_by("method")}
-
-
-def _seed_sd(values: list[float]) -> float | None:
-    if len(values) < 2:
-        return None
-    m = sum(values) / len(values)
-    return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            "seeds": sorted(seeds), "metric_delta": fmean(d for _, d in diffs),
+            "metric_delta_se": stdev(seeds.values()) / len(seeds) ** 0.5 if len(seeds) > 1 else None,
+            "tasks": mean_by(lambda r: r["task"]), "methods": mean_by(lambda r: r["method"])}
 
 
 def _format_seeds(seeds: list[int]) -> str:
