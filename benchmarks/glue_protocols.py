@@ -225,8 +225,9 @@ def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Pa
 
 def _twin_key(r: dict[str, Any]) -> tuple:
     """What a dense run and its plain twin share: task, method, seed, steps, eval split and the
-    recipe but the activation scales."""
+    recipe but the activation scales (``act_scale`` and which losses move them)."""
     rest = {k: v for k, v in recipe(r).items() if k != "act_scale"}
+    rest["method_options"] = {k: v for k, v in rest["method_options"].items() if k != "act_scale_grad"}
     return (r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"]), r.get("eval_split", "dev"),
             json.dumps(rest, sort_keys=True))
 

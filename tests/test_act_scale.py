@@ -148,3 +148,66 @@ def test_train_config_puts_scales_in_their_own_lr_group():
     assert group["lr"] == 0.1
     with pytest.raises(ValueError, match="scale_lr"):
         TrainConfig(scale_lr=-1.0)
+
+
+def _task_and_density_grads(grad: str):
+    """``(θ grads of the task loss alone, θ grads of the density loss alone, logits)`` of a tiny BERT."""
+    from deftune import DensityLossConfig, DensityRegularizer
+
+    grads = []
+    for part in ("task", "density"):
+        model = tiny_bert()
+        add_act_scales(model, grad=grad)
+        with torch.no_grad():
+            for w in scaled_activations(model).values():
+                w.log_scale.fill_(0.7)
+        reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0, eps=1e-3))
+        with reg:
+            out = model(**batch(), labels=torch.tensor([0, 1, 0]))
+            total, _ = reg.total_loss(out.loss if part == "task" else 0.0 * out.loss, 0)
+            if part == "task":
+                total = out.loss  # the task loss alone (the density term built, then dropped)
+        total.backward()
+        grads.append([w.log_scale.grad for w in scaled_activations(model).values()])
+    return grads[0], grads[1], out.logits.detach()
+
+
+def test_density_only_scales_take_no_task_gradient_and_keep_the_values():
+    task_all, density_all, logits_all = _task_and_density_grads("all")
+    task_only, density_only, logits_only = _task_and_density_grads("density")
+    assert all(g is not None and g.abs().max() > 0 for g in task_all)  # the default: the task loss moves θ
+    assert all(g is None or not g.any() for g in task_only)  # density-only: it does not
+    assert all((g < 0).all() for g in density_only)  # the density loss raises s
+    # its own layer's density term moves θ the same either way; the default also passes the
+    # density terms of later layers back through the model into θ, density-only does not
+    torch.testing.assert_close(density_only[-1], density_all[-1])
+    assert not torch.allclose(density_only[0], density_all[0])
+    torch.testing.assert_close(logits_only, logits_all, rtol=0, atol=0)
+
+
+def test_density_only_scales_are_listed_and_validated():
+    from deftune.act_scale import density_only_scales
+
+    model = tiny_bert()
+    add_act_scales(model)
+    assert density_only_scales(model) == []
+    with pytest.raises(ValueError, match="act_scale_grad must be one of"):
+        add_act_scales(tiny_bert(), grad="task")
+    model = apply_method(tiny_bert(), MethodConfig("lora", act_scale="layer", act_scale_grad="density"))
+    assert len(density_only_scales(model)) == 2
+    assert "density_only=True" in repr(model)
+    with pytest.raises(ValueError, match="needs learned scales"):
+        MethodConfig("lora", act_scale_grad="density")
+    with pytest.raises(ValueError, match="act_scale_grad must be one of"):
+        MethodConfig("lora", act_scale="layer", act_scale_grad="task")
+
+
+def test_density_only_scales_survive_save_and_load(tmp_path):
+    model = apply_method(tiny_bert(), MethodConfig("lora", act_scale="layer", act_scale_grad="density"))
+    with torch.no_grad():
+        for w in scaled_activations(model).values():
+            w.log_scale.fill_(1.5)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tiny_bert(), tmp_path, trainable=True)
+    assert all(w.density_only for w in scaled_activations(loaded).values())
+    torch.testing.assert_close(_out(loaded, batch()), _out(model, batch()))

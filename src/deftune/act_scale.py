@@ -16,6 +16,16 @@ by ``W_down diag(1/s)`` — it can be folded into the up (gate) and down project
 For SiLU models the zero lies below −88.7: a scale breaks the model long before it reaches it
 (``benchmarks/act_scale_probe.py``, ``docs/generative.md``), so this is a tool for GELU models.
 
+By default both losses move ``s``: the density loss pushes it up, the task loss pushes back.
+That push-back has a cost of its own — a dense run (α = 0) with scales moves them under the task
+loss alone and scores below plain PEFT on three of four GLUE tasks (``docs/results_plain_peft.md``).
+``grad="density"`` (``MethodConfig(act_scale_grad="density")``) lets only the density loss move
+them: the model's forward treats ``s`` as a constant and the density loss sees the same values
+through :meth:`ScaledActivation.density_output`, with a gradient into ``s`` (so each layer's scale
+answers its own layer's density term only; the terms of later layers move the adapter, not it). A dense run then is
+plain PEFT exactly, and the scale is the density loss's lever alone (stepped by SGD, see
+:func:`density_only_scales`).
+
 The wrapper replaces the activation module of every site (:func:`deftune.arch.find_activation_sites`),
 so density hooks, which look for that module path, see ``act(s·x)/s`` — the same zeros as
 ``act(s·x)``. Use it through ``MethodConfig(act_scale="layer")`` (or ``"neuron"``); the functions
@@ -31,18 +41,27 @@ from torch import Tensor, nn
 from deftune.arch import arch_spec, find_activation_sites
 
 GRANULARITIES: tuple[str, ...] = ("layer", "neuron")
+#: Which losses move the scales: ``all`` (the task and the density loss) or ``density`` (the
+#: density loss only; the task loss sees the scale as a constant).
+SCALE_GRADS: tuple[str, ...] = ("all", "density")
 SCALE_FILE = "act_scales.safetensors"  # written by deftune.methods.save_adapter next to the adapter
 PARAM_NAME = "log_scale"
 
 
 class ScaledActivation(nn.Module):
     """``act(s ⊙ x) / s`` with ``s = exp(log_scale)`` of shape ``(features,)`` (1: one per layer),
-    initially 1."""
+    initially 1.
 
-    def __init__(self, act: nn.Module, features: int, site: str = "") -> None:
+    ``density_only=True``: the output the model passes on treats ``s`` as a constant, so the task
+    loss cannot move it; :meth:`density_output` (what :class:`deftune.density.ActivationRecorder`
+    hands the density loss) carries the gradient into ``s``. The values are the same either way.
+    """
+
+    def __init__(self, act: nn.Module, features: int, site: str = "", *, density_only: bool = False) -> None:
         super().__init__()
         self.act = act
         self.site = site  # the activation site's stable name ("encoder.3"), for logs
+        self.density_only = density_only
         self.log_scale = nn.Parameter(torch.zeros(features))
 
     def scale(self) -> Tensor:
@@ -50,10 +69,21 @@ class ScaledActivation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # x: (..., features)
         s = self.scale().to(x.dtype)
+        if self.density_only:
+            s = s.detach()
+        return self.act(x * s) / s
+
+    def density_output(self, x: Tensor, output: Tensor) -> Tensor:
+        """The activation the density loss sees for input ``x`` and forward ``output``: ``output``
+        itself, or — for density-only scales while gradients are on — the same values recomputed
+        with a gradient path into ``s``."""
+        if not (self.density_only and self.log_scale.requires_grad and torch.is_grad_enabled()):
+            return output
+        s = self.scale().to(x.dtype)
         return self.act(x * s) / s
 
     def extra_repr(self) -> str:
-        return f"features={self.log_scale.numel()}"
+        return f"features={self.log_scale.numel()}" + (", density_only=True" if self.density_only else "")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -93,21 +123,33 @@ def _features(model: nn.Module, mlp_path: str) -> int:
     return int(features)
 
 
+def density_only_scales(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable ``log_scale`` parameters that only the density loss moves (``grad="density"``).
+
+    Their gradient is ``α · ∂ρ̃/∂θ`` alone, so Adam, whose step size ignores the gradient's scale,
+    would move them at the same speed for every α > 0; :func:`deftune.train.train_glue` steps them
+    with plain SGD at ``scale_lr`` instead."""
+    return [w.log_scale for w in scaled_activations(model).values() if w.density_only and w.log_scale.requires_grad]
+
+
 def scaled_activations(model: nn.Module) -> dict[str, ScaledActivation]:
     """``{module path: wrapper}`` of the scales in ``model`` (empty when none were added)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, ScaledActivation)}
 
 
 def add_act_scales(
-    model: nn.Module, granularity: str = "layer", *, trainable: bool = True
+    model: nn.Module, granularity: str = "layer", *, trainable: bool = True, grad: str = "all"
 ) -> dict[str, ScaledActivation]:
     """Wrap every MLP activation of ``model`` in a :class:`ScaledActivation` (in place).
 
     ``granularity``: ``"layer"`` (one scale per MLP) or ``"neuron"`` (one per intermediate feature).
-    Returns ``{module path: wrapper}``. Raises when ``model`` already has scales.
+    ``grad``: which losses move the scales (:data:`SCALE_GRADS`). Returns ``{module path: wrapper}``.
+    Raises when ``model`` already has scales.
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"act_scale granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if grad not in SCALE_GRADS:
+        raise ValueError(f"act_scale_grad must be one of {SCALE_GRADS}, got {grad!r}")
     if scaled_activations(model):
         raise ValueError("this model already has activation scales (add_act_scales was called before)")
     added: dict[str, ScaledActivation] = {}
@@ -115,7 +157,7 @@ def add_act_scales(
         act = model.get_submodule(site.module_path)
         ref = next(model.parameters())
         features = _features(model, site.mlp_path) if granularity == "neuron" else 1
-        wrapper = ScaledActivation(act, features, site.name).to(device=ref.device)
+        wrapper = ScaledActivation(act, features, site.name, density_only=grad == "density").to(device=ref.device)
         wrapper.log_scale.requires_grad_(trainable)
         model.set_submodule(site.module_path, wrapper)
         added[site.module_path] = wrapper

@@ -321,7 +321,10 @@ class ActivationRecorder:
     # -- hooks
     def _make_output_hook(self, site: ActivationSite):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            self._record(site, output)
+            # a module may hand the density loss a view of its output with another gradient path
+            # (deftune.act_scale.ScaledActivation with density-only scales); same values
+            view = getattr(module, "density_output", None) if self.loss_fn is not None else None
+            self._record(site, view(args[0], output) if view is not None else output)
 
         return hook
 

@@ -136,6 +136,14 @@ def test_vs_plain_peft_swaps_only_the_dense_baseline(gp, tmp_path):
     assert gp.evaluate(own, root=tmp_path)["vs_plain_peft"] is None and gp._plain({}) == "–"
 
 
+def test_twin_key_ignores_which_losses_move_the_scales(gp):
+    plain = _row("sst2", 0.0, 0, 80.0, 1.0, act_scale="none")
+    density_only = _row("sst2", 0.0, 0, 80.0, 1.0, act_scale="layer", method_options={"act_scale_grad": "density"})
+    assert gp._twin_key(density_only) == gp._twin_key(plain)
+    other = _row("sst2", 0.0, 0, 80.0, 1.0, act_scale="layer", method_options={"act_scale_grad": "density", "r": 4})
+    assert gp._twin_key(other) != gp._twin_key(plain)  # any other option still tells runs apart
+
+
 def test_baseline_gap_scores_scaled_dense_runs_against_their_plain_twins(gp, tmp_path):
     scaled = _write(tmp_path, "scaled.json", [
         _row("sst2", 0.0, 0, 80.0, 1.0, act_scale="layer"), _row("rte", 0.0, 0, 50.0, 1.0, act_scale="layer"),

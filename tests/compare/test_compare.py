@@ -267,6 +267,28 @@ def test_peft_act_scale_the_other_way_round_is_the_no_scale_threshold_grid(tiny_
             "learned activation scales `peft_act_scale=layer` (lr 0.1)") in text
 
 
+def test_scale_grad_density_rides_on_the_scaled_runs_only(tiny_setup, tmp_path, capsys):
+    """scale_grad="density" with plain PEFT twins: the DEFT rows record act_scale_grad, the dense
+    rows are plain PEFT; a rerun resumes; the report names it; another scale_grad is another recipe."""
+    cfg = _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), peft_act_scale="none",
+                scale_grad="density", scale_lr=2.0)
+    rows = run_compare(cfg, progress=False)
+    options = {r["alpha"]: (r["act_scale"], r.get("method_options", {}).get("act_scale_grad")) for r in rows}
+    assert options == {0.0: ("none", None), 1.0: ("layer", "density")}
+    capsys.readouterr()
+    assert run_compare(cfg, progress=False) == rows and "done, skipped" in capsys.readouterr().out
+    text = (tmp_path / "results.md").read_text()
+    assert "moved by the density loss only (`scale_grad=density`, SGD lr 2, in the DEFT runs)" in text
+    assert "--scale-grad density" in text and "--scale-lr 2.0" in text
+    with pytest.raises(ValueError, match="results file of its own"):
+        run_compare(_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), peft_act_scale="none",
+                          scale_lr=2.0), progress=False)
+    with pytest.raises(ValueError, match=r"scale_grad must be one of \['all', 'density'\], got 'task'"):
+        _grid(tiny_setup, tmp_path, scale_grad="task")
+    with pytest.raises(ValueError, match="needs learned scales"):
+        _grid(tiny_setup, tmp_path, scale_grad="density", act_scale="none")
+
+
 @pytest.mark.parametrize("act_scale, says", [
     ("layer", "learned activation scales `act_scale=layer` (lr 0.1, in PEFT and DEFT runs alike)"),
     ("none", "no learned activation scales (`act_scale=none`, in PEFT and DEFT runs alike)"),

@@ -155,3 +155,40 @@ def test_threshold_calibration_leaves_the_training_order_alone(tiny_setup, tmp_p
 def test_threshold_options_are_validated(kw, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("]", r"\]")):
         TrainConfig(**kw)
+
+
+def test_density_only_scales_make_the_dense_run_plain_peft(tiny_setup, tmp_path):
+    """α = 0 with density-only scales is plain PEFT to the bit; with α > 0 SGD raises the scales."""
+    from deftune.act_scale import scaled_activations
+
+    density_only = {"act_scale": "layer", "act_scale_grad": "density"}
+    plain = train_glue(_config(tiny_setup, tmp_path / "plain", alpha=0.0), progress=False)
+    dense = train_glue(_config(tiny_setup, tmp_path / "dense", alpha=0.0, method_options=density_only,
+                               scale_lr=5.0), progress=False)
+    assert dense.metric == plain.metric and dense.density == plain.density
+    model, _, _ = load_run(tmp_path / "dense" / "run")
+    assert all(not w.log_scale.any() for w in scaled_activations(model).values())  # θ never moved
+
+    deft = train_glue(_config(tiny_setup, tmp_path / "deft", alpha=1.0, method_options=density_only,
+                              scale_lr=5.0), progress=False)
+    model, _, _ = load_run(tmp_path / "deft" / "run")
+    assert all((w.log_scale > 0).all() for w in scaled_activations(model).values())
+    assert deft.density["exact"] <= plain.density["exact"]
+
+
+def test_density_only_scales_step_by_sgd_at_scale_lr(tiny_setup, tmp_path):
+    from deftune.act_scale import density_only_scales
+    from deftune.train.loop import _param_groups, _scale_sgd
+
+    options = {"act_scale": "layer", "act_scale_grad": "density"}
+    model, _ = build_model(_config(tiny_setup, tmp_path, method_options=options))
+    scales = {id(p) for p in density_only_scales(model)}
+    assert len(scales) == 2
+    cfg = _config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0)
+    assert not scales & {id(p) for g in _param_groups(model, cfg, []) for p in g["params"]}  # not AdamW's
+    sgd = _scale_sgd(model, cfg)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 2.0
+    assert {id(p) for p in sgd.param_groups[0]["params"]} == scales
+    with pytest.raises(ValueError, match="scale_lr"):
+        _scale_sgd(model, _config(tiny_setup, tmp_path, method_options=options))
+    assert _scale_sgd(build_model(_config(tiny_setup, tmp_path, method_options={"act_scale": "layer"}))[0], cfg) is None

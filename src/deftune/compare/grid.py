@@ -66,6 +66,9 @@ class CompareConfig:
             has: on the MiniLM GLUE grid the PEFT runs with learned scales score 1.22 points below
             plain PEFT (docs/results_plain_peft.md), so the default comparison flatters DEFT.
         scale_lr: learning rate of those scales.
+        scale_grad: which losses move the scales of the runs that carry them: ``all`` (task and
+            density loss) or ``density`` (the density loss only, stepped by SGD at ``scale_lr``;
+            ``MethodConfig.act_scale_grad``).
         head_lr: learning rate of the task head (None: the method's learning rate). A head that
             starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
         method_options: per-method overrides of :class:`deftune.methods.MethodConfig`
@@ -113,6 +116,7 @@ class CompareConfig:
     act_scale: str = "layer"
     peft_act_scale: str | None = None
     scale_lr: float = 0.1
+    scale_grad: str = "all"
     head_lr: float | None = 5e-3
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_lr: dict[str, float] = field(default_factory=dict)
@@ -128,7 +132,7 @@ class CompareConfig:
         from deftune.data.glue import get_task
         from deftune.generative.peft_methods import PEFT_METHODS
         from deftune.methods import METHODS, MethodConfig
-        from deftune.methods.config import ACT_SCALES
+        from deftune.methods.config import ACT_SCALE_GRADS, ACT_SCALES
 
         for t in self.tasks:
             if t != SQUAD:
@@ -137,6 +141,11 @@ class CompareConfig:
             value = getattr(self, name)
             if value not in ACT_SCALES and not (name == "peft_act_scale" and value is None):
                 raise ValueError(f"{name} must be one of {list(ACT_SCALES)}, got {value!r}")
+        if self.scale_grad not in ACT_SCALE_GRADS:
+            raise ValueError(f"scale_grad must be one of {list(ACT_SCALE_GRADS)}, got {self.scale_grad!r}")
+        if self.scale_grad != "all" and self.act_scale == "none":
+            raise ValueError(f"scale_grad={self.scale_grad!r} needs learned scales (act_scale 'layer' or 'neuron'); "
+                             "this grid has act_scale='none'")
         if self.peft_act_scale is not None and (0.0 not in self.alphas or SQUAD in self.tasks):
             raise ValueError(f"peft_act_scale sets the scales of the dense GLUE PEFT runs (α = 0); this grid has "
                              f"none (alphas {list(self.alphas)}, tasks {list(self.tasks)}): add 0 to --alphas, or "
@@ -198,7 +207,7 @@ class CompareConfig:
     def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:
         config = TrainConfig(
             task=task, model=self.model, method=method, alpha=alpha, steps=self.steps,
-            method_options={"act_scale": self.scales_of(alpha, density), **self.method_options.get(method, {})},
+            method_options={**self.scale_options(alpha, density), **self.method_options.get(method, {})},
             lr=self.method_lr.get(method, METHOD_LR.get(method, 1e-3)), scale_lr=self.scale_lr, head_lr=self.head_lr,
             batch_size=self.batch_size, max_length=self.max_length,
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
@@ -215,6 +224,13 @@ class CompareConfig:
         thresholds) where it is set, ``act_scale`` for every other run."""
         dense_peft = alpha == 0 and density is None
         return self.peft_act_scale if dense_peft and self.peft_act_scale is not None else self.act_scale
+
+    def scale_options(self, alpha: float, density: float | None) -> dict[str, str]:
+        """The scale options of a GLUE run's method: ``act_scale`` (:meth:`scales_of`) and, when the
+        run has scales and ``scale_grad`` is not the default, ``act_scale_grad``."""
+        scales = self.scales_of(alpha, density)
+        return {"act_scale": scales, **({"act_scale_grad": self.scale_grad}
+                                        if scales != "none" and self.scale_grad != "all" else {})}
 
     def runs(self) -> list[RunConfig]:
         out: list[RunConfig] = []

@@ -116,6 +116,9 @@ def _scales_line(config: CompareConfig) -> str:
     def scales(value: str, name: str) -> str:
         if value == "none":
             return f"no learned activation scales (`{name}=none`"
+        if config.scale_grad == "density":
+            return (f"learned activation scales `{name}={value}` moved by the density loss only "
+                    f"(`scale_grad=density`, SGD lr {config.scale_lr:g}")
         return f"learned activation scales `{name}={value}` (lr {config.scale_lr:g}"
 
     peft = config.peft_act_scale
@@ -187,7 +190,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
            if config.threshold_densities else "") + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
                   for name in ("steps", "warmup_steps", "schedule", "train_subset", "eval_subset", "batch_size",
-                               "max_length", "model", "act_scale", "peft_act_scale", "scale_lr", "head_lr", "results_json", "report_md",
+                               "max_length", "model", "act_scale", "peft_act_scale", "scale_lr", "scale_grad", "head_lr", "results_json", "report_md",
                                "runs_dir", "generative_model", "squad_dir", "holdout", "select_alpha_from",
                                "select_tolerance")
                   if getattr(config, name) != getattr(CompareConfig, name))

@@ -113,7 +113,7 @@ def apply_method(model: nn.Module, config: MethodConfig | str) -> nn.Module:
     _check_fresh(model)
     adapted, resolved = METHODS[cfg.name].apply(model, cfg)
     if cfg.act_scale != "none":
-        add_act_scales(adapted, cfg.act_scale)
+        add_act_scales(adapted, cfg.act_scale, grad=cfg.act_scale_grad)
     return _attach(adapted, resolved)
 
 
@@ -156,7 +156,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
         scales = Path(directory) / SCALE_FILE
         if not scales.exists():
             raise FileNotFoundError(f"{scales} does not exist, but {path} says act_scale={cfg.act_scale!r}")
-        add_act_scales(loaded, cfg.act_scale, trainable=trainable)
+        add_act_scales(loaded, cfg.act_scale, trainable=trainable, grad=cfg.act_scale_grad)
         load_act_scales(loaded, load_file(str(scales)))
     return _attach(loaded, cfg)
 

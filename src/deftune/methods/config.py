@@ -29,6 +29,7 @@ LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")
 ADAPTER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "identity")
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("sequential", "parallel")
 ACT_SCALES: tuple[str, ...] = ("none", "layer", "neuron")
+ACT_SCALE_GRADS: tuple[str, ...] = ("all", "density")  # deftune.act_scale.SCALE_GRADS
 PROMPT_INITS: tuple[str, ...] = ("random", "vocab")
 
 _LORA = ("lora", "dora")
@@ -77,6 +78,9 @@ class MethodConfig:
             ``act(s·x)/s``, one per ``layer`` or per ``neuron`` (any method; saved with the adapter,
             foldable into the weights). It lets the density loss move GELU / SiLU inputs into their
             exact-zero range; see :mod:`deftune.act_scale` and ``docs/recipe.md``.
+        act_scale_grad: which losses move those scales: ``all`` (task and density loss) or
+            ``density`` (the density loss only, stepped by SGD at the run's ``scale_lr``: a run
+            with α = 0 is then plain PEFT exactly). Needs ``act_scale``.
     """
 
     name: str = "lora"
@@ -98,6 +102,7 @@ class MethodConfig:
     modules_to_save: tuple[str, ...] | None = _for(*_ADAPTED)
     task_type: str | None = _for(*_ADAPTED)
     act_scale: str = "none"
+    act_scale_grad: str = "all"
 
     def __post_init__(self) -> None:
         from deftune.methods.registry import METHODS  # filled when deftune.methods is imported
@@ -142,11 +147,15 @@ class MethodConfig:
             "adapter_activation": ADAPTER_ACTIVATIONS,
             "adapter_placement": ADAPTER_PLACEMENTS,
             "act_scale": ACT_SCALES,
+            "act_scale_grad": ACT_SCALE_GRADS,
             "prompt_init": PROMPT_INITS,
         }
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
+        if self.act_scale_grad != "all" and self.act_scale == "none":
+            raise ValueError(f"act_scale_grad={self.act_scale_grad!r} needs learned scales: set act_scale to one of "
+                             f"{[a for a in ACT_SCALES if a != 'none']}, or leave act_scale_grad at 'all'")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise ValueError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
-from deftune.act_scale import scale_medians
+from deftune.act_scale import density_only_scales, scale_medians
 from deftune.data.glue import get_task, load_split, make_batches, subsample
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
@@ -80,9 +80,10 @@ def _param_groups(model: nn.Module, config: TrainConfig, extra: Sequence[nn.Para
     def lr_or_default(value: float | None) -> float:
         return value if value is not None else config.lr
 
+    own_optimizer = {id(p) for p in density_only_scales(model)}  # stepped by _scale_sgd
     head, bias, scale, rest = [], [], [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad or id(p) in own_optimizer:
             continue
         if "classifier" in name or "score" in name:
             head.append(p)
@@ -101,6 +102,19 @@ def _param_groups(model: nn.Module, config: TrainConfig, extra: Sequence[nn.Para
     if extra:
         groups.append({"params": list(extra), "lr": config.lr})
     return [g for g in groups if g["params"]]
+
+
+def _scale_sgd(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer | None:
+    """Plain SGD at ``scale_lr`` (constant) for the scales that only the density loss moves
+    (:func:`deftune.act_scale.density_only_scales`): their step then follows ``α · ∂ρ̃/∂θ``, where
+    AdamW's would not depend on α. None when the model has none."""
+    params = density_only_scales(model)
+    if not params:
+        return None
+    if config.scale_lr is None:
+        raise ValueError("act_scale_grad='density' steps the scales by SGD at scale_lr, which is unset: pass "
+                         "scale_lr (e.g. 1.0; the step is scale_lr · α · the density gradient)")
+    return torch.optim.SGD(params, lr=config.scale_lr)
 
 
 def _step_batches(batches: list[dict], steps: int, rank: int, world: int, seed: int):
@@ -156,7 +170,8 @@ def train_glue(
     extra_params = [p for ext in extensions for p in ext.trainable_parameters()]
     optimizer = torch.optim.AdamW(_param_groups(model, config, extra_params), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizers = [optimizer] + [o for o in (_scale_sgd(model, config),) if o is not None]
+    model, *optimizers = accelerator.prepare(model, *optimizers)
 
     from deftune.methods import virtual_token_count
 
@@ -189,9 +204,11 @@ def train_glue(
                 if term is not None:
                     loss = loss + term
             accelerator.backward(loss)
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             if logging_step:
                 regularizer.recorder.all_reduce()  # sum counts over processes (no-op alone)
                 density = regularizer.recorder.result().overall

@@ -14,8 +14,11 @@ With ``alpha=0`` it is plain PEFT with the same hooks and logs.
 
 from __future__ import annotations
 
+import warnings
+
 from transformers import Trainer
 
+from deftune.act_scale import density_only_scales
 from deftune.losses import DensityLossConfig
 from deftune.regularizer import DensityRegularizer
 
@@ -25,6 +28,11 @@ class DeftTrainer(Trainer):
 
     def __init__(self, *args, density_config: DensityLossConfig | None = None, skip_leading: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
+        if density_only_scales(self.model):
+            warnings.warn(
+                "this model has activation scales that only the density loss moves (act_scale_grad='density'); "
+                "the Trainer's optimizer steps them like every parameter, so under Adam their speed does not "
+                "depend on alpha (deftune.train.train_glue steps them by SGD at scale_lr)", stacklevel=2)
         self.regularizer = DensityRegularizer(
             self.model, density_config or DensityLossConfig(), skip_leading=skip_leading
         )
