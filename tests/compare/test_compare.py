@@ -267,6 +267,25 @@ def test_peft_act_scale_the_other_way_round_is_the_no_scale_threshold_grid(tiny_
             "learned activation scales `peft_act_scale=layer` (lr 0.1)") in text
 
 
+def test_threshold_ramp_rides_on_the_threshold_runs_only(tiny_setup, tmp_path, capsys):
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), threshold_densities=(0.5,),
+                threshold_ramp=2, act_scale="none")
+    rows = run_compare(cfg, progress=False)
+    assert {r.get("act_threshold_density"): r.get("act_threshold_ramp") for r in rows} == {None: None, 0.5: 2}
+    capsys.readouterr()
+    assert run_compare(cfg, progress=False) == rows and "done, skipped" in capsys.readouterr().out
+    text = (tmp_path / "results.md").read_text()
+    assert "the threshold runs ramp their thresholds in over the first 2 steps" in text and "--threshold-ramp 2" in text
+    with pytest.raises(ValueError, match="results file of its own"):  # thresholds in full: another recipe
+        run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), threshold_densities=(0.5,),
+                          act_scale="none"), progress=False)
+    for kw, needle in [({"threshold_ramp": 2}, "this grid has none"),
+                       ({"threshold_ramp": -1, "threshold_densities": (0.5,)}, "threshold_ramp must be an integer >= 0"),
+                       ({"threshold_ramp": 99, "threshold_densities": (0.5,)}, r"threshold_ramp \(99\) must be <= steps")]:
+        with pytest.raises(ValueError, match=needle):
+            _grid(tiny_setup, tmp_path, **kw)
+
+
 def test_scale_grad_density_rides_on_the_scaled_runs_only(tiny_setup, tmp_path, capsys):
     """scale_grad="density" with plain PEFT twins: the DEFT rows record act_scale_grad, the dense
     rows are plain PEFT; a rerun resumes; the report names it; another scale_grad is another recipe."""

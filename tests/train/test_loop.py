@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,13 +148,49 @@ def test_threshold_calibration_leaves_the_training_order_alone(tiny_setup, tmp_p
     assert b.metric == a.metric and b.density == a.density
 
 
+def test_threshold_ramp_lets_the_zeros_in_step_by_step(tiny_setup, tmp_path):
+    """act_threshold_ramp: the thresholds grow to their calibrated values over the ramp, so the
+    training density falls step by step; the run ends, evaluates and saves with them in full."""
+    from deftune.runs import THRESHOLDS_FILE
+    from deftune.sparse import Thresholds, threshold_holders
+
+    kw = dict(alpha=0.0, act_threshold_density=0.3, act_threshold_batches=2, steps=6, log_every=1)
+    full = train_glue(_config(tiny_setup, tmp_path / "full", **kw), progress=False)
+    ramp = train_glue(_config(tiny_setup, tmp_path / "ramp", act_threshold_ramp=6, **kw), progress=False)
+    logs = {name: [json.loads(x)["exact_density"] for x in (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()]
+            for name in ("full", "ramp")}
+    assert logs["ramp"][0] > logs["full"][0] + 0.1  # a sixth of the thresholds at the first step
+    assert all(a >= b for a, b in zip(logs["ramp"], logs["ramp"][1:]))  # falling as they grow
+    saved = Thresholds.load(tmp_path / "ramp" / "run" / THRESHOLDS_FILE)
+    assert saved.values == Thresholds.load(tmp_path / "full" / "run" / THRESHOLDS_FILE).values  # same calibration
+    model, tok, cfg = load_run(tmp_path / "ramp" / "run")
+    assert cfg.act_threshold_ramp == 6
+    assert sorted(h.threshold for h in threshold_holders(model)) == sorted(saved.values.values())
+    assert 0.1 < ramp.density["exact"] < 0.5 and 0.1 < full.density["exact"] < 0.5
+
+
+def test_thresholds_scaled_is_a_validated_copy():
+    from deftune.sparse import Thresholds
+
+    t = Thresholds(values={"a": 2.0, "b": 0.5}, target=0.5, mode="layer", achieved={"a": 0.5, "b": 0.5},
+                   natural={"a": 1.0, "b": 1.0}, elements={"a": 1, "b": 1})
+    half = t.scaled(0.5)
+    assert half.values == {"a": 1.0, "b": 0.25} and t.values == {"a": 2.0, "b": 0.5}
+    assert half.achieved == t.achieved and half.target == 0.5
+    with pytest.raises(ValueError, match="factor must be finite and >= 0"):
+        t.scaled(-1.0)
+
+
 @pytest.mark.parametrize("kw, needle", [
+    ({"act_threshold_ramp": 10}, "act_threshold_ramp ramps in the thresholds of act_threshold_density, which is unset"),
+    ({"act_threshold_density": 0.5, "act_threshold_ramp": -1}, "act_threshold_ramp must be an integer >= 0"),
+    ({"act_threshold_density": 0.5, "act_threshold_ramp": 20, "steps": 10}, "act_threshold_ramp (20) must be <= steps (10)"),
     ({"act_threshold_density": 0.0}, "act_threshold_density must be in (0, 1]"),
     ({"act_threshold_density": 0.5, "act_threshold_mode": "median"}, "act_threshold_mode must be one of"),
     ({"act_threshold_batches": 0}, "act_threshold_batches must be an integer >= 1"),
 ])
 def test_threshold_options_are_validated(kw, needle):
-    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace("]", r"\]")):
+    with pytest.raises(ValueError, match=re.escape(needle)):
         TrainConfig(**kw)
 
 

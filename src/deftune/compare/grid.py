@@ -66,6 +66,8 @@ class CompareConfig:
             has: on the MiniLM GLUE grid the PEFT runs with learned scales score 1.22 points below
             plain PEFT (docs/results_plain_peft.md), so the default comparison flatters DEFT.
         scale_lr: learning rate of those scales.
+        threshold_ramp: the threshold runs ramp their thresholds in over this many steps
+            (``TrainConfig.act_threshold_ramp``; 0: in full from the first step).
         scale_grad: which losses move the scales of the runs that carry them: ``all`` (task and
             density loss) or ``density`` (the density loss only, stepped by SGD at ``scale_lr``;
             ``MethodConfig.act_scale_grad``).
@@ -127,6 +129,7 @@ class CompareConfig:
     select_alpha_from: str | None = None
     select_tolerance: float = 1.0
     threshold_densities: tuple[float, ...] = ()
+    threshold_ramp: int = 0
 
     def __post_init__(self) -> None:
         from deftune.data.glue import get_task
@@ -191,6 +194,13 @@ class CompareConfig:
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
         if any(not 0 < d <= 1 for d in self.threshold_densities):
             raise ValueError(f"threshold_densities must be densities in (0, 1], got {self.threshold_densities}")
+        if not isinstance(self.threshold_ramp, int) or isinstance(self.threshold_ramp, bool) or self.threshold_ramp < 0:
+            raise ValueError(f"threshold_ramp must be an integer >= 0 (steps), got {self.threshold_ramp!r}")
+        if self.threshold_ramp and not self.threshold_densities:
+            raise ValueError("threshold_ramp ramps in the thresholds of the threshold runs; this grid has none: "
+                             "add --threshold-densities, or drop --threshold-ramp")
+        if self.threshold_ramp > self.steps:
+            raise ValueError(f"threshold_ramp ({self.threshold_ramp}) must be <= steps ({self.steps})")
         if self.threshold_densities and SQUAD in self.tasks:
             raise ValueError("threshold_densities applies to GLUE tasks; squad runs take "
                              "--generative-options act_threshold_density=...")
@@ -212,7 +222,8 @@ class CompareConfig:
             batch_size=self.batch_size, max_length=self.max_length,
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
             schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
-            act_threshold_density=density, seed=seed,
+            act_threshold_density=density, act_threshold_ramp=self.threshold_ramp if density is not None else 0,
+            seed=seed,
         )
         # the run's own name (task-method-α[-t<density>]), made unique within the grid
         name = config.run_name + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else "")
@@ -280,21 +291,22 @@ def _method_defaults(method: str) -> dict[str, Any]:
 
 
 def recipe(row: dict[str, Any]) -> dict[str, Any]:
-    """The training recipe a GLUE row was run with beyond its key: learning rate, ``act_scale`` and
+    """The training recipe a GLUE row was run with beyond its key: learning rate, ``act_scale``,
     the method options that differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON
-    values: tuples as lists). Rows written before the learning rate and options were recorded ran
+    values: tuples as lists) and, for a threshold run that ramped its thresholds in, the ramp. Rows written before the learning rate and options were recorded ran
     at ``METHOD_LR`` with the default options. Other ``CompareConfig`` fields (head / scale learning
     rates, batch size, ...) are not in rows: a grid that changes them needs a results file of its own."""
     defaults = _method_defaults(row["method"])
     options = json.loads(json.dumps(row.get("method_options", {})))
     return {"lr": float(row.get("lr", METHOD_LR.get(row["method"], 1e-3))),
             "act_scale": row.get("act_scale", "none"),
-            "method_options": {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v}}
+            "method_options": {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v},
+            **({"act_threshold_ramp": int(ramp)} if (ramp := row.get("act_threshold_ramp")) else {})}
 
 
 def _config_recipe(config: TrainConfig) -> dict[str, Any]:
     return recipe({"method": config.method, "lr": config.lr, "act_scale": config.method_options.get("act_scale", "none"),
-                   "method_options": config.method_options})
+                   "method_options": config.method_options, "act_threshold_ramp": config.act_threshold_ramp})
 
 
 def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
@@ -307,6 +319,7 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
         "lr": config.lr, **({"method_options": o} if (o := _config_recipe(config)["method_options"]) else {}),
         **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
         **({"act_threshold_density": config.act_threshold_density} if config.act_threshold_density is not None else {}),
+        **({"act_threshold_ramp": config.act_threshold_ramp} if config.act_threshold_ramp else {}),
         "metric": d["metric"], "metrics": d["metrics"],
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
         "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],

@@ -90,6 +90,13 @@ class Thresholds:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
+    def scaled(self, factor: float) -> Thresholds:
+        """A copy whose thresholds are ``factor ×`` these (``achieved`` etc. unchanged: what the
+        full thresholds reached at calibration); for ramping thresholds in during training."""
+        if not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"factor must be finite and >= 0, got {factor!r}")
+        return Thresholds.from_dict({**asdict(self), "values": {k: v * factor for k, v in self.values.items()}})
+
     def table(self) -> str:
         lines = [
             f"Thresholds ({self.mode}, target {self.target:g})",

@@ -57,6 +57,10 @@ class TrainConfig:
             (:data:`deftune.sparse.calibrate.THRESHOLD_MODES`: ``layer``, ``global``, ``energy``).
         act_threshold_batches: training batches used for that calibration (a seeded draw of their
             own, so the training data order is the same with and without thresholds).
+        act_threshold_ramp: 0 (the thresholds act in full from the first step), or ramp them in
+            over this many steps: step ``s`` uses ``min(1, (s + 1) / ramp) · t_l``, as the density
+            loss's α warm-up lets the task start learning first. Evaluation and the saved run use
+            the full ``t_l``.
         seed: random seed (model head init, data order).
         log_every: log (and measure training density) every this many steps.
         name: run name used in results tables (default: ``{task}-{method}-a{alpha}``).
@@ -93,6 +97,7 @@ class TrainConfig:
     act_threshold_density: float | None = None
     act_threshold_mode: str = "layer"
     act_threshold_batches: int = 8
+    act_threshold_ramp: int = 0
     data_dir: str | None = None
     output_dir: str | None = None
     seed: int = 0
@@ -125,6 +130,15 @@ class TrainConfig:
         from deftune.sparse.calibrate import check_threshold_options
 
         check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
+        if not isinstance(self.act_threshold_ramp, int) or isinstance(self.act_threshold_ramp, bool) \
+                or self.act_threshold_ramp < 0:
+            raise ValueError(f"act_threshold_ramp must be an integer >= 0 (steps), got {self.act_threshold_ramp!r}")
+        if self.act_threshold_ramp > self.steps:
+            raise ValueError(f"act_threshold_ramp ({self.act_threshold_ramp}) must be <= steps ({self.steps}): "
+                             "the thresholds must reach their calibrated values before the run ends")
+        if self.act_threshold_ramp and self.act_threshold_density is None:
+            raise ValueError("act_threshold_ramp ramps in the thresholds of act_threshold_density, which is unset: "
+                             "set act_threshold_density, or leave act_threshold_ramp at 0")
         self.density_config()  # validates alpha, eps, loss name, schedule, site
 
     @property

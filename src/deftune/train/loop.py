@@ -197,6 +197,8 @@ def train_glue(
             logging_step = step % config.log_every == 0 or step == config.steps - 1
             regularizer.recorder.track_stats = logging_step  # exact counts only when they are logged
             batch = {k: v.to(accelerator.device) for k, v in plan[step].items()}
+            if thresholds is not None and step < config.act_threshold_ramp:  # ramping the thresholds in
+                apply_thresholds(inner, thresholds.scaled(min(1.0, (step + 1) / config.act_threshold_ramp)))
             outputs = model(**batch)
             loss, parts = regularizer.total_loss(outputs.loss, step)
             for ext in extensions:
@@ -228,6 +230,8 @@ def train_glue(
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
     train_seconds = time.perf_counter() - start
+    if thresholds is not None:
+        apply_thresholds(inner, thresholds)  # in full for evaluation and saving (idempotent)
 
     model = accelerator.unwrap_model(model)
     dev_batches = make_batches(
