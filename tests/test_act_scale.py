@@ -211,3 +211,46 @@ def test_density_only_scales_survive_save_and_load(tmp_path):
     loaded = load_adapter(tiny_bert(), tmp_path, trainable=True)
     assert all(w.density_only for w in scaled_activations(loaded).values())
     torch.testing.assert_close(_out(loaded, batch()), _out(model, batch()))
+
+
+def test_density_only_view_is_the_output_itself_where_no_gradient_is_wanted():
+    from deftune.density import ActivationRecorder
+
+    model = apply_method(tiny_bert(), MethodConfig("lora", act_scale="layer", act_scale_grad="density"))
+    w = next(iter(scaled_activations(model).values()))
+    x = torch.randn(2, 3, 37)
+    out = w(x)
+    assert w.density_output(x, out) is not out  # training: a view with a gradient path into s
+    with torch.no_grad():
+        assert w.density_output(x, out) is out  # no gradients: nothing recomputed
+    calls = []
+    original = type(w).density_output
+    try:  # a recorder that only measures (no loss_fn) never asks for the view
+        type(w).density_output = lambda self, x, o: calls.append(1) or original(self, x, o)
+        with ActivationRecorder(model):
+            model(**batch())
+        assert not calls
+    finally:
+        type(w).density_output = original
+
+
+def test_density_only_scales_take_the_density_gradient_through_thresholds():
+    """On the threshold route the recorder sees ThresholdedActivation(ScaledActivation): the wrapper
+    passes the scales' density view on, thresholded, so the scales still get their gradient."""
+    from deftune import DensityLossConfig, DensityRegularizer
+    from deftune.sparse import Thresholds, apply_thresholds
+
+    model = tiny_bert()
+    add_act_scales(model, grad="density")
+    with torch.no_grad():
+        for w in scaled_activations(model).values():
+            w.log_scale.fill_(0.7)
+    apply_thresholds(model, Thresholds(values={"encoder.0": 1e-3, "encoder.1": 1e-3}, target=0.5, mode="layer",
+                                       achieved={}, natural={}, elements={}))
+    reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0, eps=1e-3))
+    with reg:
+        out = model(**batch(), labels=torch.tensor([0, 1, 0]))
+        total, _ = reg.total_loss(0.0 * out.loss, 0)
+    total.backward()
+    grads = [w.log_scale.grad for w in scaled_activations(model).values()]
+    assert all(g is not None and (g < 0).all() for g in grads)

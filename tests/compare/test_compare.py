@@ -281,7 +281,8 @@ def test_threshold_ramp_rides_on_the_threshold_runs_only(tiny_setup, tmp_path, c
                           act_scale="none"), progress=False)
     for kw, needle in [({"threshold_ramp": 2}, "this grid has none"),
                        ({"threshold_ramp": -1, "threshold_densities": (0.5,)}, "threshold_ramp must be an integer >= 0"),
-                       ({"threshold_ramp": 99, "threshold_densities": (0.5,)}, r"threshold_ramp \(99\) must be <= steps")]:
+                       ({"threshold_ramp": 99, "threshold_densities": (0.5,)}, r"threshold_ramp \(99\) must be <= steps"),
+                       ({"threshold_ramp": 1, "threshold_densities": (0.5,)}, "threshold_ramp=1 is the same as 0")]:
         with pytest.raises(ValueError, match=needle):
             _grid(tiny_setup, tmp_path, **kw)
 

@@ -149,42 +149,52 @@ def test_threshold_calibration_leaves_the_training_order_alone(tiny_setup, tmp_p
 
 
 def test_threshold_ramp_lets_the_zeros_in_step_by_step(tiny_setup, tmp_path):
-    """act_threshold_ramp: the thresholds grow to their calibrated values over the ramp, so the
-    training density falls step by step; the run ends, evaluates and saves with them in full."""
+    """act_threshold_ramp: step s trains at min(1, (s + 1)/ramp) of the calibrated thresholds, so the
+    training density falls step by step; evaluation and the saved run use them in full."""
     from deftune.runs import THRESHOLDS_FILE
     from deftune.sparse import Thresholds, threshold_holders
 
     kw = dict(alpha=0.0, act_threshold_density=0.3, act_threshold_batches=2, steps=6, log_every=1)
-    full = train_glue(_config(tiny_setup, tmp_path / "full", **kw), progress=False)
-    ramp = train_glue(_config(tiny_setup, tmp_path / "ramp", act_threshold_ramp=6, **kw), progress=False)
-    logs = {name: [json.loads(x)["exact_density"] for x in (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()]
+    train_glue(_config(tiny_setup, tmp_path / "full", **kw), progress=False)
+    ramp = train_glue(_config(tiny_setup, tmp_path / "ramp", act_threshold_ramp=4, **kw), progress=False)
+    logs = {name: [json.loads(x) for x in (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()]
             for name in ("full", "ramp")}
-    assert logs["ramp"][0] > logs["full"][0] + 0.1  # a sixth of the thresholds at the first step
-    assert all(a >= b for a, b in zip(logs["ramp"], logs["ramp"][1:]))  # falling as they grow
+    assert [r["threshold_factor"] for r in logs["ramp"]] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert all("threshold_factor" not in r for r in logs["full"])
+    density = [r["exact_density"] for r in logs["ramp"]]
+    assert density[0] > logs["full"][0]["exact_density"] + 0.1  # a quarter of the thresholds at the first step
+    assert all(a >= b for a, b in zip(density[:4], density[1:4]))  # falling as they grow
     saved = Thresholds.load(tmp_path / "ramp" / "run" / THRESHOLDS_FILE)
     assert saved.values == Thresholds.load(tmp_path / "full" / "run" / THRESHOLDS_FILE).values  # same calibration
     model, tok, cfg = load_run(tmp_path / "ramp" / "run")
-    assert cfg.act_threshold_ramp == 6
+    assert cfg.act_threshold_ramp == 4
     assert sorted(h.threshold for h in threshold_holders(model)) == sorted(saved.values.values())
-    assert 0.1 < ramp.density["exact"] < 0.5 and 0.1 < full.density["exact"] < 0.5
+    again = evaluate_glue(model, tok, cfg)  # the run's own evaluation used the full thresholds too
+    assert again.density.overall == pytest.approx(ramp.density["exact"])
 
 
-def test_thresholds_scaled_is_a_validated_copy():
-    from deftune.sparse import Thresholds
+def test_ramped_thresholds_set_each_step_and_restore_on_error():
+    from tests.conftest import tiny_bert
 
-    t = Thresholds(values={"a": 2.0, "b": 0.5}, target=0.5, mode="layer", achieved={"a": 0.5, "b": 0.5},
-                   natural={"a": 1.0, "b": 1.0}, elements={"a": 1, "b": 1})
-    half = t.scaled(0.5)
-    assert half.values == {"a": 1.0, "b": 0.25} and t.values == {"a": 2.0, "b": 0.5}
-    assert half.achieved == t.achieved and half.target == 0.5
-    with pytest.raises(ValueError, match="factor must be finite and >= 0"):
-        t.scaled(-1.0)
+    from deftune.sparse import Thresholds, apply_thresholds, ramped_thresholds, threshold_holders
+
+    model = tiny_bert()
+    apply_thresholds(model, Thresholds(values={"encoder.0": 0.2, "encoder.1": 0.4}, target=0.5, mode="layer",
+                                       achieved={}, natural={}, elements={}))
+    holders = threshold_holders(model)
+    with pytest.raises(RuntimeError, match="boom"), ramped_thresholds(model, lambda s: (s + 1) / 4, 4) as set_step:
+        assert set_step(0) == 0.25
+        assert [h.threshold for h in holders] == pytest.approx([0.05, 0.1])
+        assert set_step(9) == 1.0 and [h.threshold for h in holders] == pytest.approx([0.05, 0.1])  # past the ramp: left alone
+        raise RuntimeError("boom")
+    assert [h.threshold for h in holders] == [0.2, 0.4]  # restored
 
 
 @pytest.mark.parametrize("kw, needle", [
     ({"act_threshold_ramp": 10}, "act_threshold_ramp ramps in the thresholds of act_threshold_density, which is unset"),
     ({"act_threshold_density": 0.5, "act_threshold_ramp": -1}, "act_threshold_ramp must be an integer >= 0"),
     ({"act_threshold_density": 0.5, "act_threshold_ramp": 20, "steps": 10}, "act_threshold_ramp (20) must be <= steps (10)"),
+    ({"act_threshold_density": 0.5, "act_threshold_ramp": 1}, "act_threshold_ramp=1 is the same as 0"),
     ({"act_threshold_density": 0.0}, "act_threshold_density must be in (0, 1]"),
     ({"act_threshold_density": 0.5, "act_threshold_mode": "median"}, "act_threshold_mode must be one of"),
     ({"act_threshold_batches": 0}, "act_threshold_batches must be an integer >= 1"),
@@ -218,7 +228,7 @@ def test_density_only_scales_step_by_sgd_at_scale_lr(tiny_setup, tmp_path):
     from deftune.train.loop import _param_groups, _scale_sgd
 
     options = {"act_scale": "layer", "act_scale_grad": "density"}
-    model, _ = build_model(_config(tiny_setup, tmp_path, method_options=options))
+    model, _ = build_model(_config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0))
     scales = {id(p) for p in density_only_scales(model)}
     assert len(scales) == 2
     cfg = _config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0)
@@ -226,6 +236,8 @@ def test_density_only_scales_step_by_sgd_at_scale_lr(tiny_setup, tmp_path):
     sgd = _scale_sgd(model, cfg)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 2.0
     assert {id(p) for p in sgd.param_groups[0]["params"]} == scales
-    with pytest.raises(ValueError, match="scale_lr"):
-        _scale_sgd(model, _config(tiny_setup, tmp_path, method_options=options))
+    with pytest.raises(ValueError, match=r"scale_lr, which is unset: pass scale_lr \(--scale-lr"):
+        _config(tiny_setup, tmp_path, method_options=options)  # refused where the config enters
+    with pytest.raises(ValueError, match="needs the density loss on the activation output"):
+        _config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="product")
     assert _scale_sgd(build_model(_config(tiny_setup, tmp_path, method_options={"act_scale": "layer"}))[0], cfg) is None

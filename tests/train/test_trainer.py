@@ -45,3 +45,12 @@ def test_trainer_logs_density_and_cleans_up(tmp_path, alpha):
     assert not trainer.regularizer.recorder.attached
     for module in model.modules():
         assert not module._forward_hooks
+
+
+def test_trainer_warns_about_density_only_scales(tmp_path):
+    from deftune.methods import MethodConfig, apply_method
+
+    model = apply_method(tiny_bert(), MethodConfig("lora", act_scale="layer", act_scale_grad="density"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.warns(UserWarning, match="only the density loss moves"):
+        DeftTrainer(model=model, args=args, train_dataset=_Data(), density_config=DensityLossConfig(alpha=1.0))

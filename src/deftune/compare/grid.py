@@ -70,7 +70,8 @@ class CompareConfig:
             (``TrainConfig.act_threshold_ramp``; 0: in full from the first step).
         scale_grad: which losses move the scales of the runs that carry them: ``all`` (task and
             density loss) or ``density`` (the density loss only, stepped by SGD at ``scale_lr``;
-            ``MethodConfig.act_scale_grad``).
+            ``MethodConfig.act_scale_grad``). ``scale_lr``'s default 0.1 is an Adam rate: as an SGD
+            rate it barely moves the scales (the tenth-session grid used 2–4).
         head_lr: learning rate of the task head (None: the method's learning rate). A head that
             starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
         method_options: per-method overrides of :class:`deftune.methods.MethodConfig`
@@ -199,6 +200,9 @@ class CompareConfig:
         if self.threshold_ramp and not self.threshold_densities:
             raise ValueError("threshold_ramp ramps in the thresholds of the threshold runs; this grid has none: "
                              "add --threshold-densities, or drop --threshold-ramp")
+        if self.threshold_ramp == 1:
+            raise ValueError("threshold_ramp=1 is the same as 0 (step 0 already uses the full thresholds): use 0, "
+                             "or a ramp of 2 steps or more")
         if self.threshold_ramp > self.steps:
             raise ValueError(f"threshold_ramp ({self.threshold_ramp}) must be <= steps ({self.steps})")
         if self.threshold_densities and SQUAD in self.tasks:

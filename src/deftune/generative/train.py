@@ -22,8 +22,6 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from deftune.sparse import (
     Thresholds,
     apply_thresholds,
     calibrate_thresholds,
-    threshold_holders,
+    ramped_thresholds,
 )
 
 
@@ -150,31 +148,11 @@ def _evaluate(model: nn.Module, tokenizer, data: SquadData, cfg: GenConfig) -> E
     )
 
 
-@contextmanager
-def threshold_ramp(model: nn.Module, warmup_steps: int) -> Iterator[Callable[[int], float]]:
-    """Yields ``set_step(step) -> scale``, which sets every threshold of ``model`` (:func:`threshold_holders`)
-    to ``scale · t_l`` with ``scale = sin(π/2 · step / warmup_steps)`` (1 from ``warmup_steps`` on).
-
-    On exit every threshold is its final ``t_l`` again, also when training raises, so what is
-    evaluated and saved is the calibrated model. ``warmup_steps = 0`` leaves the thresholds alone.
-    """
-    wrappers = threshold_holders(model)
-    final = [m.threshold for m in wrappers]
-    ramp = ALPHA_SCHEDULES["sine"]
-
-    def set_step(step: int) -> float:
-        scale = ramp(1.0, step, warmup_steps)
-        if warmup_steps <= 0 or step > warmup_steps:
-            return scale  # already at the final thresholds: nothing to write
-        for m, t in zip(wrappers, final):
-            m.threshold = t * scale
-        return scale
-
-    try:
-        yield set_step
-    finally:
-        for m, t in zip(wrappers, final):
-            m.threshold = t
+def threshold_ramp(model: nn.Module, warmup_steps: int):
+    """:func:`deftune.sparse.ramped_thresholds` with ProSparse's sine: every threshold of ``model`` is
+    ``sin(π/2 · step / warmup_steps) · t_l`` (1 from ``warmup_steps`` on), restored on exit."""
+    sine = ALPHA_SCHEDULES["sine"]
+    return ramped_thresholds(model, lambda step: sine(1.0, step, warmup_steps), warmup_steps)
 
 
 def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: int) -> list[dict]:

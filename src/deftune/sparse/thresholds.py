@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ __all__ = [
     "ThresholdedActivation",
     "Thresholds",
     "apply_thresholds",
+    "ramped_thresholds",
     "remove_thresholds",
     "threshold_holders",
     "thresholded",
@@ -90,13 +91,6 @@ class Thresholds:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 
-    def scaled(self, factor: float) -> Thresholds:
-        """A copy whose thresholds are ``factor ×`` these (``achieved`` etc. unchanged: what the
-        full thresholds reached at calibration); for ramping thresholds in during training."""
-        if not (math.isfinite(factor) and factor >= 0):
-            raise ValueError(f"factor must be finite and >= 0, got {factor!r}")
-        return Thresholds.from_dict({**asdict(self), "values": {k: v * factor for k, v in self.values.items()}})
-
     def table(self) -> str:
         lines = [
             f"Thresholds ({self.mode}, target {self.target:g})",
@@ -134,6 +128,14 @@ class ThresholdedActivation(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         return _zero_at_most(self.inner(*args, **kwargs), self.threshold)  # (..., F)
+
+    def density_output(self, x: Tensor, output: Tensor) -> Tensor:
+        """What the density loss sees: the wrapped module's own view (density-only activation
+        scales, :meth:`deftune.act_scale.ScaledActivation.density_output`), thresholded like
+        ``output``; ``output`` itself when the wrapped module has none."""
+        view = getattr(self.inner, "density_output", None)
+        inner_view = output if view is None else view(x, output)  # the inner module returns `output` when it has no view of its own
+        return output if inner_view is output else _zero_at_most(inner_view, self.threshold)
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold:.4g}"
@@ -260,3 +262,32 @@ def thresholded(model: nn.Module, thresholds: Thresholds) -> Iterator[nn.Module]
             if path in saved:
                 module.threshold = saved[path]  # type: ignore[assignment]
             model.set_submodule(path, module)
+
+
+@contextmanager
+def ramped_thresholds(model: nn.Module, factor: Callable[[int], float], steps: int) -> Iterator[Callable[[int], float]]:
+    """Ramp the thresholds installed on ``model`` in during training.
+
+    Yields ``set_step(step) -> f``: for ``step <= steps`` it sets every threshold
+    (:func:`threshold_holders`) to ``f · t_l`` with ``f = factor(step)`` (``factor`` should reach 1 by
+    ``steps``); later steps leave them alone. On exit every threshold is its installed ``t_l`` again,
+    also when training raises, so what is evaluated and saved is the calibrated model. ``steps = 0``
+    changes nothing. Used by both training loops (GLUE: linear, ``TrainConfig.act_threshold_ramp``;
+    generative: sine, ``GenConfig.act_threshold_warmup_steps``).
+    """
+    holders = threshold_holders(model)
+    final = [h.threshold for h in holders]
+
+    def set_step(step: int) -> float:
+        if steps <= 0 or step > steps:
+            return 1.0  # at the installed thresholds: nothing to write
+        f = factor(step)
+        for h, t in zip(holders, final):
+            h.threshold = t * f
+        return f
+
+    try:
+        yield set_step
+    finally:
+        for h, t in zip(holders, final):
+            h.threshold = t

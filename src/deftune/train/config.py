@@ -133,6 +133,17 @@ class TrainConfig:
         if not isinstance(self.act_threshold_ramp, int) or isinstance(self.act_threshold_ramp, bool) \
                 or self.act_threshold_ramp < 0:
             raise ValueError(f"act_threshold_ramp must be an integer >= 0 (steps), got {self.act_threshold_ramp!r}")
+        if self.method_options.get("act_scale_grad") == "density":
+            if self.scale_lr is None:
+                raise ValueError("act_scale_grad='density' steps the scales by SGD at scale_lr, which is unset: pass "
+                                 "scale_lr (--scale-lr; the step is scale_lr · α · the density gradient, e.g. 3)")
+            if self.site != "act":
+                raise ValueError(f"act_scale_grad='density' needs the density loss on the activation output "
+                                 f"(site='act'), got site={self.site!r}: the {self.site!r} site does not see the "
+                                 "scales' density view")
+        if self.act_threshold_ramp == 1:
+            raise ValueError("act_threshold_ramp=1 is the same as 0 (step 0 already uses the full thresholds): "
+                             "use 0, or a ramp of 2 steps or more")
         if self.act_threshold_ramp > self.steps:
             raise ValueError(f"act_threshold_ramp ({self.act_threshold_ramp}) must be <= steps ({self.steps}): "
                              "the thresholds must reach their calibrated values before the run ends")

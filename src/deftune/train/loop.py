@@ -40,7 +40,13 @@ from deftune.runs import (
     write_json_atomic,
     write_safetensors_atomic,
 )
-from deftune.sparse import CalibrationConfig, Thresholds, apply_thresholds, calibrate_thresholds
+from deftune.sparse import (
+    CalibrationConfig,
+    Thresholds,
+    apply_thresholds,
+    calibrate_thresholds,
+    ramped_thresholds,
+)
 from deftune.train.config import TrainConfig
 from deftune.train.evaluate import EvalResult, evaluate_batches
 from deftune.train.model import build_model, count_trainable
@@ -111,9 +117,7 @@ def _scale_sgd(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer |
     params = density_only_scales(model)
     if not params:
         return None
-    if config.scale_lr is None:
-        raise ValueError("act_scale_grad='density' steps the scales by SGD at scale_lr, which is unset: pass "
-                         "scale_lr (e.g. 1.0; the step is scale_lr · α · the density gradient)")
+    assert config.scale_lr is not None  # TrainConfig requires it with act_scale_grad='density'
     return torch.optim.SGD(params, lr=config.scale_lr)
 
 
@@ -171,6 +175,9 @@ def train_glue(
     optimizer = torch.optim.AdamW(_param_groups(model, config, extra_params), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     optimizers = [optimizer] + [o for o in (_scale_sgd(model, config),) if o is not None]
+    if len(optimizers) > 1 and accelerator.mixed_precision == "fp16":
+        raise ValueError("act_scale_grad='density' (a second optimizer for the scales) does not support fp16 mixed "
+                         "precision: each optimizer would step the shared grad scaler; launch with bf16 or fp32")
     model, *optimizers = accelerator.prepare(model, *optimizers)
 
     from deftune.methods import virtual_token_count
@@ -189,16 +196,16 @@ def train_glue(
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
 
+    ramp = config.act_threshold_ramp if thresholds is not None else 0  # linear: step s at min(1, (s+1)/ramp)
     model.train()
     start = time.perf_counter()
-    with regularizer:
+    with regularizer, ramped_thresholds(inner, lambda s: min(1.0, (s + 1) / ramp), ramp) as set_threshold_step:
         steps = track(range(config.steps), description=f"training {config.run_name}") if progress else range(config.steps)
         for step in steps:
             logging_step = step % config.log_every == 0 or step == config.steps - 1
             regularizer.recorder.track_stats = logging_step  # exact counts only when they are logged
             batch = {k: v.to(accelerator.device) for k, v in plan[step].items()}
-            if thresholds is not None and step < config.act_threshold_ramp:  # ramping the thresholds in
-                apply_thresholds(inner, thresholds.scaled(min(1.0, (step + 1) / config.act_threshold_ramp)))
+            threshold_factor = set_threshold_step(step)  # 1 unless the thresholds are being ramped in
             outputs = model(**batch)
             loss, parts = regularizer.total_loss(outputs.loss, step)
             for ext in extensions:
@@ -221,6 +228,8 @@ def train_glue(
                     "alpha": parts.alpha, "exact_density": density, "density_elements": elements,
                     "world_size": world,
                 }
+                if ramp:
+                    record["threshold_factor"] = threshold_factor
                 medians = scale_medians(inner)  # learned activation scales, if any: median s per layer
                 if medians:
                     record["act_scale"] = medians
@@ -230,8 +239,6 @@ def train_glue(
                     with log_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
     train_seconds = time.perf_counter() - start
-    if thresholds is not None:
-        apply_thresholds(inner, thresholds)  # in full for evaluation and saving (idempotent)
 
     model = accelerator.unwrap_model(model)
     dev_batches = make_batches(
