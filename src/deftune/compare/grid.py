@@ -297,8 +297,9 @@ def _method_defaults(method: str) -> dict[str, Any]:
 def recipe(row: dict[str, Any]) -> dict[str, Any]:
     """The training recipe a GLUE row was run with beyond its key: learning rate, ``act_scale``,
     the method options that differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON
-    values: tuples as lists) and, for a threshold run that ramped its thresholds in, the ramp. Rows written before the learning rate and options were recorded ran
-    at ``METHOD_LR`` with the default options. Other ``CompareConfig`` fields (head / scale learning
+    values: tuples as lists) and, for a threshold run that ramped its thresholds in, the ramp. Rows
+    written before the learning rate and options were recorded ran at ``METHOD_LR`` with the
+    default options. Other ``CompareConfig`` fields (head / scale learning
     rates, batch size, ...) are not in rows: a grid that changes them needs a results file of its own."""
     defaults = _method_defaults(row["method"])
     options = json.loads(json.dumps(row.get("method_options", {})))

@@ -22,6 +22,8 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,7 +150,7 @@ def _evaluate(model: nn.Module, tokenizer, data: SquadData, cfg: GenConfig) -> E
     )
 
 
-def threshold_ramp(model: nn.Module, warmup_steps: int):
+def threshold_ramp(model: nn.Module, warmup_steps: int) -> AbstractContextManager[Callable[[int], float]]:
     """:func:`deftune.sparse.ramped_thresholds` with ProSparse's sine: every threshold of ``model`` is
     ``sin(π/2 · step / warmup_steps) · t_l`` (1 from ``warmup_steps`` on), restored on exit."""
     sine = ALPHA_SCHEDULES["sine"]

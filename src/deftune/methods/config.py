@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from deftune.act_scale import SCALE_GRADS as ACT_SCALE_GRADS  # which losses move the scales
+
 TASK_TYPES: tuple[str, ...] = (
     "SEQ_CLS",
     "CAUSAL_LM",
@@ -29,7 +31,6 @@ LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")
 ADAPTER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "identity")
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("sequential", "parallel")
 ACT_SCALES: tuple[str, ...] = ("none", "layer", "neuron")
-ACT_SCALE_GRADS: tuple[str, ...] = ("all", "density")  # deftune.act_scale.SCALE_GRADS
 PROMPT_INITS: tuple[str, ...] = ("random", "vocab")
 
 _LORA = ("lora", "dora")
