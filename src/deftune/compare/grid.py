@@ -137,6 +137,7 @@ class CompareConfig:
         from deftune.generative.peft_methods import PEFT_METHODS
         from deftune.methods import METHODS, MethodConfig
         from deftune.methods.config import ACT_SCALE_GRADS, ACT_SCALES
+        from deftune.sparse.calibrate import check_threshold_ramp
 
         for t in self.tasks:
             if t != SQUAD:
@@ -195,16 +196,10 @@ class CompareConfig:
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
         if any(not 0 < d <= 1 for d in self.threshold_densities):
             raise ValueError(f"threshold_densities must be densities in (0, 1], got {self.threshold_densities}")
-        if not isinstance(self.threshold_ramp, int) or isinstance(self.threshold_ramp, bool) or self.threshold_ramp < 0:
-            raise ValueError(f"threshold_ramp must be an integer >= 0 (steps), got {self.threshold_ramp!r}")
+        check_threshold_ramp(self.threshold_ramp, self.steps, "threshold_ramp")
         if self.threshold_ramp and not self.threshold_densities:
             raise ValueError("threshold_ramp ramps in the thresholds of the threshold runs; this grid has none: "
                              "add --threshold-densities, or drop --threshold-ramp")
-        if self.threshold_ramp == 1:
-            raise ValueError("threshold_ramp=1 is the same as 0 (step 0 already uses the full thresholds): use 0, "
-                             "or a ramp of 2 steps or more")
-        if self.threshold_ramp > self.steps:
-            raise ValueError(f"threshold_ramp ({self.threshold_ramp}) must be <= steps ({self.steps})")
         if self.threshold_densities and SQUAD in self.tasks:
             raise ValueError("threshold_densities applies to GLUE tasks; squad runs take "
                              "--generative-options act_threshold_density=...")

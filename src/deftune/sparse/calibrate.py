@@ -143,6 +143,19 @@ def check_threshold_options(density: float | None, mode: str, batches: int) -> N
         raise ValueError(f"act_threshold_batches must be an integer >= 1, got {batches!r}")
 
 
+def check_threshold_ramp(ramp: int, steps: int, name: str = "act_threshold_ramp") -> None:
+    """Validate a linear threshold ramp of ``ramp`` steps in a run of ``steps`` (GLUE runs and the
+    compare grid share it); ``name`` is the field named in the error."""
+    if not isinstance(ramp, int) or isinstance(ramp, bool) or ramp < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (steps), got {ramp!r}")
+    if ramp == 1:
+        raise ValueError(f"{name}=1 is the same as 0 (step 0 already uses the full thresholds): use 0, or a ramp "
+                         "of 2 steps or more")
+    if ramp > steps:
+        raise ValueError(f"{name} ({ramp}) must be <= steps ({steps}): the thresholds must reach their calibrated "
+                         "values before the run ends")
+
+
 # ---- threshold choice (registry of modes) -----------------------------------------------------
 # Each mode maps (layer -> density above each edge, layer -> element count,
 # layer -> energy fraction at or below each edge, target) to layer -> chosen edge index.

@@ -127,12 +127,10 @@ class TrainConfig:
         if self.lr_warmup_steps < 0:
             raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         self.thresholds = tuple(float(t) for t in self.thresholds)
-        from deftune.sparse.calibrate import check_threshold_options
+        from deftune.sparse.calibrate import check_threshold_options, check_threshold_ramp
 
         check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
-        if not isinstance(self.act_threshold_ramp, int) or isinstance(self.act_threshold_ramp, bool) \
-                or self.act_threshold_ramp < 0:
-            raise ValueError(f"act_threshold_ramp must be an integer >= 0 (steps), got {self.act_threshold_ramp!r}")
+        check_threshold_ramp(self.act_threshold_ramp, self.steps)
         if self.method_options.get("act_scale_grad") == "density":
             if self.scale_lr is None:
                 raise ValueError("act_scale_grad='density' steps the scales by SGD at scale_lr, which is unset: pass "
@@ -141,12 +139,6 @@ class TrainConfig:
                 raise ValueError(f"act_scale_grad='density' needs the density loss on the activation output "
                                  f"(site='act'), got site={self.site!r}: the {self.site!r} site does not see the "
                                  "scales' density view")
-        if self.act_threshold_ramp == 1:
-            raise ValueError("act_threshold_ramp=1 is the same as 0 (step 0 already uses the full thresholds): "
-                             "use 0, or a ramp of 2 steps or more")
-        if self.act_threshold_ramp > self.steps:
-            raise ValueError(f"act_threshold_ramp ({self.act_threshold_ramp}) must be <= steps ({self.steps}): "
-                             "the thresholds must reach their calibrated values before the run ends")
         if self.act_threshold_ramp and self.act_threshold_density is None:
             raise ValueError("act_threshold_ramp ramps in the thresholds of act_threshold_density, which is unset: "
                              "set act_threshold_density, or leave act_threshold_ramp at 0")
