@@ -9,7 +9,8 @@ results files; this script pools each protocol's DEFT-vs-PEFT pairs with the sam
 ``docs/results.md`` is a command's output, not arithmetic by hand.
 
 Prints a markdown table (and each protocol's worst task × method cells) and writes
-``docs/results/glue_protocols.json``: ``python benchmarks/glue_protocols.py``. No training happens.
+``docs/results/glue_protocols.json``: ``python benchmarks/glue_protocols.py``; with
+``--update-md docs/results.md`` it also puts the table into the docs (a test checks they agree). No training happens.
 A protocol whose files are missing, or whose grid is not finished (fewer pairs than PEFT runs, or
 fewer seeds than asked), is marked so instead of being scored as if complete. SE is the standard
 error of the metric change over seeds (seed-to-seed noise only, not dev-set sampling).
@@ -36,6 +37,7 @@ R = "docs/results/"  # results files, relative to the repository root
 # dense PEFT without learned activation scales (α = 0, act_scale none; seeds 0–9, 250 steps, H100),
 # the baseline of the table's last column; its file also holds the no-scale threshold runs
 PLAIN = R + "glue_plain_peft.json"
+GLANCE, INDENT = "* **At a glance**", "  "  # the table in docs/results.md: under this bullet, indented
 
 
 @dataclass(frozen=True)
@@ -342,22 +344,56 @@ def _plain(r: dict[str, Any]) -> str:
     return "–" if v is None else f"−{v['density_reduction_pct']:.1f} % / {v['metric_delta']:+.2f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(ROOT / R / "glue_protocols.json"), help="JSON output")
-    args = ap.parse_args()
-    results = [evaluate(p) for p in PROTOCOLS]
-    print("| variant | how it was chosen | seeds | pairs | density | metric (points) | SE | target | "
-          f"without {LEFT_OUT} tuning | vs PEFT without learned scales | hardware |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+def table_lines(results: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of :func:`evaluate` results, one row per protocol."""
+    lines = ["| variant | how it was chosen | seeds | pairs | density | metric (points) | SE | target | "
+             f"without {LEFT_OUT} tuning | vs PEFT without learned scales | hardware |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] == "missing":
-            print(f"| {r['label']} | {r['how']} | – | 0 | – | – | – | missing ({', '.join(r['absent']) or 'no pairs'}) | | | |")
+            lines.append(f"| {r['label']} | {r['how']} | – | 0 | – | – | – | missing ({', '.join(r['absent']) or 'no pairs'}) | | | |")
             continue
         label = r["label"] + (" (" + ", ".join(f"{t} {a:g}" for t, a in r["chosen"].items()) + ")" if "chosen" in r else "")
         se = f"{r['metric_delta_se']:.2f}" if r["metric_delta_se"] is not None else "–"
-        print(f"| {label} | {r['how']} | {_format_seeds(r['seeds'])} | {r['pairs']} | −{r['density_reduction_pct']:.1f} % | "
-              f"{r['metric_delta']:+.2f} | {se} | {_verdict(r)} | {_without(r)} | {_plain(r)} | {', '.join(r['hardware'])} |")
+        lines.append(f"| {label} | {r['how']} | {_format_seeds(r['seeds'])} | {r['pairs']} | −{r['density_reduction_pct']:.1f} % | "
+                     f"{r['metric_delta']:+.2f} | {se} | {_verdict(r)} | {_without(r)} | {_plain(r)} | {', '.join(r['hardware'])} |")
+    return lines
+
+
+def glance_span(lines: list[str]) -> tuple[int, int]:
+    """``(start, stop)`` of the table under the "At a glance" bullet of a markdown file's lines (the
+    first run of lines starting ``"  |"`` after the line starting with :data:`GLANCE`)."""
+    try:
+        head = next(i for i, line in enumerate(lines) if line.startswith(GLANCE))
+        start = next(i for i in range(head, len(lines)) if lines[i].startswith(INDENT + "|"))
+    except StopIteration:
+        raise ValueError(f"no table under a line starting {GLANCE!r} (indented {len(INDENT)} spaces) to update") from None
+    stop = start
+    while stop < len(lines) and lines[stop].startswith(INDENT + "|"):
+        stop += 1
+    return start, stop
+
+
+def update_markdown(path: str | Path, table: list[str]) -> None:
+    """Replace the "At a glance" table of ``path`` with ``table`` (atomically; the rest is kept)."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").split("\n")
+    start, stop = glance_span(lines)
+    lines[start:stop] = [INDENT + line for line in table]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(ROOT / R / "glue_protocols.json"), help="JSON output")
+    ap.add_argument("--update-md", metavar="MD", help="also replace the \"At a glance\" table of this markdown "
+                    "file (docs/results.md) with the recomputed one")
+    args = ap.parse_args()
+    results = [evaluate(p) for p in PROTOCOLS]
+    table = table_lines(results)
+    print("\n".join(table))
     print("\nWhere the points go — the two task/method cells that lose most (mean change over seeds; each "
           "cell weighs 1/cells of the average):")
     for r in results:
@@ -376,6 +412,9 @@ def main() -> None:
     write_json_atomic(args.out, {"note": "recomputed from the results files by benchmarks/glue_protocols.py",
                                  "protocols": results, "baselines": gaps})
     print(f"wrote {args.out}")
+    if args.update_md:
+        update_markdown(args.update_md, table)
+        print(f"updated the At a glance table of {args.update_md}")
 
 
 if __name__ == "__main__":

@@ -172,3 +172,23 @@ def test_committed_table_is_the_scripts_output(gp):
     fresh = json.loads(json.dumps([gp.evaluate(p) for p in gp.PROTOCOLS]))
     assert committed["protocols"] == fresh
     assert committed["baselines"] == json.loads(json.dumps([gp.baseline_gap(b) for b in gp.BASELINES]))
+
+
+def test_update_markdown_replaces_only_the_glance_table(gp, tmp_path):
+    md = tmp_path / "results.md"
+    md.write_text("# title\n| not | this |\n* **At a glance** — text\n\n  | old | table |\n  |---|---|\n  | a | b |\n\n* next\n  | keep |\n")
+    gp.update_markdown(md, ["| new |", "|---|"])
+    assert md.read_text() == "# title\n| not | this |\n* **At a glance** — text\n\n  | new |\n  |---|\n\n* next\n  | keep |\n"
+    md.write_text("# no glance here\n  | t |\n")
+    with pytest.raises(ValueError, match="At a glance"):
+        gp.update_markdown(md, ["| new |"])
+    assert md.read_text() == "# no glance here\n  | t |\n"  # untouched on error
+
+
+def test_docs_glance_table_is_the_scripts_output(gp):
+    """docs/results.md shows what the committed results files give (fix: run the script with
+    ``--update-md docs/results.md``)."""
+    docs = (SCRIPT.parents[1] / "docs" / "results.md").read_text(encoding="utf-8").split("\n")
+    start, stop = gp.glance_span(docs)
+    expected = gp.table_lines([gp.evaluate(p) for p in gp.PROTOCOLS])
+    assert [line.removeprefix(gp.INDENT) for line in docs[start:stop]] == expected

@@ -42,12 +42,20 @@ def test_compare_writes_rows_report_and_resumes(tiny_setup, tmp_path, capsys):
     assert set(summary) == {1.0} and set(summary[1.0]["methods"]) == {"lora", "bitfit"}
     assert {r["act_scale"] for r in rows} == {"layer"}  # the DEFT recipe's scales, in PEFT runs too
 
-    # hand-written notes below the marker survive a rewrite of the report
-    from deftune.compare import NOTES_MARKER, write_compare_report
+    # a hand-written summary under the title and notes below the marker survive a rewrite of the report
+    from deftune.compare import NOTES_MARKER, SUMMARY_MARKERS, write_compare_report
 
     (tmp_path / "results.md").write_text(report + NOTES_MARKER + "\nmy notes\n")
     write_compare_report(rows, cfg)
-    assert (tmp_path / "results.md").read_text().endswith(NOTES_MARKER + "\nmy notes\n")
+    with_notes = (tmp_path / "results.md").read_text()
+    assert with_notes.endswith(NOTES_MARKER + "\nmy notes\n")
+    title, rest = with_notes.split("\n", 1)
+    summary_block = SUMMARY_MARKERS[0] + "\nthe verdict\n" + SUMMARY_MARKERS[1]
+    (tmp_path / "results.md").write_text(title + "\n\n" + summary_block + "\n" + rest)
+    write_compare_report(rows, cfg)
+    rewritten = (tmp_path / "results.md").read_text()
+    assert rewritten.startswith(title + "\n\n" + summary_block + "\n\n") and rewritten.count("the verdict") == 1
+    assert rewritten.replace(summary_block + "\n\n", "") == with_notes
 
     # a half-written run directory (interrupted) is restarted; finished runs are skipped
     (tmp_path / "runs" / "sst2-lora-a3").mkdir(parents=True)

@@ -32,7 +32,13 @@ from deftune.compare.grid import (
     run_grid,
     run_key,
 )
-from deftune.compare.report import NOTES_MARKER, summarise, summary_lines, write_compare_report
+from deftune.compare.report import (
+    NOTES_MARKER,
+    SUMMARY_MARKERS,
+    summarise,
+    summary_lines,
+    write_compare_report,
+)
 from deftune.compare.sweep import AlphaSweepConfig, plot_alpha_sweep, run_alpha_sweep
 from deftune.train.config import TrainConfig
 
@@ -45,7 +51,7 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[st
 
 
 __all__ = [
-    "METHOD_LR", "NOTES_MARKER", "ROW_BUILDERS", "SQUAD", "AlphaSweepConfig", "CompareConfig", "RunConfig",
+    "METHOD_LR", "NOTES_MARKER", "ROW_BUILDERS", "SQUAD", "SUMMARY_MARKERS", "AlphaSweepConfig", "CompareConfig", "RunConfig",
     "TrainConfig", "config_key", "load_rows", "plot_alpha_sweep", "run_alpha_sweep", "run_compare", "run_grid",
     "run_key", "summarise", "summary_lines", "write_compare_report",
 ]

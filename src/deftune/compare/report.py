@@ -13,6 +13,8 @@ from deftune.compare.grid import SQUAD, CompareConfig, format_method_options, lo
 from deftune.runs import read_json
 
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
+# a hand-written summary between these two lines is kept right under the title on a rewrite
+SUMMARY_MARKERS = ("<!-- summary: kept when the report is rewritten -->", "<!-- /summary -->")
 
 
 def _sd(values: Sequence[float]) -> float:
@@ -224,8 +226,11 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         lines += selection_lines(rows, load_rows(config.select_alpha_from), config.select_alpha_from,
                                  config.select_tolerance)
     lines += ["", f"![metric vs density]({img.relative_to(md.parent).as_posix()})", ""]
-    if md.is_file():  # hand-written notes below the marker survive a rewrite
+    if md.is_file():  # a hand-written summary under the title and notes below the marker survive a rewrite
         old = md.read_text(encoding="utf-8")
+        start, end = SUMMARY_MARKERS
+        if start in old and end in old.split(start, 1)[1]:
+            lines[2:2] = [start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
         if NOTES_MARKER in old:
             lines += [NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]]
     md.parent.mkdir(parents=True, exist_ok=True)
