@@ -254,8 +254,8 @@ def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Pa
 
 def _twin_key(r: dict[str, Any]) -> tuple:
     """What a dense run and its plain twin share: task, method, seed, steps, eval split and the
-    recipe but the activation scales (``act_scale`` and which losses move them)."""
-    rest = {k: v for k, v in recipe(r).items() if k != "act_scale"}
+    recipe but the activation scales (``act_scale``, their learning rate and which losses move them)."""
+    rest = {k: v for k, v in recipe(r).items() if k not in ("act_scale", "scale_lr")}
     rest["method_options"] = {k: v for k, v in rest["method_options"].items() if k != "act_scale_grad"}
     return (r["task"], r["method"], int(r.get("seed", 0)), int(r["steps"]), r.get("eval_split", "dev"),
             json.dumps(rest, sort_keys=True))
@@ -293,13 +293,17 @@ BASELINES = (
 
 def baseline_gap(b: Baseline, root: Path = ROOT) -> dict[str, Any]:
     """Mean metric of the scaled dense runs minus their plain twins (points), overall (with the SE
-    over seeds), per task and per method; ``status`` ``missing`` without files or twins."""
+    over seeds), per task and per method. ``status``: ``ok``; ``incomplete`` when a run has no twin
+    or an asked seed no runs; ``missing`` without files or twins; ``other hardware`` when the plain
+    file was recorded elsewhere."""
     files = [root / f for f in b.files]
     out: dict[str, Any] = {"id": b.id, "label": b.label, "files": list(b.files)}
     if not all(f.is_file() for f in files):
         return {**out, "status": "missing"}
     data = [read_json(f) for f in files]
-    plain = _plain_runs(data, root) or {}
+    plain = _plain_runs(data, root)
+    if plain is None:  # no plain file, or one recorded on other hardware: no like-for-like twins
+        return {**out, "status": "missing" if not (root / PLAIN).is_file() else "other hardware"}
     scaled = [r for d in data for r in d["runs"] if variant(r) == 0.0 and recipe(r)["act_scale"] != "none"
               and int(r.get("seed", 0)) in b.seeds]
     diffs = [(r, r["metric"]["value"] - plain[_twin_key(r)]["metric"]["value"]) for r in scaled if _twin_key(r) in plain]
@@ -313,7 +317,8 @@ def baseline_gap(b: Baseline, root: Path = ROOT) -> dict[str, Any]:
         return {k: fmean(v) for k, v in sorted(groups.items())}
 
     seeds = mean_by(lambda r: int(r.get("seed", 0)))
-    return {**out, "status": "ok" if len(diffs) == len(scaled) else "incomplete", "pairs": len(diffs),
+    complete = len(diffs) == len(scaled) and sorted(seeds) == sorted(b.seeds)  # every run paired, every seed there
+    return {**out, "status": "ok" if complete else "incomplete", "pairs": len(diffs),
             "seeds": sorted(seeds), "metric_delta": fmean(d for _, d in diffs),
             "metric_delta_se": stdev(seeds.values()) / len(seeds) ** 0.5 if len(seeds) > 1 else None,
             "tasks": mean_by(lambda r: r["task"]), "methods": mean_by(lambda r: r["method"])}
@@ -362,12 +367,19 @@ def table_lines(results: list[dict[str, Any]]) -> list[str]:
 
 def glance_span(lines: list[str]) -> tuple[int, int]:
     """``(start, stop)`` of the table under the "At a glance" bullet of a markdown file's lines (the
-    first run of lines starting ``"  |"`` after the line starting with :data:`GLANCE`)."""
-    try:
-        head = next(i for i, line in enumerate(lines) if line.startswith(GLANCE))
-        start = next(i for i in range(head, len(lines)) if lines[i].startswith(INDENT + "|"))
-    except StopIteration:
-        raise ValueError(f"no table under a line starting {GLANCE!r} (indented {len(INDENT)} spaces) to update") from None
+    first run of lines starting ``"  |"`` after the line starting with :data:`GLANCE`, before the
+    next bullet or heading)."""
+    head = next((i for i, line in enumerate(lines) if line.startswith(GLANCE)), None)
+    start = None
+    if head is not None:
+        for i in range(head + 1, len(lines)):
+            if lines[i].startswith(("* ", "#")):
+                break
+            if lines[i].startswith(INDENT + "|"):
+                start = i
+                break
+    if start is None:
+        raise ValueError(f"no table under a line starting {GLANCE!r} (indented {len(INDENT)} spaces) to update")
     stop = start
     while stop < len(lines) and lines[stop].startswith(INDENT + "|"):
         stop += 1
@@ -403,8 +415,8 @@ def main() -> None:
     gaps = [baseline_gap(b) for b in BASELINES]
     print("\nDense PEFT with learned scales minus plain PEFT (points; the baseline of the last column):")
     for g in gaps:
-        if g["status"] == "missing":
-            print(f"* {g['label']}: missing")
+        if g["status"] in ("missing", "other hardware"):
+            print(f"* {g['label']}: {g['status']}")
             continue
         se = "" if g["metric_delta_se"] is None else f" (SE {g['metric_delta_se']:.2f})"
         tasks = ", ".join(f"{t} {v:+.2f}" for t, v in g["tasks"].items())

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from deftune.arch import arch_spec, find_activation_sites
 
 GRANULARITIES: tuple[str, ...] = ("layer", "neuron")
+ACT_SCALES: tuple[str, ...] = ("none", *GRANULARITIES)  # the act_scale option: no scales, or one per granularity
 #: Which losses move the scales: ``all`` (the task and the density loss) or ``density`` (the
 #: density loss only; the task loss sees the scale as a constant).
 SCALE_GRADS: tuple[str, ...] = ("all", "density")

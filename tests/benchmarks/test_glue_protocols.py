@@ -163,7 +163,11 @@ def test_baseline_gap_scores_scaled_dense_runs_against_their_plain_twins(gp, tmp
     assert g["tasks"] == {"rte": pytest.approx(1.5), "sst2": pytest.approx(-1.5)} and g["methods"] == {"lora": 0.0}
     part = gp.baseline_gap(gp.Baseline("p", "scales", (scaled,), (0, 1, 2)), root=tmp_path)
     assert part["status"] == "incomplete" and part["pairs"] == 4  # seed 2 has no plain twin
+    absent = gp.baseline_gap(gp.Baseline("a", "scales", (scaled,), (0, 1, 5)), root=tmp_path)
+    assert absent["status"] == "incomplete" and absent["seeds"] == [0, 1]  # seed 5 asked for, no runs at all
     assert gp.baseline_gap(gp.Baseline("m", "?", ("nope.json",), (0,)), root=tmp_path)["status"] == "missing"
+    _write(tmp_path, gp.PLAIN, [_row("sst2", 0.0, 0, 82.0, 1.0, act_scale="none")], gpu="A100")
+    assert gp.baseline_gap(gp.Baseline("h", "scales", (scaled,), (0, 1)), root=tmp_path)["status"] == "other hardware"
 
 
 def test_committed_table_is_the_scripts_output(gp):
@@ -179,10 +183,11 @@ def test_update_markdown_replaces_only_the_glance_table(gp, tmp_path):
     md.write_text("# title\n| not | this |\n* **At a glance** — text\n\n  | old | table |\n  |---|---|\n  | a | b |\n\n* next\n  | keep |\n")
     gp.update_markdown(md, ["| new |", "|---|"])
     assert md.read_text() == "# title\n| not | this |\n* **At a glance** — text\n\n  | new |\n  |---|\n\n* next\n  | keep |\n"
-    md.write_text("# no glance here\n  | t |\n")
-    with pytest.raises(ValueError, match="At a glance"):
-        gp.update_markdown(md, ["| new |"])
-    assert md.read_text() == "# no glance here\n  | t |\n"  # untouched on error
+    for text in ("# no glance here\n  | t |\n", "* **At a glance** — no table\n* next\n  | not this one |\n"):
+        md.write_text(text)
+        with pytest.raises(ValueError, match="At a glance"):
+            gp.update_markdown(md, ["| new |"])
+        assert md.read_text() == text  # untouched on error
 
 
 def test_docs_glance_table_is_the_scripts_output(gp):

@@ -56,6 +56,13 @@ def test_compare_writes_rows_report_and_resumes(tiny_setup, tmp_path, capsys):
     rewritten = (tmp_path / "results.md").read_text()
     assert rewritten.startswith(title + "\n\n" + summary_block + "\n\n") and rewritten.count("the verdict") == 1
     assert rewritten.replace(summary_block + "\n\n", "") == with_notes
+    # an unclosed summary is refused, not dropped
+    unclosed = title + "\n\n" + SUMMARY_MARKERS[0] + "\nthe verdict\n" + rest
+    (tmp_path / "results.md").write_text(unclosed)
+    with pytest.raises(ValueError, match="not closed by <!-- /summary -->"):
+        write_compare_report(rows, cfg)
+    assert (tmp_path / "results.md").read_text() == unclosed
+    (tmp_path / "results.md").write_text(rewritten)
 
     # a half-written run directory (interrupted) is restarted; finished runs are skipped
     (tmp_path / "runs" / "sst2-lora-a3").mkdir(parents=True)
@@ -311,6 +318,11 @@ def test_scale_grad_density_rides_on_the_scaled_runs_only(tiny_setup, tmp_path, 
     with pytest.raises(ValueError, match="results file of its own"):
         run_compare(_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), peft_act_scale="none",
                           scale_lr=2.0), progress=False)
+    # the scales' learning rate is part of the recipe (the SGD step of this mode): rows record it
+    assert {r["alpha"]: r.get("scale_lr") for r in rows} == {0.0: None, 1.0: 2.0}
+    with pytest.raises(ValueError, match=r"'scale_lr': 2.0.*'scale_lr': 3.0"):
+        run_compare(_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), peft_act_scale="none",
+                          scale_grad="density", scale_lr=3.0), progress=False)
     with pytest.raises(ValueError, match=r"scale_grad must be one of \['all', 'density'\], got 'task'"):
         _grid(tiny_setup, tmp_path, scale_grad="task")
     with pytest.raises(ValueError, match="needs learned scales"):
@@ -333,6 +345,9 @@ def test_report_names_the_activation_scales(tiny_setup, tmp_path, act_scale, say
     # a baseline with learned scales is flagged as weaker than plain PEFT; a plain one is not
     assert ("Baseline: the dense PEFT runs here carry learned activation scales (`act_scale=layer`)" in text) == (
         act_scale == "layer")
+    # scales that only the density loss moves stay at 1 in a dense run: plain PEFT, no warning
+    write_compare_report([{**row, "method_options": {"act_scale_grad": "density"}}], cfg)
+    assert "Baseline:" not in (tmp_path / "results.md").read_text()
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -363,3 +378,37 @@ def test_cli_parses_method_options_per_method():
         build_parser().parse_args(["compare", "--method-options", "prompt_init=vocab"])
     assert build_parser().parse_args(["compare", "--peft-act-scale", "none"]).peft_act_scale == "none"
     assert build_parser().parse_args(["compare"]).peft_act_scale is None  # as act_scale
+
+
+def test_head_and_scale_lr_are_recorded_and_old_rows_ran_at_the_defaults(tiny_setup, tmp_path, capsys):
+    from deftune.runs import write_json_atomic
+
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,))
+    (row,) = run_compare(cfg, progress=False)
+    assert (row["head_lr"], row["scale_lr"], row["act_scale"]) == (cfg.head_lr, cfg.scale_lr, "layer")
+    with pytest.raises(ValueError, match=r"'head_lr': 0.005.*'head_lr': 0.01"):
+        run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), head_lr=0.01), progress=False)
+    # rows written before these were recorded ran at CompareConfig's defaults
+    old = {k: v for k, v in row.items() if k not in ("head_lr", "scale_lr")}
+    write_json_atomic(cfg.results_json, {"runs": [old]})
+    capsys.readouterr()
+    assert run_compare(cfg, progress=False) == [old] and "done, skipped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="results file of its own"):
+        run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), scale_lr=0.01), progress=False)
+    # without learned scales the scale learning rate plays no part
+    plain = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), act_scale="none",
+                  results_json=str(tmp_path / "plain.json"))
+    (p,) = run_compare(plain, progress=False)
+    assert "scale_lr" not in p
+    again = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), act_scale="none", scale_lr=5.0,
+                  results_json=str(tmp_path / "plain.json"))
+    assert run_compare(again, progress=False) == [p]
+
+
+def test_grids_with_their_own_results_files_get_their_own_run_folders():
+    a = CompareConfig(results_json="docs/results/glue_a.json")
+    b = CompareConfig(results_json="docs/results/glue_b.json")
+    assert str(a.run_root) == "runs/compare/glue_a" and a.run_root != b.run_root
+    assert str(CompareConfig(runs_dir="runs/x", results_json="docs/results/glue_a.json").run_root) == "runs/x"
+    (first, *_) = a.runs()
+    assert first.output_dir.startswith("runs/compare/glue_a/")

@@ -89,6 +89,8 @@ def test_cli_train_and_evaluate(tiny_setup, tmp_path, capsys):
     (["train", "--task", "sst9"], "unknown GLUE task"),
     (["train", "--data-dir", "/nonexistent/glue"], "does not exist"),
     (["evaluate", "/nonexistent/run"], "deftune run directory"),
+    (["train", "--task", "squad", "--act-threshold-ramp", "5", "--max-length", "96"],
+     "--task squad does not use --max-length, --act-threshold-ramp (GLUE options); run `deftune qa-train`"),
 ])
 def test_cli_bad_input_is_one_clear_line(argv, needle, capsys):
     from deftune.cli import main
@@ -185,7 +187,8 @@ def test_ramped_thresholds_set_each_step_and_restore_on_error():
     with pytest.raises(RuntimeError, match="boom"), ramped_thresholds(model, lambda s: (s + 1) / 4, 4) as set_step:
         assert set_step(0) == 0.25
         assert [h.threshold for h in holders] == pytest.approx([0.05, 0.1])
-        assert set_step(9) == 1.0 and [h.threshold for h in holders] == pytest.approx([0.05, 0.1])  # past the ramp: left alone
+        assert set_step(9) == 1.0 and [h.threshold for h in holders] == pytest.approx([0.2, 0.4])  # past the ramp: in full
+        assert set_step(1) == 0.5 and [h.threshold for h in holders] == pytest.approx([0.1, 0.2])
         raise RuntimeError("boom")
     assert [h.threshold for h in holders] == [0.2, 0.4]  # restored
 
@@ -202,6 +205,11 @@ def test_ramped_thresholds_set_each_step_and_restore_on_error():
 def test_threshold_options_are_validated(kw, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("ramp", [0, 2, 10])
+def test_threshold_ramps_up_to_the_step_count_are_accepted(ramp):
+    assert TrainConfig(act_threshold_density=0.5, act_threshold_ramp=ramp, steps=10).act_threshold_ramp == ramp
 
 
 def test_density_only_scales_make_the_dense_run_plain_peft(tiny_setup, tmp_path):
@@ -241,3 +249,28 @@ def test_density_only_scales_step_by_sgd_at_scale_lr(tiny_setup, tmp_path):
     with pytest.raises(ValueError, match="needs the density loss on the activation output"):
         _config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="product")
     assert _scale_sgd(build_model(_config(tiny_setup, tmp_path, method_options={"act_scale": "layer"}))[0], cfg) is None
+    with pytest.raises(ValueError, match="site must be one of"):  # a bad site is named as such first
+        _config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="nowhere")
+
+
+def test_density_only_scales_refuse_fp16_before_any_work(tiny_setup, tmp_path, monkeypatch):
+    import accelerate
+
+    class Fp16(accelerate.Accelerator):
+        mixed_precision = "fp16"  # what `accelerate launch --mixed_precision fp16` gives on a GPU
+
+    monkeypatch.setattr(accelerate, "Accelerator", Fp16)
+    monkeypatch.setattr("deftune.train.loop.build_model", lambda *a: pytest.fail("built a model before refusing"))
+    cfg = _config(tiny_setup, tmp_path, method_options={"act_scale": "layer", "act_scale_grad": "density"}, scale_lr=1.0)
+    with pytest.raises(ValueError, match="does not support fp16 mixed precision"):
+        train_glue(cfg, progress=False)
+
+
+def test_train_squad_takes_the_shared_options_without_complaint():
+    from deftune.cli import build_parser
+    from deftune.cli.train import _unused_by_squad
+
+    parse = build_parser().parse_args
+    assert _unused_by_squad(parse(["train", "--task", "squad"])) == []
+    assert _unused_by_squad(parse(["train", "--task", "squad", "--lr", "1e-3", "--seed", "3", "--alpha", "0"])) == []
+    assert _unused_by_squad(parse(["train", "--task", "squad", "--head-lr", "0.01"])) == ["--head-lr"]

@@ -48,7 +48,8 @@ def _ints(value: str) -> tuple[int, ...]:
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (),
                             defaults: dict[str, Any] | None = None) -> None:
-    """Add ``--field-name`` for each field of ``cls`` (skipping ``exclude``)."""
+    """Add ``--field-name`` for each field of ``cls`` (skipping ``exclude``); a field whose metadata
+    has ``choices`` gets them as argparse choices."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     defaults = defaults or {}
@@ -58,6 +59,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
         hint = hints[f.name]
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
         kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "") or f.name}
+        if "choices" in f.metadata:  # field(metadata={"choices": (...)}): argparse lists and checks them
+            kwargs["choices"] = tuple(f.metadata["choices"])
         origin = typing.get_origin(hint)
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         base = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and args else hint

@@ -13,6 +13,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from deftune.cli._args import add_dataclass_arguments, dataclass_from_args
@@ -31,9 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainConfig, defaults={"output_dir": None})
 
 
+def _unused_by_squad(args: argparse.Namespace) -> list[str]:
+    """The flags set to other than their defaults that ``--task squad`` would not use."""
+    used = {*_SHARED_WITH_GENERATIVE, "task", "model", "schedule", "warmup_steps", "output_dir"}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainConfig)}
+    return [f"--{name.replace('_', '-')}" for name, default in defaults.items()
+            if name not in used and getattr(args, name) != default]
+
+
 def _train_squad(args: argparse.Namespace) -> int:
     from deftune.generative import GenConfig, train_generative
 
+    if unused := _unused_by_squad(args):
+        raise ValueError(f"--task squad does not use {', '.join(unused)} (GLUE options); run `deftune qa-train`, "
+                         "whose --help lists the generative options (e.g. --act-threshold-density, "
+                         "--act-threshold-warmup-steps)")
     model = "smollm2" if args.model == "minilm" else args.model
     values = {k: getattr(args, k) for k in _SHARED_WITH_GENERATIVE}
     config = GenConfig(model=model, alpha_schedule=args.schedule, alpha_warmup_steps=args.warmup_steps, **values)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deftune.act_scale import ACT_SCALES, SCALE_GRADS
 from deftune.generative.config import GenConfig
 from deftune.runs import RESULTS_FILE, file_lock, read_json, write_json_atomic
 from deftune.train.config import TrainConfig
@@ -52,7 +53,9 @@ class CompareConfig:
         schedule: alpha schedule of the DEFT runs.
         warmup_steps: alpha warm-up steps.
         data_dir: GLUE folder.
-        runs_dir: where run directories go.
+        runs_dir: where run directories (and the workers' claim locks) go; None:
+            ``runs/compare/<results file stem>``, so grids with results files of their own never
+            share run folders or locks.
         results_json: the results file (one row per run; resumable).
         report_md: the markdown report written from the results file.
         seeds: random seeds; every (task, method, α) runs once per seed and the report averages
@@ -65,13 +68,16 @@ class CompareConfig:
             ``act_scale``. ``none`` compares DEFT with plain PEFT, the baseline a ``peft`` user
             has: on the MiniLM GLUE grid the PEFT runs with learned scales score 1.22 points below
             plain PEFT (docs/results_plain_peft.md), so the default comparison flatters DEFT.
-        scale_lr: learning rate of those scales.
-        threshold_ramp: the threshold runs ramp their thresholds in over this many steps
-            (``TrainConfig.act_threshold_ramp``; 0: in full from the first step).
+        scale_lr: learning rate of the learned activation scales (an Adam rate; an SGD rate
+            under ``scale_grad="density"``); recorded in the rows of runs that carry scales.
+        threshold_ramp: 0 (the threshold runs use their thresholds in full from the first step),
+            or N in 2..``steps``: they ramp them in linearly, step ``s`` at ``min(1, (s + 1) / N)``
+            of the calibrated value, and evaluate with them in full (``TrainConfig.act_threshold_ramp``).
+            Needs ``threshold_densities``.
         scale_grad: which losses move the scales of the runs that carry them: ``all`` (task and
             density loss) or ``density`` (the density loss only, stepped by SGD at ``scale_lr``;
             ``MethodConfig.act_scale_grad``). ``scale_lr``'s default 0.1 is an Adam rate: as an SGD
-            rate it barely moves the scales (the tenth-session grid used 2–4).
+            rate it barely moves the scales (SGD rates of 2–4 worked on the MiniLM GLUE grid).
         head_lr: learning rate of the task head (None: the method's learning rate). A head that
             starts at zero needs more than 1e-3 to reach STS-B's 0–5 label range in 250 steps.
         method_options: per-method overrides of :class:`deftune.methods.MethodConfig`
@@ -111,15 +117,15 @@ class CompareConfig:
     schedule: str = "linear"
     warmup_steps: int = 100
     data_dir: str | None = None
-    runs_dir: str = "runs/compare"
+    runs_dir: str | None = None
     results_json: str = "docs/results/glue.json"
     report_md: str = "docs/results.md"
     seeds: tuple[int, ...] = (0,)
     model: str = "minilm"
-    act_scale: str = "layer"
-    peft_act_scale: str | None = None
+    act_scale: str = field(default="layer", metadata={"choices": ACT_SCALES})
+    peft_act_scale: str | None = field(default=None, metadata={"choices": ACT_SCALES})
     scale_lr: float = 0.1
-    scale_grad: str = "all"
+    scale_grad: str = field(default="all", metadata={"choices": SCALE_GRADS})
     head_lr: float | None = 5e-3
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     method_lr: dict[str, float] = field(default_factory=dict)
@@ -136,7 +142,6 @@ class CompareConfig:
         from deftune.data.glue import get_task
         from deftune.generative.peft_methods import PEFT_METHODS
         from deftune.methods import METHODS, MethodConfig
-        from deftune.methods.config import ACT_SCALE_GRADS, ACT_SCALES
         from deftune.sparse.calibrate import check_threshold_ramp
 
         for t in self.tasks:
@@ -146,8 +151,8 @@ class CompareConfig:
             value = getattr(self, name)
             if value not in ACT_SCALES and not (name == "peft_act_scale" and value is None):
                 raise ValueError(f"{name} must be one of {list(ACT_SCALES)}, got {value!r}")
-        if self.scale_grad not in ACT_SCALE_GRADS:
-            raise ValueError(f"scale_grad must be one of {list(ACT_SCALE_GRADS)}, got {self.scale_grad!r}")
+        if self.scale_grad not in SCALE_GRADS:
+            raise ValueError(f"scale_grad must be one of {list(SCALE_GRADS)}, got {self.scale_grad!r}")
         if self.scale_grad != "all" and self.act_scale == "none":
             raise ValueError(f"scale_grad={self.scale_grad!r} needs learned scales (act_scale 'layer' or 'neuron'); "
                              "this grid has act_scale='none'")
@@ -210,7 +215,7 @@ class CompareConfig:
         return GenConfig.from_dict({
             **self.generative_options, "model": self.generative_model, "method": method, "alpha": alpha,
             "seed": seed, "steps": self.steps, "data_dir": self.generative_options.get("data_dir", self.squad_dir),
-            "output_dir": str(Path(self.runs_dir) / name),
+            "output_dir": str(self.run_root / name),
         })
 
     def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:
@@ -226,8 +231,13 @@ class CompareConfig:
         )
         # the run's own name (task-method-α[-t<density>]), made unique within the grid
         name = config.run_name + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else "")
-        config.name, config.output_dir = name, str(Path(self.runs_dir) / name)
+        config.name, config.output_dir = name, str(self.run_root / name)
         return config
+
+    @property
+    def run_root(self) -> Path:
+        """The folder of this grid's run directories: ``runs_dir``, else one per results file."""
+        return Path(self.runs_dir) if self.runs_dir else Path("runs/compare") / Path(self.results_json).stem
 
     def scales_of(self, alpha: float, density: float | None) -> str:
         """The ``act_scale`` of a GLUE run: ``peft_act_scale`` for the dense PEFT runs (α = 0, no
@@ -290,22 +300,29 @@ def _method_defaults(method: str) -> dict[str, Any]:
 
 
 def recipe(row: dict[str, Any]) -> dict[str, Any]:
-    """The training recipe a GLUE row was run with beyond its key: learning rate, ``act_scale``,
-    the method options that differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON
-    values: tuples as lists) and, for a threshold run that ramped its thresholds in, the ramp. Rows
-    written before the learning rate and options were recorded ran at ``METHOD_LR`` with the
-    default options. Other ``CompareConfig`` fields (head / scale learning
-    rates, batch size, ...) are not in rows: a grid that changes them needs a results file of its own."""
+    """The training recipe a GLUE row was run with beyond its key: learning rate, head learning
+    rate, ``act_scale`` (and ``scale_lr`` when the run carries scales), the method options that
+    differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON values: tuples as lists)
+    and, for a threshold run that ramped its thresholds in, the ramp. Rows written before a field
+    was recorded ran at its default (``METHOD_LR``, ``CompareConfig``'s head and scale learning
+    rates, the default options). Other ``CompareConfig`` fields (batch size, subsets, ...) are not
+    in rows: a grid that changes them needs a results file of its own."""
     defaults = _method_defaults(row["method"])
     options = json.loads(json.dumps(row.get("method_options", {})))
+    act_scale = row.get("act_scale", "none")
+    head_lr = row.get("head_lr", CompareConfig.head_lr)
     return {"lr": float(row.get("lr", METHOD_LR.get(row["method"], 1e-3))),
-            "act_scale": row.get("act_scale", "none"),
+            "head_lr": None if head_lr is None else float(head_lr),
+            "act_scale": act_scale,
+            **({"scale_lr": float(row.get("scale_lr", CompareConfig.scale_lr))} if act_scale != "none" else {}),
             "method_options": {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v},
             **({"act_threshold_ramp": int(ramp)} if (ramp := row.get("act_threshold_ramp")) else {})}
 
 
 def _config_recipe(config: TrainConfig) -> dict[str, Any]:
-    return recipe({"method": config.method, "lr": config.lr, "act_scale": config.method_options.get("act_scale", "none"),
+    return recipe({"method": config.method, "lr": config.lr, "head_lr": config.head_lr,
+                   "act_scale": config.method_options.get("act_scale", "none"),
+                   "scale_lr": config.scale_lr if config.scale_lr is not None else config.lr,
                    "method_options": config.method_options, "act_threshold_ramp": config.act_threshold_ramp})
 
 
@@ -313,10 +330,12 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
     from deftune.train import train_glue
 
     d = train_glue(config, progress=progress).to_dict()
+    own = _config_recipe(config)
     return {
         "task": config.task, "method": config.method, "alpha": config.alpha, "steps": config.steps,
-        "seed": config.seed, "act_scale": config.method_options.get("act_scale", "none"),
-        "lr": config.lr, **({"method_options": o} if (o := _config_recipe(config)["method_options"]) else {}),
+        "seed": config.seed, "act_scale": own["act_scale"], "lr": config.lr, "head_lr": own["head_lr"],
+        **({"scale_lr": own["scale_lr"]} if "scale_lr" in own else {}),
+        **({"method_options": own["method_options"]} if own["method_options"] else {}),
         **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
         **({"act_threshold_density": config.act_threshold_density} if config.act_threshold_density is not None else {}),
         **({"act_threshold_ramp": config.act_threshold_ramp} if config.act_threshold_ramp else {}),

@@ -165,7 +165,9 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         + (f"; the threshold runs ramp their thresholds in over the first {config.threshold_ramp} steps"
            if config.threshold_ramp else "") + ".",
     ]
-    scaled = sorted({r.get("act_scale", "none") for r in rows if r["task"] != SQUAD and variant(r) == 0.0} - {"none"})
+    # dense runs whose scales only the density loss moves are plain PEFT exactly: not a weaker baseline
+    scaled = sorted({r.get("act_scale", "none") for r in rows if r["task"] != SQUAD and variant(r) == 0.0
+                     and r.get("method_options", {}).get("act_scale_grad") != "density"} - {"none"})
     if scaled:
         glue_lines.append(
             f"Baseline: the dense PEFT runs here carry learned activation scales (`act_scale={', '.join(scaled)}`); "
@@ -229,8 +231,12 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     if md.is_file():  # a hand-written summary under the title and notes below the marker survive a rewrite
         old = md.read_text(encoding="utf-8")
         start, end = SUMMARY_MARKERS
-        if start in old and end in old.split(start, 1)[1]:
-            lines[2:2] = [start + old.split(start, 1)[1].split(end, 1)[0] + end, ""]
+        head = old.split(NOTES_MARKER, 1)[0]
+        if start in head:
+            if end not in head.split(start, 1)[1]:
+                raise ValueError(f"{md}: the summary block opened by {start} is not closed by {end} before the "
+                                 "notes; close it, or this rewrite would drop it (the file is unchanged)")
+            lines[2:2] = [start + head.split(start, 1)[1].split(end, 1)[0] + end, ""]
         if NOTES_MARKER in old:
             lines += [NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]]
     md.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from deftune.act_scale import ACT_SCALES
 from deftune.act_scale import SCALE_GRADS as ACT_SCALE_GRADS  # which losses move the scales
 
 TASK_TYPES: tuple[str, ...] = (
@@ -30,7 +31,6 @@ ADAPTER_KINDS: tuple[str, ...] = ("pfeiffer", "houlsby")
 LORA_BIAS: tuple[str, ...] = ("none", "lora_only", "all")
 ADAPTER_ACTIVATIONS: tuple[str, ...] = ("relu", "gelu", "identity")
 ADAPTER_PLACEMENTS: tuple[str, ...] = ("sequential", "parallel")
-ACT_SCALES: tuple[str, ...] = ("none", "layer", "neuron")
 PROMPT_INITS: tuple[str, ...] = ("random", "vocab")
 
 _LORA = ("lora", "dora")

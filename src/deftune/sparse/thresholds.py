@@ -270,7 +270,8 @@ def ramped_thresholds(model: nn.Module, factor: Callable[[int], float], steps: i
 
     Yields ``set_step(step) -> f``: for ``step <= steps`` it sets every threshold
     (:func:`threshold_holders`) to ``f · t_l`` with ``f = factor(step)`` (``factor`` should reach 1 by
-    ``steps``); later steps leave them alone. On exit every threshold is its installed ``t_l`` again,
+    ``steps``); later steps set the installed ``t_l`` (``f = 1``), so the factor returned is always
+    the one in force. On exit every threshold is its installed ``t_l`` again,
     also when training raises, so what is evaluated and saved is the calibrated model. ``steps = 0``
     changes nothing. Used by both training loops (GLUE: linear, ``TrainConfig.act_threshold_ramp``;
     generative: sine, ``GenConfig.act_threshold_warmup_steps``).
@@ -279,9 +280,9 @@ def ramped_thresholds(model: nn.Module, factor: Callable[[int], float], steps: i
     final = [h.threshold for h in holders]
 
     def set_step(step: int) -> float:
-        if steps <= 0 or step > steps:
-            return 1.0  # at the installed thresholds: nothing to write
-        f = factor(step)
+        if steps <= 0:
+            return 1.0  # no ramp: the installed thresholds, untouched
+        f = factor(step) if step <= steps else 1.0
         for h, t in zip(holders, final):
             h.threshold = t * f
         return f

@@ -19,7 +19,9 @@ class TrainConfig:
         task: GLUE task name (sst2, cola, mrpc, rte, stsb, qnli, mnli, qqp).
         model: model name (``minilm``, ``minilm-relu``, a local folder or Hub id).
         method: PEFT method name from :data:`deftune.methods.METHODS` (or ``full``).
-        method_options: overrides passed to :class:`deftune.methods.MethodConfig`.
+        method_options: overrides passed to :class:`deftune.methods.MethodConfig`, e.g.
+            ``act_scale=layer`` (learned activation scales) or ``act_scale=layer,act_scale_grad=density``
+            (scales that only the density loss moves).
         alpha: density-loss weight α (0 = plain PEFT, the same code path).
         loss, eps, beta, schedule, warmup_steps, site, count_padding, stack_weights: the density
             loss (see :class:`deftune.losses.DensityLossConfig`).
@@ -32,7 +34,8 @@ class TrainConfig:
             every pre-activation of a neuron, which is what moves GELU inputs to its exact-zero
             region (x < -5.5 in fp32); see docs/recipe.md.
         scale_lr: learning rate of the learned activation scales of
-            ``method_options={"act_scale": "layer"}`` (None: same as ``lr``).
+            ``method_options={"act_scale": "layer"}`` (None: same as ``lr``); with
+            ``act_scale_grad=density`` it is required, and is the rate of the scales' own SGD step.
         lr_schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (after warm-up).
         lr_warmup_steps: learning-rate warm-up steps.
         weight_decay: AdamW weight decay.
@@ -57,10 +60,10 @@ class TrainConfig:
             (:data:`deftune.sparse.calibrate.THRESHOLD_MODES`: ``layer``, ``global``, ``energy``).
         act_threshold_batches: training batches used for that calibration (a seeded draw of their
             own, so the training data order is the same with and without thresholds).
-        act_threshold_ramp: 0 (the thresholds act in full from the first step), or ramp them in
-            over this many steps: step ``s`` uses ``min(1, (s + 1) / ramp) · t_l``, as the density
-            loss's α warm-up lets the task start learning first. Evaluation and the saved run use
-            the full ``t_l``.
+        act_threshold_ramp: 0 (the thresholds act in full from the first step), or N in
+            2..``steps``: ramp them in linearly, step ``s`` using ``min(1, (s + 1) / N) · t_l``, so
+            the method starts learning on a nearly dense model (as the density loss's α warm-up
+            lets it). Needs ``act_threshold_density``. Evaluation and the saved run use the full ``t_l``.
         seed: random seed (model head init, data order).
         log_every: log (and measure training density) every this many steps.
         name: run name used in results tables (default: ``{task}-{method}-a{alpha}``).
@@ -131,6 +134,7 @@ class TrainConfig:
 
         check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
         check_threshold_ramp(self.act_threshold_ramp, self.steps)
+        self.density_config()  # validates alpha, eps, loss name, schedule, site (before the checks that read them)
         if self.method_options.get("act_scale_grad") == "density":
             if self.scale_lr is None:
                 raise ValueError("act_scale_grad='density' steps the scales by SGD at scale_lr, which is unset: pass "
@@ -142,7 +146,6 @@ class TrainConfig:
         if self.act_threshold_ramp and self.act_threshold_density is None:
             raise ValueError("act_threshold_ramp ramps in the thresholds of act_threshold_density, which is unset: "
                              "set act_threshold_density, or leave act_threshold_ramp at 0")
-        self.density_config()  # validates alpha, eps, loss name, schedule, site
 
     @property
     def eval_split(self) -> str:

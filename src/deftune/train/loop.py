@@ -149,6 +149,9 @@ def train_glue(
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if config.method_options.get("act_scale_grad") == "density" and accelerator.mixed_precision == "fp16":
+        raise ValueError("act_scale_grad='density' (a second optimizer for the scales) does not support fp16 mixed "
+                         "precision: each optimizer would step the shared grad scaler; launch with bf16 or fp32")
     rank, world = accelerator.process_index, accelerator.num_processes
     task = get_task(config.task)
     train = subsample(load_split(task, "train", config.data_dir, holdout=config.holdout), config.train_subset,
@@ -174,10 +177,7 @@ def train_glue(
     extra_params = [p for ext in extensions for p in ext.trainable_parameters()]
     optimizer = torch.optim.AdamW(_param_groups(model, config, extra_params), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
-    optimizers = [optimizer] + [o for o in (_scale_sgd(model, config),) if o is not None]
-    if len(optimizers) > 1 and accelerator.mixed_precision == "fp16":
-        raise ValueError("act_scale_grad='density' (a second optimizer for the scales) does not support fp16 mixed "
-                         "precision: each optimizer would step the shared grad scaler; launch with bf16 or fp32")
+    optimizers = [optimizer] + [o for o in (_scale_sgd(model, config),) if o is not None]  # fp16 refused above
     model, *optimizers = accelerator.prepare(model, *optimizers)
 
     from deftune.methods import virtual_token_count
