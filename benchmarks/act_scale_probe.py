@@ -51,8 +51,7 @@ def main() -> None:
 
     if args.run_dir:
         from deftune.data.glue import get_task, load_glue, make_batches
-        from deftune.runs import load_run
-        from deftune.train import evaluate_batches
+        from deftune.train import evaluate_batches, load_run
 
         model, tok, cfg = load_run(args.run_dir)
         task = get_task(cfg.task)

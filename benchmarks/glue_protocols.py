@@ -4,7 +4,7 @@ The target (averaged over the task × method pairs: exact density ≥ 40 % below
 within 1 point) has been measured under several protocols — fixed α, α chosen on held-out data or
 on other seeds, a longer budget, the threshold route, the CPU. Their numbers live in different
 results files; this script pools each protocol's DEFT-vs-PEFT pairs with the same code as the
-``deftune compare`` report (:func:`deftune.compare.report.summarise`,
+``deftune compare`` report (:func:`deftune.compare.pairs.summarise`,
 :func:`deftune.compare.select_alpha.select_alphas`) so that the "At a glance" table of
 ``docs/results.md`` is a command's output, not arithmetic by hand.
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from deftune.compare import load_rows
 from deftune.compare.grid import recipe
-from deftune.compare.report import summarise, variant
+from deftune.compare.pairs import summarise, variant
 from deftune.compare.select_alpha import missing_at_choice, select_alphas, selected_summary
 from deftune.runs import read_json, write_json_atomic
 
@@ -51,7 +51,7 @@ class Protocol:
         files: results files (relative to the repository root) whose rows are pooled, α = 0 included.
         seeds: the seeds reported.
         key: the variant compared with PEFT: a fixed α (float) or a threshold-route key (``"t0.55"``,
-            :func:`deftune.compare.report.variant`); ``None`` when ``select_from`` chooses α per task.
+            :func:`deftune.compare.pairs.variant`); ``None`` when ``select_from`` chooses α per task.
         select_from: a results file to choose α per task on (held-out grid or other seeds' dev results).
         tolerance: the selection rule's tolerance in points.
         method_files: ``(file, methods)`` pairs: the rows of these methods come from that file (a
@@ -210,7 +210,7 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
     return {
         **out, "status": "ok" if complete else "incomplete", "seeds": sorted(s["seeds"]), "pairs": o["pairs"],
         "peft_runs": peft, "density_reduction_pct": o["density_reduction_pct"], "metric_delta": o["metric_delta"],
-        "metric_delta_se": o["metric_delta_se"],  # over seeds (deftune.compare.report.summarise)
+        "metric_delta_se": o["metric_delta_se"],  # over seeds (deftune.compare.pairs.summarise)
         "hardware": sorted({_hardware(d) for d in data}),
         "meets_density": o["density_reduction_pct"] >= 40, "meets_metric": o["metric_delta"] >= -1,
         "cells": dict(sorted(cells.items(), key=lambda kv: kv[1])),

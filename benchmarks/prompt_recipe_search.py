@@ -26,7 +26,7 @@ from typing import Any
 
 from deftune.compare import load_rows
 from deftune.compare.grid import format_method_options, recipe
-from deftune.compare.report import variant
+from deftune.compare.pairs import variant
 from deftune.runs import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]

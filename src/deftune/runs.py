@@ -1,4 +1,4 @@
-"""Run directories: what a training run leaves behind, and how to load it back.
+"""Run directories: what a training run leaves behind (:func:`deftune.train.load_run` loads one back).
 
 A run directory holds
 
@@ -126,29 +126,3 @@ def load_result(run_dir: str | os.PathLike) -> RunResult:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a finished deftune run directory?")
     return RunResult.from_dict(read_json(path))
-
-
-def load_run(run_dir: str | os.PathLike):
-    """``(model, tokenizer, config)`` of a finished GLUE run, in eval mode on the CPU.
-
-    Rebuilds the base model named in ``deftune.json``, loads the trained adapter and task head, and
-    re-applies the run's activation thresholds when it trained through them (``act_threshold_density``).
-    """
-    from deftune.train.config import TrainConfig
-    from deftune.train.model import build_base_model
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a deftune run directory?")
-    config = TrainConfig.from_dict(read_json(cfg_path)["train"])
-    from deftune.methods import load_adapter
-
-    base, tokenizer = build_base_model(config)
-    model = load_adapter(base, run_dir)
-    if config.act_threshold_density is not None:  # the run trained (and was scored) through them
-        from deftune.sparse import Thresholds, apply_thresholds
-
-        apply_thresholds(model, Thresholds.load(run_dir / THRESHOLDS_FILE))
-    model.eval()
-    return model, tokenizer, config

@@ -103,7 +103,7 @@ def test_summarise_pairs_runs_of_the_same_seed_and_averages():
     assert set(s["seeds"]) == {0, 1} and abs(s["seeds"][0]["metric_delta"] + 1.0) < 1e-9
     assert abs(s["overall"]["metric_delta_seed_sd"] - 2**0.5 / 2) < 1e-9
     assert abs(s["overall"]["metric_delta_se"] - 0.5) < 1e-9  # sd / sqrt(2 seeds)
-    from deftune.compare.report import summary_lines
+    from deftune.compare.pairs import summary_lines
 
     overall = summary_lines("t", s)[-1]  # sd of the seed means 0.71, standard error 0.71 / sqrt(2) = 0.50
     assert "sd of the seed means 0.71 points; standard error of the mean over 2 seeds 0.50 points)" in overall

@@ -103,8 +103,7 @@ def test_holdout_grid_scores_held_out_training_examples_and_feeds_the_dev_report
     rows = run_compare(held, progress=False)
     assert {(r["eval_split"], r["holdout"]) for r in rows} == {("holdout", 10)}
     # the row's metric is the saved model's score on the 10 held-out examples, not on the dev set
-    from deftune.runs import load_run
-    from deftune.train import evaluate_glue
+    from deftune.train import evaluate_glue, load_run
 
     model, tokenizer, config = load_run(tmp_path / "runs" / "sst2-bitfit-a0-h10")
     on_held = evaluate_glue(model, tokenizer, config, split="holdout")

@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from deftune.runs import load_result, load_run
-from deftune.train import TrainConfig, evaluate_glue, train_glue
+from deftune.runs import load_result
+from deftune.train import TrainConfig, evaluate_glue, load_run, train_glue
 from deftune.train.model import build_model
 
 

@@ -2,7 +2,7 @@
 
     result = skip_run(SkipRunConfig(run_dir="runs/ada", skip=SkipConfig(policy="gate", tau=0.5)))
 
-Steps: load the run (:func:`deftune.runs.load_run`) and its ADA-DEFT gates (:func:`load_gates`);
+Steps: load the run (:func:`deftune.train.load_run`) and its ADA-DEFT gates (:func:`load_gates`);
 merge the adapter into the base weights; fold every gate into its block (the *unskipped* model:
 exactly the gated model that was trained); evaluate; choose blocks with the policy; remove them;
 evaluate again; save the skipped model (:func:`save_skipped`) and ``skip_result.json``.
@@ -131,7 +131,7 @@ def _metric(model: nn.Module, batches: list[dict], task) -> float:
 
 def prepare_run(run_dir: str | os.PathLike):
     """``(plain model with gates folded in, tokenizer, train config, gates or None)`` of a run."""
-    from deftune.runs import load_run
+    from deftune.train import load_run
 
     model, tokenizer, cfg = load_run(run_dir)
     gates = load_gates(run_dir)

@@ -179,7 +179,7 @@ def _setup(job: CalibrationJob, model_name: str) -> _Setup:
         if job.sweep and not is_run_dir(model_name):
             raise ValueError(f"--sweep on sst2 needs a run directory with a trained head, got {model_name!r}")
         if is_run_dir(model_name):
-            from deftune.runs import load_run
+            from deftune.train import load_run
 
             model, tokenizer, _ = load_run(model_name)
         else:

@@ -19,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deftune.runs import load_run
-    from deftune.train import evaluate_glue
+    from deftune.train import evaluate_glue, load_run
 
     model, tokenizer, config = load_run(args.run_dir)
     if args.data_dir is not None:

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     if args.run_dir:
-        from deftune.runs import load_run
+        from deftune.train import load_run
 
         model, tokenizer, _ = load_run(args.run_dir)
     else:

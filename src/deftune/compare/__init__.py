@@ -32,13 +32,8 @@ from deftune.compare.grid import (
     run_grid,
     run_key,
 )
-from deftune.compare.report import (
-    NOTES_MARKER,
-    SUMMARY_MARKERS,
-    summarise,
-    summary_lines,
-    write_compare_report,
-)
+from deftune.compare.pairs import summarise, summary_lines
+from deftune.compare.report import NOTES_MARKER, SUMMARY_MARKERS, write_compare_report
 from deftune.compare.sweep import AlphaSweepConfig, plot_alpha_sweep, run_alpha_sweep
 from deftune.train.config import TrainConfig
 

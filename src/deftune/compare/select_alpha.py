@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from deftune.compare.report import summarise, summary_lines, variant
+from deftune.compare.pairs import summarise, summary_lines, variant
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def missing_at_choice(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaCh
 
 
 def selected_summary(dev_rows: list[dict[str, Any]], choices: dict[str, AlphaChoice]) -> dict[str, Any] | None:
-    """:func:`deftune.compare.report.summarise` of the dev pairs at each task's chosen α (None: no pairs).
+    """:func:`deftune.compare.pairs.summarise` of the dev pairs at each task's chosen α (None: no pairs).
 
     Raises if a task of ``dev_rows`` has no α chosen; PEFT runs without a run at the chosen α are
     left out of the pairs (list them with :func:`missing_at_choice`)."""

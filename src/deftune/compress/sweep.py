@@ -61,7 +61,7 @@ def load_sweep_data(
     """The run's model and tokenized batches: dev (sorted by length: less padding, same metric),
     ``calib_size`` calibration sentences and ``train_examples`` training examples (0: none)."""
     from deftune.data.glue import get_task, load_glue, make_batches, subsample
-    from deftune.runs import load_run
+    from deftune.train import load_run
 
     model, tokenizer, cfg = load_run(run_dir)
     data_dir = data_dir if data_dir is not None else cfg.data_dir

@@ -4,6 +4,7 @@ integration (:class:`DeftTrainer`)."""
 from deftune.train.config import TrainConfig
 from deftune.train.evaluate import EvalResult, evaluate_batches, evaluate_glue, zero_small_activations
 from deftune.train.loop import TrainExtension, save_run, train_glue
+from deftune.train.model import load_run
 
 __all__ = [
     "EvalResult",
@@ -11,6 +12,7 @@ __all__ = [
     "TrainExtension",
     "evaluate_batches",
     "evaluate_glue",
+    "load_run",
     "save_run",
     "train_glue",
     "zero_small_activations",

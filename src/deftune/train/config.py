@@ -55,7 +55,7 @@ class TrainConfig:
             ``|a| <= t_l`` is exactly 0 during training and every evaluation — the method learns
             through the zeros (as CATS, Lee et al. 2024, fine-tunes through its thresholds). With
             ``alpha = 0`` this is the threshold route to sparsity; the thresholds are saved with the
-            run (``act_thresholds.json``) and re-applied by :func:`deftune.runs.load_run`.
+            run (``act_thresholds.json``) and re-applied by :func:`deftune.train.load_run`.
         act_threshold_mode: how the target is shared among layers
             (:data:`deftune.sparse.calibrate.THRESHOLD_MODES`: ``layer``, ``global``, ``energy``).
         act_threshold_batches: training batches used for that calibration (a seeded draw of their

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -56,3 +59,27 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def count_trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in trainable_parameters(model))
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, object, TrainConfig]:
+    """``(model, tokenizer, config)`` of a finished GLUE run, in eval mode on the CPU.
+
+    Rebuilds the base model named in ``deftune.json``, loads the trained adapter and task head, and
+    re-applies the run's activation thresholds when it trained through them (``act_threshold_density``).
+    """
+    from deftune.methods import load_adapter
+    from deftune.runs import CONFIG_FILE, THRESHOLDS_FILE, read_json
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a deftune run directory?")
+    config = TrainConfig.from_dict(read_json(cfg_path)["train"])
+    base, tokenizer = build_base_model(config)
+    model = load_adapter(base, run_dir)
+    if config.act_threshold_density is not None:  # the run trained (and was scored) through them
+        from deftune.sparse import Thresholds, apply_thresholds
+
+        apply_thresholds(model, Thresholds.load(run_dir / THRESHOLDS_FILE))
+    model.eval()
+    return model, tokenizer, config
