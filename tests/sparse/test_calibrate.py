@@ -291,7 +291,10 @@ def tiny_lm_folder(tmp_path):
 
     from deftune import models
 
-    tokenizer = models.load_tokenizer("minilm")
+    try:
+        tokenizer = models.load_tokenizer("minilm")
+    except models.ModelNotFoundError as err:  # CI installs the package; a bare GPU box may not have it
+        pytest.skip(str(err))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))

@@ -14,7 +14,8 @@ import pytest
 def test_two_process_gloo_run_reduces_density(tmp_path, tiny_setup):
     model_dir, data_dir = tiny_setup
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", DEFTUNE_NO_PROGRESS="1")
+    # CPU processes (gloo) even on a GPU machine: two ranks on one GPU would be an invalid NCCL setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEFTUNE_NO_PROGRESS="1", CUDA_VISIBLE_DEVICES="")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
         "-m", "deftune", "train", "--model", str(model_dir), "--data-dir", str(data_dir),
