@@ -320,9 +320,18 @@ def test_scale_grad_density_rides_on_the_scaled_runs_only(tiny_setup, tmp_path, 
                           scale_lr=2.0), progress=False)
     # the scales' learning rate is part of the recipe (the SGD step of this mode): rows record it
     assert {r["alpha"]: r.get("scale_lr") for r in rows} == {0.0: None, 1.0: 2.0}
+    other_lr = _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), peft_act_scale="none",
+                     scale_grad="density", scale_lr=3.0)
     with pytest.raises(ValueError, match=r"'scale_lr': 2.0.*'scale_lr': 3.0"):
-        run_compare(_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0, 1.0), peft_act_scale="none",
-                          scale_grad="density", scale_lr=3.0), progress=False)
+        run_compare(other_lr, progress=False)
+    # a report is rewritten only by a command that describes its runs
+    from deftune.compare import report_compare
+
+    before = (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match=r"'scale_lr': 2.0.*'scale_lr': 3.0"):
+        report_compare(other_lr)
+    assert (tmp_path / "results.md").read_text() == before
+    assert report_compare(cfg) == rows
     with pytest.raises(ValueError, match=r"scale_grad must be one of \['all', 'density'\], got 'task'"):
         _grid(tiny_setup, tmp_path, scale_grad="task")
     with pytest.raises(ValueError, match="needs learned scales"):

@@ -46,15 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method-options", type=_method_options, default={}, metavar="METHOD.OPTION=V,...",
                         help="per-method MethodConfig options, e.g. prompt.prompt_init=vocab,prefix.prefix_projection=true "
                              "(scalar values; list options such as target_modules: CompareConfig in Python)")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the results file (its runs must match this command's recipe)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from deftune.compare import load_rows, run_compare, write_compare_report
+    from deftune.compare import report_compare, run_compare
 
     config = dataclass_from_args(CompareConfig, args)
     if args.report_only:
-        write_compare_report(load_rows(config.results_json), config)
+        report_compare(config)
     else:
         run_compare(config)
     print(f"wrote {config.results_json} and {config.report_md}")

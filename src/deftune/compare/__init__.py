@@ -27,6 +27,7 @@ from deftune.compare.grid import (
     SQUAD,
     CompareConfig,
     RunConfig,
+    check_recipes,
     config_key,
     load_rows,
     run_grid,
@@ -45,8 +46,17 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[st
     return rows
 
 
+def report_compare(config: CompareConfig) -> list[dict[str, Any]]:
+    """Rewrite the report and plot from the results file alone (nothing trains), after checking
+    that its runs were trained with this config's recipe, which the report describes."""
+    check_recipes(config.runs(), config.results_json)
+    rows = load_rows(config.results_json)
+    write_compare_report(rows, config)
+    return rows
+
+
 __all__ = [
     "METHOD_LR", "NOTES_MARKER", "ROW_BUILDERS", "SQUAD", "SUMMARY_MARKERS", "AlphaSweepConfig", "CompareConfig", "RunConfig",
-    "TrainConfig", "config_key", "load_rows", "plot_alpha_sweep", "run_alpha_sweep", "run_compare", "run_grid",
-    "run_key", "summarise", "summary_lines", "write_compare_report",
+    "TrainConfig", "check_recipes", "config_key", "load_rows", "plot_alpha_sweep", "run_alpha_sweep", "run_compare", "run_grid",
+    "report_compare", "run_key", "summarise", "summary_lines", "write_compare_report",
 ]

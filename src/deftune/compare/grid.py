@@ -392,7 +392,9 @@ def _check_recipe(config: RunConfig, row: dict[str, Any], results_json: str) -> 
         )
 
 
-def _check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
+def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
+    """Raise ValueError when ``results_json`` holds a run under one of these configs' keys that was
+    trained with another recipe (:func:`recipe`); the message names both and the fix."""
     done = {run_key(r): r for r in load_rows(results_json)}
     for config in configs:
         if (row := done.get(config_key(config))) is not None:
@@ -412,7 +414,7 @@ def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool 
         ValueError: before anything trains, when the file holds a run under one of these keys that
             was trained with another learning rate or other method options (:func:`recipe`).
     """
-    _check_recipes(configs, results_json)
+    check_recipes(configs, results_json)
     for i, config in enumerate(configs):
         name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
         out = Path(config.output_dir) if config.output_dir else None
