@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from deftune.compress.patterns import (
@@ -34,12 +36,18 @@ def test_parse_and_round_trip(text, expected):
     assert parse_pattern(str(p)) == p  # canonical string parses back to the same value
 
 
-@pytest.mark.parametrize(
-    "bad", ["int9", "int1", "int4:g0", "int4:g1", "int4:foo", "nm:4:2", "nm:2", "block:4x:0.5",
-            "block:4x4:1.5", "unstructured:1.0", "channel:0.5:diag", "sparse:0.5", "int4:p100x"],
-)
-def test_bad_strings_raise_with_forms(bad):
-    with pytest.raises(PatternError):
+@pytest.mark.parametrize("bad, says", [
+    ("int9", "bits must be an integer in 2..8, got 9"), ("int1", "in 2..8, got 1"),
+    ("int4:g0", "group_size >= 2, got 0"), ("int4:g1", "group_size >= 2, got 1"),
+    ("int4:foo", "unknown token 'foo' in 'int4:foo'; form: int<bits>"), ("int4:p100x", "unknown token 'p100x'"),
+    ("nm:4:2", "0 < n < m, got n=4, m=2"), ("nm:2", "expected nm:<n>:<m>, e.g. nm:2:4"),
+    ("block:4x:0.5", "expected block:<rows>x<cols>:<sparsity>"), ("block:4x4:1.5", "in [0, 1), got 1.5"),
+    ("unstructured:1.0", "in [0, 1), got 1.0"), ("channel:0.5:diag", "expected channel:<sparsity>[:rows|cols]"),
+    ("sparse:0.5", "unknown sparsity pattern 'sparse' in 'sparse:0.5'; choose one of ['block', 'channel'"),
+])
+def test_bad_strings_raise_with_forms(bad, says):
+    """Each bad string is refused with the offending value and the accepted form."""
+    with pytest.raises(PatternError, match=re.escape(says)):
         parse_pattern(bad)
 
 

@@ -68,8 +68,11 @@ def test_unknown_task_and_split():
 
 def test_subsample_is_fixed():
     items = list(range(100))
-    assert subsample(items, 10, seed=3) == subsample(items, 10, seed=3)
-    assert subsample(items, None) == items
+    draw = subsample(items, 10, seed=3)
+    assert draw == subsample(items, 10, seed=3)  # the same seed: the same subset
+    assert len(set(draw)) == 10 and set(draw) <= set(items) and draw != items[:10]  # a random draw, not a prefix
+    assert draw != subsample(items, 10, seed=4)  # the seed matters
+    assert subsample(items, None) == items and subsample(items, 200) == items
 
 
 def test_metrics_hand_values():

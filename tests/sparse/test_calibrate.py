@@ -284,6 +284,19 @@ def test_job_rejects_bad_values(kwargs, match):
         CalibrationJob(**{"models": ("m",), **kwargs})
 
 
+def _write_tiny_squad(path) -> None:
+    """Four articles of three 30-word paragraphs (no questions): enough for calibration splits."""
+    words = "the river flows past old stone towers where people gather in the evening".split()
+    rng = torch.Generator().manual_seed(0)
+
+    def paragraph():
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (30,), generator=rng))
+
+    data = {"data": [{"title": f"a{i}", "paragraphs": [{"context": paragraph(), "qas": []} for _ in range(3)]}
+                     for i in range(4)]}
+    path.write_text(json.dumps(data))
+
+
 @pytest.fixture
 def tiny_lm_folder(tmp_path):
     """A tiny LLaMA saved with the packaged MiniLM tokenizer (no downloads), and a tiny SQuAD file."""
@@ -300,15 +313,7 @@ def tiny_lm_folder(tmp_path):
                                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
     model.save_pretrained(tmp_path / "lm")
     tokenizer.save_pretrained(tmp_path / "lm")
-    words = "the river flows past old stone towers where people gather in the evening".split()
-    rng = torch.Generator().manual_seed(0)
-
-    def paragraph():
-        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (30,), generator=rng))
-
-    data = {"data": [{"title": f"a{i}", "paragraphs": [{"context": paragraph(), "qas": []} for _ in range(3)]}
-                     for i in range(4)]}
-    (tmp_path / "squad.json").write_text(json.dumps(data))
+    _write_tiny_squad(tmp_path / "squad.json")
     return tmp_path
 
 
@@ -334,13 +339,14 @@ def test_cli_lm_sweep_writes_results_plot_and_thresholds(tiny_lm_folder, site):
     assert (tmp / "plot.png").stat().st_size > 1000
 
 
-def test_squad_split_is_by_article(tiny_lm_folder):
+def test_squad_split_is_by_article(tmp_path):
     from deftune.cli.calibrate import squad_paragraphs
 
-    data = json.loads((tiny_lm_folder / "squad.json").read_text())["data"]
+    _write_tiny_squad(tmp_path / "squad.json")
+    data = json.loads((tmp_path / "squad.json").read_text())["data"]
     first = {p["context"] for a in data[:2] for p in a["paragraphs"]}
-    calib = squad_paragraphs(tiny_lm_folder / "squad.json", "calib", 100)
-    held_out = squad_paragraphs(tiny_lm_folder / "squad.json", "eval", 100)
+    calib = squad_paragraphs(tmp_path / "squad.json", "calib", 100)
+    held_out = squad_paragraphs(tmp_path / "squad.json", "eval", 100)
     assert set(calib) == first and not set(held_out) & first
 
 

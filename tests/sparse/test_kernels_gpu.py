@@ -123,6 +123,35 @@ def _run(
     )
 
 
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("rows", [1, 3, 16])
+@pytest.mark.parametrize("scheme", ["union", "per_row"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_every_kept_neuron_is_written_and_every_dropped_one_is_not(rows, scheme, gated):
+    """With an identity down projection, output feature i is neuron i's own contribution, so a
+    dropped (or wrongly kept) neuron shows in one element — which a whole-output norm would miss."""
+    seed = torch.seed()
+    n, dtype, act = 1536, torch.bfloat16, ("silu" if gated else "relu")
+    x, wg, wu, _, _, _, _, g = _case(rows, n, n, dtype, gated, False, 0.25, "triton")
+    eye = torch.eye(n, device="cuda", dtype=dtype)  # w_down_t: neuron i writes feature i only
+    a = ACTIVATIONS[act](g)
+    t = _gap_threshold(a, 0.25)
+    kept = a.abs() > t
+    cfg = SparseMLPConfig(backend="triton", scheme=scheme)
+    out = torch.full((rows, n), float("nan"), device="cuda", dtype=dtype)
+    if gated:
+        y = sparse_gated_mlp(x, GatedMLPWeights(wg, wu, eye), t, act, cfg, out=out)
+        ref = torch.where(kept, a, 0.0) * (x.double() @ wu.double().T)
+    else:
+        y = sparse_mlp(x, MLPWeights(wg, eye), t, act, cfg, out=out)
+        ref = torch.where(kept, a, 0.0)
+    what = f"rows={rows} {scheme} gated={gated}, seed {seed}"
+    assert torch.isfinite(y).all(), f"unwritten output ({what})"
+    assert torch.equal(y != 0, kept), f"{int(((y != 0) != kept).sum())} neurons kept/dropped wrongly ({what})"
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=2e-3, msg=lambda m: f"{m} ({what})")
+
+
 SHAPES = [(1023, 1), (64, 1023), (1023, 4001), (576, 1536), (4096, 11008)]
 ROWS = [1, 2, 3, 8, 16]
 
