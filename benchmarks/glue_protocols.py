@@ -144,6 +144,9 @@ PROTOCOLS = (
              (2, 3, 4), "t0.45"),
     Protocol("thr-noscale-ramp200-d0.45-five", "0 + thresholds 0.45 ramped in over 200 steps, no learned scales",
              "the same, seeds 0–4", (R + "glue_thresholds_ramp200_densities.json",), S04, "t0.45"),
+    Protocol("thr-noscale-ramp600-750", "0 + thresholds 0.55 ramped in over 600 of 750 steps, no learned scales",
+             "exploratory (eleventh session, plan fixed first): 3× budget; its baseline is plain PEFT at 750 steps",
+             (R + "glue_ramp_long.json",), (0, 1), "t0.55"),
     Protocol("vocab-a0.1", "α = 0.1", "prompt tuning's start tuned on held-out data (`vocab`), plan fixed first",
              (R + "glue.json",), S04, 0.1, method_files=((R + "glue_prompt_vocab.json", ("prompt",)),)),
     Protocol("vocab-thr", "0 + thresholds 0.55", "the same tuned prompt tuning, threshold route; its prompt-tuning baseline learns little (see the next column)",
@@ -235,17 +238,22 @@ def _score(p: Protocol, rows: list[dict[str, Any]], root: Path
 def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Path) -> dict[str, Any] | None:
     """The protocol against dense PEFT *without* learned activation scales (``PLAIN``): each dense
     PEFT run is replaced by the plain run of the same task, method, seed, steps, eval split and
-    recipe (learning rate, method options; all but the scales). A per-task protocol keeps the α
-    chosen on ``select_from``. None where that baseline does not exist for every pair: a file
+    recipe (learning rate, method options; all but the scales); a protocol whose dense runs carry no
+    scales is its own plain baseline. A per-task protocol keeps the α chosen on ``select_from``.
+    None where that baseline does not exist for every pair: a file
     recorded on another GPU (or the CPU; the files' hardware records), other steps, seeds or
     recipes, or a protocol whose methods carry a recipe of their own (``method_files``)."""
     if p.method_files:
         return None
-    plain = _plain_runs(data, root)
     dense = [r for r in rows if variant(r) == 0.0]
-    if plain is None or not dense or any(_twin_key(r) not in plain for r in dense):
-        return None
-    s, _, _ = _score(p, [r for r in rows if variant(r) != 0.0] + [plain[_twin_key(r)] for r in dense], root)
+    if dense and all(recipe(r)["act_scale"] == "none" for r in dense):
+        twins = dense  # the protocol's own dense runs are plain PEFT already (e.g. a budget no PLAIN run has)
+    else:
+        plain = _plain_runs(data, root)
+        if plain is None or not dense or any(_twin_key(r) not in plain for r in dense):
+            return None
+        twins = [plain[_twin_key(r)] for r in dense]
+    s, _, _ = _score(p, [r for r in rows if variant(r) != 0.0] + twins, root)
     if s is None:
         return None
     o = s["overall"]

@@ -129,10 +129,18 @@ def test_vs_plain_peft_swaps_only_the_dense_baseline(gp, tmp_path):
     assert v["pairs"] == 2 and v["metric_delta"] == pytest.approx(-3.0)
     assert v["density_reduction_pct"] == pytest.approx(52.5) and gp._plain(r) == "−52.5 % / -3.00"
     # no plain twin for a pair (seed 1), another machine, or a method with a recipe of its own: no column
-    more = _write(tmp_path, "more.json", [_row("sst2", 0.0, 1, 80.0, 1.0), _row("sst2", 0.1, 1, 79.0, 0.5)])
+    scaled = {"act_scale": "layer"}
+    more = _write(tmp_path, "more.json", [_row("sst2", 0.0, 1, 80.0, 1.0, **scaled), _row("sst2", 0.1, 1, 79.0, 0.5, **scaled)])
     assert gp.evaluate(gp.Protocol("s", "α = 0.1", "?", (more,), (1,), 0.1), root=tmp_path)["vs_plain_peft"] is None
-    cpu = _write(tmp_path, "cpu.json", [_row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 79.0, 0.5)], gpu=None)
+    cpu = _write(tmp_path, "cpu.json", [_row("sst2", 0.0, 0, 80.0, 1.0, **scaled), _row("sst2", 0.1, 0, 79.0, 0.5, **scaled)],
+                 gpu=None)
     assert gp.evaluate(gp.Protocol("c", "α = 0.1", "?", (cpu,), (0,), 0.1), root=tmp_path)["vs_plain_peft"] is None
+    # dense runs without scales are plain PEFT already: the protocol is its own baseline (any machine, any steps)
+    plain_cpu = _write(tmp_path, "plain_cpu.json", [_row("sst2", 0.0, 0, 80.0, 1.0, steps=9),
+                                                    _row("sst2", 0.1, 0, 79.0, 0.5, steps=9)], gpu=None)
+    own_plain = gp.evaluate(gp.Protocol("p", "α = 0.1", "?", (plain_cpu,), (0,), 0.1), root=tmp_path)
+    assert own_plain["vs_plain_peft"] == {"pairs": 1, "density_reduction_pct": pytest.approx(50.0),
+                                          "metric_delta": pytest.approx(-1.0), "metric_delta_se": None}
     own = gp.Protocol("o", "α = 0.1", "?", (main,), (0,), 0.1, method_files=((more, ("prompt",)),))
     assert gp.evaluate(own, root=tmp_path)["vs_plain_peft"] is None and gp._plain({}) == "–"
 
