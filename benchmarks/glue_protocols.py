@@ -163,6 +163,9 @@ PROTOCOLS = (
     Protocol("cpu-a0.1", "α = 0.1", "CPU (2 cores), the recipe's", (R + "glue_cpu.json",), (0,), 0.1),
     Protocol("cpu-thr", "0 + thresholds 0.55", "threshold route on the CPU (a cross-check)",
              (R + "glue_cpu_thresholds.json",), (0,), "t0.55"),
+    Protocol("cpu-thr-ramp200", "0 + thresholds 0.55 ramped in over 200 steps, no learned scales",
+             "the ramped route on the CPU (a cross-check; the cells that ran: SST-2, MRPC, part of STS-B); its "
+             "baseline is plain PEFT on the CPU", (R + "glue_cpu_ramp.json",), (0,), "t0.55"),
 )
 
 
