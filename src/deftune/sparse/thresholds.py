@@ -278,13 +278,16 @@ def ramped_thresholds(model: nn.Module, factor: Callable[[int], float], steps: i
     """
     holders = threshold_holders(model)
     final = [h.threshold for h in holders]
+    written: list[float | None] = [None]  # the factor in force, so later steps past the ramp write nothing
 
     def set_step(step: int) -> float:
         if steps <= 0:
             return 1.0  # no ramp: the installed thresholds, untouched
         f = factor(step) if step <= steps else 1.0
-        for h, t in zip(holders, final):
-            h.threshold = t * f
+        if f != written[0]:
+            for h, t in zip(holders, final):
+                h.threshold = t * f
+            written[0] = f
         return f
 
     try:
