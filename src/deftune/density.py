@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from deftune.arch import ActivationSite, SiteKind, find_activation_sites
+from deftune.arch import ActivationSite, SiteKind, Stack, find_activation_sites
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (1e-3, 1e-2)
 
@@ -166,6 +168,27 @@ def align_mask(mask: Tensor | None, activation: Tensor) -> Tensor | None:
     return None
 
 
+def stack_masks(inputs: Mapping[str, Any], is_encoder_decoder: bool) -> dict[str, Tensor | None]:
+    """Real-token masks of a forward call's keyword ``inputs``, per stack (``encoder`` / ``decoder``).
+
+    Decoder-only and encoder models: ``attention_mask`` for both. Encoder–decoder models: the
+    decoder's tokens are ``decoder_attention_mask``, else ``labels != -100``, else unknown (``None``).
+    """
+    attention = inputs.get("attention_mask")
+    if not is_encoder_decoder:
+        return {"encoder": attention, "decoder": attention}
+    decoder = inputs.get("decoder_attention_mask")
+    labels = inputs.get("labels")
+    if decoder is None and isinstance(labels, Tensor):
+        decoder = labels != -100
+    return {"encoder": attention, "decoder": decoder}
+
+
+def module_stack(name: str, is_encoder_decoder: bool) -> Stack:
+    """The stack a module of an encoder–decoder model belongs to, from its path; ``encoder`` otherwise."""
+    return "decoder" if is_encoder_decoder and re.search(r"(^|\.)decoder\.", name) else "encoder"
+
+
 # ---- recorder ----------------------------------------------------------------------------------
 
 
@@ -291,14 +314,8 @@ class ActivationRecorder:
         attention = kwargs.get("attention_mask")
         if attention is None and len(args) > 1 and isinstance(args[1], Tensor):
             attention = args[1]  # positional (input_ids, attention_mask, ...)
-        if getattr(module.config, "is_encoder_decoder", False):
-            decoder = kwargs.get("decoder_attention_mask")
-            labels = kwargs.get("labels")
-            if decoder is None and isinstance(labels, Tensor):
-                decoder = labels != -100
-            self._masks = {"encoder": attention, "decoder": decoder}
-        else:
-            self._masks = {"encoder": attention, "decoder": attention}
+        self._masks = stack_masks({**kwargs, "attention_mask": attention},
+                                  getattr(module.config, "is_encoder_decoder", False))
 
     def _real_mask(self, site: ActivationSite, a: Tensor) -> Tensor | None:
         if self.count_padding:

@@ -69,6 +69,24 @@ def _llama() -> nn.Module:
     return LlamaForCausalLM(cfg)
 
 
+def _gemma2() -> nn.Module:
+    """Llama family, but the layer normalises the MLP output before the residual add."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=32,
+        initializer_range=0.5,
+    )
+    return Gemma2ForCausalLM(cfg)
+
+
 def _encoder_inputs() -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 64, (2, 7), generator=g)
@@ -87,6 +105,7 @@ CASES = [
     Case("bert", _bert, _encoder_inputs, 3),
     Case("t5", _t5, _t5_inputs, 4),
     Case("llama", _llama, _encoder_inputs, 3),
+    Case("gemma2", _gemma2, _encoder_inputs, 3),
 ]
 
 
@@ -106,6 +125,12 @@ def bert_case() -> Case:
 def llama_case() -> Case:
     torch.manual_seed(0)
     return CASES[2]
+
+
+@pytest.fixture
+def gemma2_case() -> Case:
+    torch.manual_seed(0)
+    return CASES[3]
 
 
 def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -84,6 +86,10 @@ def test_unbound_extension_warns_once(bert_case):
     ext.prepare(bert_case.build())
     with pytest.warns(UserWarning, match="bind_regularizer"):
         ext.extra_loss(None, 0)
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        ext.extra_loss(None, 1)
+    assert not [w for w in later if "bind_regularizer" in str(w.message)], "warned a second time"
     ext.close()
 
 

@@ -27,7 +27,8 @@ def test_compare_latency_interleaves_and_counts_repeats():
 def test_peak_rss_is_at_least_the_current_rss(bert_case):
     assert peak_rss_bytes() >= psutil.Process().memory_info().rss * 0.99
     model = bert_case.build().eval()
-    assert peak_memory(model, bert_case.inputs()) >= peak_rss_bytes() * 0.99
+    # on the CPU the peak of a pass is the process's peak RSS: at least what the process holds after it
+    assert peak_memory(model, bert_case.inputs()) >= psutil.Process().memory_info().rss * 0.99
 
 
 def test_peak_rss_rises_with_a_large_allocation():

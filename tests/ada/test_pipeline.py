@@ -112,3 +112,13 @@ def test_density_policy_needs_no_gates(tiny_run, capsys):
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["saved"] is None
+
+
+def test_skip_run_config_refuses_a_density_policy_without_examples(tmp_path):
+    """Caught where the config enters, not after the model has been loaded and scored."""
+    from deftune.ada import SkipConfig, SkipRunConfig
+
+    with pytest.raises(ValueError, match="skip policy 'density' scores blocks by measured density: "
+                                         "density_examples must be >= 1, got 0"):
+        SkipRunConfig(str(tmp_path), SkipConfig(policy="density"), density_examples=0)
+    SkipRunConfig(str(tmp_path), SkipConfig(policy="gate"), density_examples=0)  # gates need no examples

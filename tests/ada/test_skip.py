@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from deftune.ada import SkipConfig, SkipPlan, load_skipped, plan_skip, save_skipped, skip_mlps_
 from deftune.ada.skip import PLAN_FILE, WEIGHTS_FILE, param_bytes, skipped_block_names
-from deftune.ada.wrappers import down_proj_path
+from deftune.ada.wrappers import down_proj_path, gate_path
 from deftune.arch import find_activation_sites
 
 
@@ -57,14 +57,14 @@ def test_skipping_equals_zeroed_mlp_output(case, which, logits):
 
 
 def test_folded_gates_equal_scaled_outputs(case, logits):
-    """Kept blocks' gates folded into the down projection == the block's output scaled by g."""
+    """Kept blocks' gates folded into the gate target == the block's contribution scaled by g."""
     model = case.build().eval()
     inputs = case.inputs()
     sites = find_activation_sites(model)
     first, last = sites[0].name, sites[-1].name
     handles = _zeroing_hooks(model, [last])
-    down = model.get_submodule(down_proj_path(model, sites[0]))
-    handles.append(down.register_forward_hook(lambda m, a, out: out * 0.25))
+    target = model.get_submodule(gate_path(model, sites[0]))
+    handles.append(target.register_forward_hook(lambda m, a, out: out * 0.25))
     try:
         expected = logits(model, inputs)
     finally:
@@ -75,6 +75,41 @@ def test_folded_gates_equal_scaled_outputs(case, logits):
     got = logits(model, inputs)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got, unscaled)
+
+
+def test_gate_scales_the_contribution_behind_a_post_mlp_norm(gemma2_case, logits):
+    """Gemma 2 adds ``norm(mlp(x))`` to the residual: a gate on the down projection would be cancelled
+    by the norm, so the gate (hook and fold) must scale what the norm returns."""
+    model = gemma2_case.build().eval()
+    inputs = gemma2_case.inputs()
+    site = find_activation_sites(model)[0]
+    norm_path = site.mlp_path.rsplit(".", 1)[0] + ".post_feedforward_layernorm"
+    assert gate_path(model, site) == norm_path
+    seen = []
+    handle = model.get_submodule(norm_path).register_forward_hook(lambda m, a, out: seen.append(out.clone()))
+    try:
+        logits(model, inputs)
+        skip_mlps_(model, SkipPlan(skip=[], scales={site.name: 0.25}))
+        logits(model, inputs)
+    finally:
+        handle.remove()
+    dense, folded = seen
+    assert dense.abs().max() > 0.1
+    torch.testing.assert_close(folded, 0.25 * dense, rtol=1e-5, atol=1e-6)
+
+
+def test_unsupported_family_leaves_the_model_unchanged():
+    """A plan that cannot be applied (OPT has no skip rule) fails before any gate is folded."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                     num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [s.name for s in find_activation_sites(model)]
+    with pytest.raises(NotImplementedError, match="opt"):
+        skip_mlps_(model, SkipPlan(skip=[names[0]], scales={names[1]: 0.5}))
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_save_and_reload_without_removed_weights(case, tmp_path, logits):

@@ -97,6 +97,24 @@ def test_errors_without_calibration_or_targets(tiny_bert):
         compress_(tiny_bert(), QuantConfig("int4"), filter_fn=lambda m, n: False)
 
 
+@pytest.mark.parametrize("config", [QuantConfig("int4:g32"), SparsityConfig("nm:2:32"), SparsityConfig("block:16x32:0.5")])
+def test_a_pattern_that_fits_no_later_layer_changes_nothing(config):
+    """With MLP width 48, the MLP output layer (32, 48) does not fit patterns that the earlier
+    (32, 32) and (48, 32) layers fit: compress_ must refuse before it replaces any layer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=32)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"output\.dense.*no layer was changed"):
+        compress_(model, config)
+    assert compressed_layers(model) == {}
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_filter_and_decompress(tiny_bert, tiny_batches):
     model = tiny_bert()
     report = compress_(model, QuantConfig("int4:ch"), filter_fn=lambda m, n: n.endswith("output.dense"))

@@ -44,11 +44,18 @@ def test_parse_and_round_trip(text, expected):
     ("block:4x:0.5", "expected block:<rows>x<cols>:<sparsity>"), ("block:4x4:1.5", "in [0, 1), got 1.5"),
     ("unstructured:1.0", "in [0, 1), got 1.0"), ("channel:0.5:diag", "expected channel:<sparsity>[:rows|cols]"),
     ("sparse:0.5", "unknown sparsity pattern 'sparse' in 'sparse:0.5'; choose one of ['block', 'channel'"),
+    ("int4:p99.9:mse", "'int4:p99.9:mse' names two clipping rules; use one of mse, p<percentile>"),
 ])
 def test_bad_strings_raise_with_forms(bad, says):
     """Each bad string is refused with the offending value and the accepted form."""
     with pytest.raises(PatternError, match=re.escape(says)):
         parse_pattern(bad)
+
+
+def test_percentile_belongs_to_percentile_clipping():
+    """A percentile the pattern would not use is refused: it would be lost by ``str`` (no round trip)."""
+    with pytest.raises(PatternError, match="percentile=99.0 is only used with clip='percentile', got clip='mse'"):
+        QuantPattern(4, clip="mse", percentile=99.0)
 
 
 def test_quant_ranges():

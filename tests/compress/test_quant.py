@@ -102,3 +102,21 @@ def test_errors_metrics():
     assert relative_error(x, torch.tensor([3.0, 3.5])) == pytest.approx(0.1)
     assert sqnr_db(x, torch.tensor([3.0, 3.5])) == pytest.approx(20.0)
     assert sqnr_db(x, x) == float("inf")
+
+
+@pytest.mark.parametrize("q", [0.0, 0.25, 0.5, 0.999, 1.0])
+def test_row_quantile_matches_torch_quantile(q):
+    from deftune.compress.quant import row_quantile
+
+    v = torch.randn(5, 37, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(row_quantile(v, q), torch.quantile(v, q, dim=1, keepdim=True), rtol=0, atol=1e-6)
+
+
+def test_percentile_clipping_of_a_tensor_larger_than_torch_quantile_takes():
+    """torch.quantile refuses more than 2^24 elements; per-tensor clipping of a 4096 x 4097 weight must not."""
+    n = 2**24 + 3
+    w = torch.arange(n, dtype=torch.float32).reshape(1, -1) / n  # values k / n, k = 0 .. n-1
+    with pytest.raises(RuntimeError):
+        torch.quantile(w, 0.5, dim=1)
+    p = choose_qparams(w, "int8:tensor:p50")  # symmetric: the median of |w| sets the range
+    assert p.scale.item() == pytest.approx((n - 1) / 2 / n / 127, rel=1e-6)

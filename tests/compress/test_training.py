@@ -88,6 +88,35 @@ def test_quantization_aware_training_trains_latent_weights(tiny_bert, tiny_batch
     assert freeze_quantizers_(model) == 12 and layer.compressor.frozen
 
 
+def test_freezing_a_quantizer_behind_a_mask_keeps_the_output():
+    """mask -> quant: the dynamic scales come from the masked weight, so the frozen ones must too. A
+    large pruned column would otherwise set the frozen scale (16x too coarse here)."""
+    from torch import nn
+
+    from deftune.compress import (
+        CompressedLinear,
+        MaskCompressor,
+        QuantCompressor,
+        compute_mask,
+        parse_pattern,
+    )
+
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    with torch.no_grad():
+        lin.weight[:, 0] = 5.0
+    pattern = parse_pattern("channel:0.0625:cols")  # prune one column of 16
+    score = torch.ones_like(lin.weight)
+    score[:, 0] = 0.0  # ... the large one
+    mask = compute_mask(lin.weight, pattern, score=score)
+    layer = CompressedLinear(lin, nn.Sequential(MaskCompressor(pattern, mask), QuantCompressor(parse_pattern("int4:ch"))))
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        dynamic = layer(x)
+        assert freeze_quantizers_(layer) == 1 and layer.compressor[1].frozen
+        torch.testing.assert_close(layer(x), dynamic, rtol=0, atol=1e-6)
+
+
 def test_sparsity_aware_training_keeps_the_mask(tiny_bert, tiny_batches):
     model = tiny_bert()
     ext = CompressionExtension(SparsityConfig("nm:2:4"))
@@ -103,6 +132,9 @@ def test_schedule_validation():
         PruningSchedule("nm:2:4")
     with pytest.raises(ValueError, match="algorithm"):
         DynamicSchedule("magic")
+    for schedule in (PruningSchedule, DynamicSchedule):
+        with pytest.raises(ValueError, match=r"allocation 'bogus' is not one of \['uniform', 'global', 'erk'\]"):
+            schedule(allocation="bogus")
 
 
 def test_qlora_style_peft_on_a_frozen_quantized_base(tiny_bert, tiny_batches):

@@ -52,6 +52,9 @@ class SkipRunConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{key} must be an int >= 0, got {value!r}")
+        if self.skip.needs_density and self.density_examples < 1:
+            raise ValueError(f"skip policy {self.skip.policy!r} scores blocks by measured density: "
+                             f"density_examples must be >= 1, got {self.density_examples}")
 
     @property
     def out(self) -> Path:

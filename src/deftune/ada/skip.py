@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from deftune.ada.config import SkipConfig
-from deftune.ada.wrappers import down_proj_path, fold_scale_, set_submodule, skip_replacements
+from deftune.ada.wrappers import check_foldable, fold_scale_, gate_path, set_submodule, skip_replacements
 from deftune.arch import ActivationSite, find_activation_sites
 
 PLAN_FILE = "skip.json"
@@ -209,13 +209,18 @@ def skip_mlps_(model: nn.Module, plan: SkipPlan, *, fold_gates: bool = True) -> 
     if unknown:
         raise ValueError(f"blocks {unknown} are not MLP blocks of this model; it has {list(sites)}")
     before = param_bytes(model)
-    if fold_gates:
-        for name, scale in plan.scales.items():
-            if name not in plan.skip:
-                fold_scale_(model.get_submodule(down_proj_path(model, sites[name])), scale)
+    # everything that can fail runs before the model is changed: rules, then foldability
     replacements: dict[str, nn.Module] = {}
     for name in plan.skip:  # collect first: rules read modules that later swaps remove
         replacements.update(skip_replacements(model, sites[name]))
+    folds = {}
+    if fold_gates:
+        folds = {name: model.get_submodule(gate_path(model, sites[name]))
+                 for name in plan.scales if name not in plan.skip}
+        for module in folds.values():
+            check_foldable(module)
+    for name, module in folds.items():
+        fold_scale_(module, plan.scales[name])
     for path, module in replacements.items():
         set_submodule(model, path, module)
     kept = [n for n in sites if n not in plan.skip]

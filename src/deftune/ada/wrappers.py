@@ -16,11 +16,14 @@ block" differs too (registry :data:`SKIPPERS`, keyed by :attr:`deftune.arch.Arch
 * ``opt`` keeps ``fc1``/``fc2`` on the decoder layer itself: nothing can be swapped without
   patching ``forward``, so skipping raises :class:`NotImplementedError`.
 
-Gates (training) are applied by :class:`MLPGates`: forward hooks on each block's down projection
-that multiply its output by ``g_l``. Hooks, not wrappers, because training runs on a ``peft``
-model whose adapter is saved by module name; a wrapper would rename the adapter's keys. Scaling
-the down projection's output scales the block's whole contribution to the residual stream in
-every family (dropout is linear; BERT's LayerNorm comes after the residual add).
+Gates (training) are applied by :class:`MLPGates`: forward hooks on each block's *gate target*
+(:func:`gate_path`) that multiply its output by ``g_l``. Hooks, not wrappers, because training runs
+on a ``peft`` model whose adapter is saved by module name; a wrapper would rename the adapter's
+keys. The gate target is the last module whose output is linear in the block's contribution to
+the residual stream: the down projection in every family (dropout is linear; BERT's LayerNorm
+comes after the residual add), except where the layer normalises the MLP output before adding it
+(Gemma 2's ``post_feedforward_layernorm``: ``h + norm(mlp(x))``). A norm cancels any scale of its
+input, so there the gate scales the norm's output instead.
 """
 
 from __future__ import annotations
@@ -155,6 +158,24 @@ def down_proj_path(model: nn.Module, site: ActivationSite) -> str:
     return f"{site.mlp_path}.{arch_spec(model).down_proj}"
 
 
+# layer attributes that normalise the MLP output before the residual add (``h + norm(mlp(x))``)
+POST_MLP_NORMS = ("post_feedforward_layernorm",)
+
+
+def gate_path(model: nn.Module, site: ActivationSite) -> str:
+    """Module path whose output a gate of ``site``'s block scales (and a folded gate is folded into).
+
+    The down projection, or the layer's post-MLP norm where there is one (a norm would cancel a
+    scale of the down projection's output).
+    """
+    layer_path = site.mlp_path.rsplit(".", 1)[0] if "." in site.mlp_path else ""
+    layer = model.get_submodule(layer_path)
+    for name in POST_MLP_NORMS:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return f"{layer_path}.{name}" if layer_path else name
+    return down_proj_path(model, site)
+
+
 @dataclass
 class GateState:
     """Gate values of the current forward pass, shared between the hooks and the loss."""
@@ -163,7 +184,7 @@ class GateState:
 
 
 class MLPGates:
-    """Forward hooks scaling each MLP block's down-projection output by its gate.
+    """Forward hooks scaling each MLP block's contribution (the output of :func:`gate_path`) by its gate.
 
     Args:
         model: the (possibly ``peft``-wrapped) model.
@@ -201,7 +222,7 @@ class MLPGates:
             raise RuntimeError("MLPGates is already attached")
         try:
             for index, site in enumerate(self.sites):
-                module = self.model.get_submodule(down_proj_path(self.model, site))
+                module = self.model.get_submodule(gate_path(self.model, site))
                 self._handles.append(module.register_forward_hook(self._make_hook(index)))
         except BaseException:
             self.detach()
@@ -229,16 +250,30 @@ class MLPGates:
         return hook
 
 
-def fold_scale_(module: nn.Module, scale: float) -> None:
-    """Multiply an affine layer's output by ``scale`` by scaling its weight and bias in place."""
+# RMSNorms computing ``norm(x) * (1 + weight)`` (Gemma's convention) rather than ``norm(x) * weight``
+OFFSET_NORMS = frozenset({"GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"})
+
+
+def check_foldable(module: nn.Module) -> None:
+    """Raise :class:`NotImplementedError` unless :func:`fold_scale_` can fold a scale into ``module``."""
     weight = getattr(module, "weight", None)
     is_affine = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-    if not is_affine or not isinstance(weight, Tensor):
+    if not isinstance(weight, Tensor) or not (is_affine or type(module).__name__ in OFFSET_NORMS):
         raise NotImplementedError(
             f"cannot fold a gate into {type(module).__name__}: only nn.Linear / Conv1D down "
-            "projections are supported; merge adapters first (peft's merge_and_unload)"
+            f"projections and the post-MLP norms {sorted(OFFSET_NORMS)} are supported; merge adapters "
+            "first (peft's merge_and_unload)"
         )
+
+
+def fold_scale_(module: nn.Module, scale: float) -> None:
+    """Multiply a gate target's output by ``scale`` in place: an affine layer's weight and bias, or a
+    Gemma-style norm's ``1 + weight``."""
+    check_foldable(module)
     with torch.no_grad():
+        if type(module).__name__ in OFFSET_NORMS:  # norm(x) * (1 + w) -> norm(x) * (1 + w) * scale
+            module.weight.add_(1.0).mul_(scale).sub_(1.0)
+            return
         module.weight.mul_(scale)
         if getattr(module, "bias", None) is not None:
             module.bias.mul_(scale)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from deftune.compress.errors import relative_error, sqnr_db
 from deftune.compress.gptq import GPTQOptions, gptq_quantize
 from deftune.compress.layer import CompressedLinear, MaskCompressor, QuantCompressor, replace_module
-from deftune.compress.patterns import Pattern, QuantPattern, SparsityPattern, parse_pattern
+from deftune.compress.patterns import Pattern, PatternError, QuantPattern, SparsityPattern, parse_pattern
 from deftune.compress.quant import choose_qparams
 from deftune.compress.reconstruct import (
     LayerCalibration,
@@ -289,6 +289,11 @@ def compress_(
     if config.reconstruct != "none" and calibration is None:
         raise ValueError(f"reconstruct={config.reconstruct!r} needs calibration batches")
     plan = method.plan(config, {n: m.weight for n, m in targets.items()})
+    for name, linear in targets.items():  # every shape is checked before the first layer changes
+        try:
+            plan[name].check_shape(linear.weight.shape)
+        except PatternError as err:
+            raise PatternError(f"layer {name!r}: {err} (no layer was changed)") from None
     need_hessian = config.reconstruct == "gptq"
     layers: list[LayerReport] = []
     sequential = config.sequential and config.reconstruct != "none"  # RTN needs inputs only for the report

@@ -27,7 +27,7 @@ Patterns are data only; :mod:`deftune.compress.quant` and :mod:`deftune.compress
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -87,6 +87,19 @@ class QuantPattern:
             raise PatternError(f"percentile must be in (0, 100], got {self.percentile!r}")
         if self.clip == "percentile" and self.percentile == 100.0:
             raise PatternError("clip='percentile' needs a percentile below 100 (e.g. 99.9)")
+        if self.clip != "percentile" and self.percentile != 100.0:
+            raise PatternError(f"percentile={self.percentile} is only used with clip='percentile', got clip={self.clip!r}")
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Raise :class:`PatternError` unless a tensor of ``shape`` can be quantized with this pattern."""
+        if self.granularity == "channel" and self.axis >= len(shape):
+            raise PatternError(f"channel axis {self.axis} needs a tensor of >= {self.axis + 1} dims, got shape "
+                               f"{tuple(shape)}")
+        if self.granularity == "group" and (len(shape) == 0 or shape[-1] % self.group_size):
+            raise PatternError(
+                f"group size {self.group_size} must divide the last dim of the tensor, shape {tuple(shape)}; "
+                "choose a divisor or per-channel granularity"
+            )
 
     @property
     def qmin(self) -> int:
@@ -125,10 +138,13 @@ def parse_quant(text: str) -> QuantPattern:
             kw.update(granularity="group", group_size=int(m.group(1)))
         elif tok in ("sym", "asym"):
             kw.update(symmetric=tok == "sym")
-        elif tok == "mse":
-            kw.update(clip="mse")
-        elif m := re.fullmatch(r"p(\d+(?:\.\d*)?)", tok):
-            kw.update(clip="percentile", percentile=float(m.group(1)))
+        elif tok == "mse" or (m := re.fullmatch(r"p(\d+(?:\.\d*)?)", tok)):
+            if "clip" in kw:
+                raise PatternError(f"{text!r} names two clipping rules; use one of mse, p<percentile>")
+            if tok == "mse":
+                kw.update(clip="mse")
+            else:
+                kw.update(clip="percentile", percentile=float(m.group(1)))
         else:
             raise PatternError(f"unknown token {tok!r} in {text!r}; form: {_QUANT_HELP}")
     return QuantPattern(**kw)
@@ -151,6 +167,9 @@ class Unstructured:
     def __post_init__(self) -> None:
         _check_fraction("sparsity", self.sparsity)
 
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Any shape."""
+
     def __str__(self) -> str:
         return f"unstructured:{self.sparsity:g}"
 
@@ -164,6 +183,9 @@ class Threshold:
     def __post_init__(self) -> None:
         if not (isinstance(self.threshold, (int, float)) and self.threshold >= 0):
             raise PatternError(f"threshold must be >= 0, got {self.threshold!r}")
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """Any shape."""
 
     def __str__(self) -> str:
         return f"threshold:{self.threshold:g}"
@@ -184,6 +206,11 @@ class NM:
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
 
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """The last dim must be a multiple of ``m``."""
+        if len(shape) == 0 or shape[-1] % self.m:
+            raise PatternError(f"{self}: the last dim of shape {tuple(shape)} must be a multiple of m={self.m}")
+
     def __str__(self) -> str:
         return f"nm:{self.n}:{self.m}"
 
@@ -201,6 +228,13 @@ class Block:
             raise PatternError(f"block shape must be positive integers, got {self.rows!r}x{self.cols!r}")
         _check_fraction("sparsity", self.sparsity)
 
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """A 2-D weight that divides into ``rows x cols`` blocks."""
+        if len(shape) != 2:
+            raise PatternError(f"{self}: block sparsity needs a 2-D weight, got shape {tuple(shape)}")
+        if shape[0] % self.rows or shape[1] % self.cols:
+            raise PatternError(f"{self}: shape {tuple(shape)} is not divisible into {self.rows}x{self.cols} blocks")
+
     def __str__(self) -> str:
         return f"block:{self.rows}x{self.cols}:{self.sparsity:g}"
 
@@ -216,6 +250,11 @@ class Channel:
         _check_fraction("sparsity", self.sparsity)
         if self.axis not in (0, 1):
             raise PatternError(f"channel axis must be 0 (rows) or 1 (cols), got {self.axis!r}")
+
+    def check_shape(self, shape: Sequence[int]) -> None:
+        """A weight of at least 2 dims."""
+        if len(shape) < 2:
+            raise PatternError(f"{self}: channel sparsity needs a weight of >= 2 dims, got shape {tuple(shape)}")
 
     def __str__(self) -> str:
         return f"channel:{self.sparsity:g}" + (":cols" if self.axis == 1 else "")

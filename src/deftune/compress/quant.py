@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from deftune.compress.patterns import PatternError, QuantPattern, parse_quant
+from deftune.compress.patterns import QuantPattern, parse_quant
 
 MSE_GRID = 40  # shrink factors tried by clip="mse"
 MSE_MAX_SHRINK = 0.8  # smallest factor tried is 1 - MSE_MAX_SHRINK
@@ -36,17 +36,10 @@ def group_view(w: Tensor, pattern: QuantPattern) -> Tensor:
     """``w`` as a ``(G, L)`` matrix whose rows are the quantization groups of ``pattern``."""
     if pattern.granularity == "tensor":
         return w.reshape(1, -1)
+    pattern.check_shape(w.shape)
     if pattern.granularity == "channel":
-        if pattern.axis >= w.dim():
-            raise PatternError(f"channel axis {pattern.axis} needs a tensor of >= {pattern.axis + 1} dims, got {w.dim()}")
         return w.movedim(pattern.axis, 0).reshape(w.shape[pattern.axis], -1)
-    g = pattern.group_size
-    if w.dim() == 0 or w.shape[-1] % g:
-        raise PatternError(
-            f"group size {g} must divide the last dim of the tensor, shape {tuple(w.shape)}; "
-            "choose a divisor or per-channel granularity"
-        )
-    return w.reshape(-1, g)
+    return w.reshape(-1, pattern.group_size)
 
 
 def ungroup_view(v: Tensor, pattern: QuantPattern, shape: torch.Size) -> Tensor:
@@ -105,15 +98,28 @@ def _fake_view(v: Tensor, scale: Tensor, zero: Tensor, p: QuantPattern) -> Tenso
     return (q - zero) * scale
 
 
+def row_quantile(v: Tensor, q: float) -> Tensor:
+    """``torch.quantile(v, q, dim=1, keepdim=True)`` (linear interpolation) for ``v`` of any size.
+
+    ``torch.quantile`` refuses inputs above 2^24 elements (a 4096 x 4097 weight, per tensor); this
+    sorts each row instead. ``v`` (G, L) -> (G, 1).
+    """
+    ordered = v.sort(dim=1).values  # (G, L)
+    pos = q * (v.shape[1] - 1)
+    below, frac = int(pos), pos - int(pos)
+    above = min(below + 1, v.shape[1] - 1)
+    return torch.lerp(ordered[:, below : below + 1], ordered[:, above : above + 1], frac)
+
+
 def _range(v: Tensor, p: QuantPattern) -> tuple[Tensor, Tensor]:
     """Per-row ``(lo, hi)`` with ``lo <= 0 <= hi``, clipped at the percentile if asked."""
     if p.clip == "percentile":
         q = p.percentile / 100.0
         if p.symmetric:
-            hi = torch.quantile(v.abs(), q, dim=1, keepdim=True)
+            hi = row_quantile(v.abs(), q)
             return -hi, hi
-        lo = torch.quantile(v, 1.0 - q, dim=1, keepdim=True)
-        hi = torch.quantile(v, q, dim=1, keepdim=True)
+        lo = row_quantile(v, 1.0 - q)
+        hi = row_quantile(v, q)
     else:
         lo, hi = v.amin(dim=1, keepdim=True), v.amax(dim=1, keepdim=True)
     return lo.clamp(max=0.0), hi.clamp(min=0.0)

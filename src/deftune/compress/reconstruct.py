@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from deftune.compress.ste import ste
-from deftune.density import align_mask
+from deftune.density import align_mask, module_stack, stack_masks
 
 
 @dataclass
@@ -51,7 +51,7 @@ class MSEOptions:
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.lr <= 0 or self.batch_rows < 1 or self.eval_every < 1:
-            raise ValueError(f"MSEOptions needs steps >= 0, lr > 0, batch_rows >= 1; got {self}")
+            raise ValueError(f"MSEOptions needs steps >= 0, lr > 0, batch_rows >= 1, eval_every >= 1; got {self}")
 
 
 @torch.no_grad()
@@ -64,12 +64,18 @@ def capture_inputs(
     max_samples: int = 2048,
     seed: int = 0,
 ) -> dict[str, LayerCalibration]:
-    """Inputs of each module in ``layers`` (name -> module) over the calibration ``batches``."""
+    """Inputs of each module in ``layers`` (name -> module of ``model``) over the calibration
+    ``batches``, real tokens only: each layer is masked by its own stack's tokens (an encoder–decoder
+    model's decoder layers by ``decoder_attention_mask`` or ``labels != -100``; see
+    :func:`deftune.density.stack_masks`)."""
     if not batches:
         raise ValueError("calibration needs at least one batch")
     gen = torch.Generator().manual_seed(seed)
     per_batch = math.ceil(max_samples / len(batches))
-    state: dict[str, Tensor | None] = {"mask": None}
+    enc_dec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    paths = {id(m): n for n, m in model.named_modules()} if enc_dec else {}
+    stacks = {name: module_stack(paths.get(id(module), name), enc_dec) for name, module in layers.items()}
+    masks: dict[str, Tensor | None] = {}
     sums: dict[str, Tensor] = {}
     samples: dict[str, list[Tensor]] = {n: [] for n in layers}
     counts: dict[str, int] = {n: 0 for n in layers}
@@ -77,7 +83,7 @@ def capture_inputs(
     def make_hook(name: str):
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach()
-            mask = align_mask(state["mask"], x)
+            mask = align_mask(masks.get(stacks[name]), x)
             rows = x[mask] if mask is not None else x.reshape(-1, x.shape[-1])  # (tokens, in)
             rows = rows.float()
             counts[name] += rows.shape[0]
@@ -97,9 +103,8 @@ def capture_inputs(
             handles.append(module.register_forward_pre_hook(make_hook(name)))
         device = next(model.parameters()).device
         for batch in batches:
-            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-            state["mask"] = inputs.get("attention_mask")
-            model(**inputs)
+            masks = stack_masks({k: v.to(device) for k, v in batch.items()}, enc_dec)
+            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
     finally:
         for h in handles:
             h.remove()

@@ -68,8 +68,7 @@ def threshold_mask(score: Tensor, p: Threshold) -> Tensor:
 
 @register_mask(NM)
 def nm_mask(score: Tensor, p: NM) -> Tensor:
-    if score.dim() == 0 or score.shape[-1] % p.m:
-        raise PatternError(f"{p}: the last dim of shape {tuple(score.shape)} must be a multiple of m={p.m}")
+    p.check_shape(score.shape)
     groups = score.reshape(-1, p.m)  # (numel / m, m)
     top = torch.topk(groups, p.n, dim=1).indices  # (numel / m, n)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, top, True)
@@ -78,11 +77,8 @@ def nm_mask(score: Tensor, p: NM) -> Tensor:
 
 @register_mask(Block)
 def block_mask(score: Tensor, p: Block) -> Tensor:
-    if score.dim() != 2:
-        raise PatternError(f"{p}: block sparsity needs a 2-D weight, got shape {tuple(score.shape)}")
+    p.check_shape(score.shape)
     rows, cols = score.shape
-    if rows % p.rows or cols % p.cols:
-        raise PatternError(f"{p}: shape {tuple(score.shape)} is not divisible into {p.rows}x{p.cols} blocks")
     blocks = score.reshape(rows // p.rows, p.rows, cols // p.cols, p.cols)  # (R, r, C, c)
     norms = blocks.abs().sum(dim=(1, 3))  # (R, C): L1 norm of each block
     keep = _keep_largest(norms.reshape(-1), round(p.sparsity * norms.numel())).reshape(norms.shape)
@@ -91,8 +87,7 @@ def block_mask(score: Tensor, p: Block) -> Tensor:
 
 @register_mask(Channel)
 def channel_mask(score: Tensor, p: Channel) -> Tensor:
-    if score.dim() < 2:
-        raise PatternError(f"{p}: channel sparsity needs a weight of >= 2 dims, got shape {tuple(score.shape)}")
+    p.check_shape(score.shape)
     moved = score.movedim(p.axis, 0).reshape(score.shape[p.axis], -1)  # (channels, rest)
     norms = moved.float().norm(dim=1)
     keep = _keep_largest(norms, round(p.sparsity * norms.numel()))

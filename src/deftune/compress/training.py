@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from deftune.compress.layer import CompressedLinear, MaskCompressor, QuantCompressor
 from deftune.compress.model import CompressConfig, CompressReport, FilterFn, SparsityConfig, compress_
 from deftune.compress.patterns import FRACTIONAL, Unstructured, parse_sparsity, with_sparsity
-from deftune.compress.sparsity import Allocation, allocate, compute_mask, sparsity_of
+from deftune.compress.sparsity import ALLOCATIONS, Allocation, allocate, compute_mask, sparsity_of
 
 
 def _masked_layers(model: nn.Module) -> dict[str, tuple[CompressedLinear, MaskCompressor]]:
@@ -103,6 +103,11 @@ def polynomial_sparsity(step: int, final: float, start: int, end: int, initial: 
     return final + (initial - final) * (1.0 - frac) ** power
 
 
+def _check_allocation(allocation: str) -> None:
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation {allocation!r} is not one of {list(ALLOCATIONS)}")
+
+
 @dataclass(frozen=True)
 class PruningSchedule:
     """Gradual magnitude pruning settings.
@@ -128,6 +133,7 @@ class PruningSchedule:
             raise ValueError(f"need 0 <= start_step < end_step and every >= 1, got {self}")
         if not (0.0 <= self.initial_sparsity <= p.sparsity):
             raise ValueError(f"initial_sparsity {self.initial_sparsity} must be in [0, final {p.sparsity}]")
+        _check_allocation(self.allocation)
 
 
 class GradualPruning:
@@ -206,6 +212,7 @@ class DynamicSchedule:
             raise ValueError(f"need 0 < sparsity < 1 and 0 < drop_fraction <= 1, got {self}")
         if self.every < 1 or self.end_step < 1:
             raise ValueError(f"every and end_step must be >= 1, got {self}")
+        _check_allocation(self.allocation)
 
 
 class DynamicSparsity:
@@ -298,15 +305,25 @@ class DynamicSparsity:
         _project(self._layers)
 
 
+@torch.no_grad()
 def freeze_quantizers_(model: nn.Module) -> int:
-    """End of QAT ("convert"): fix every dynamic quantizer's scales to the current weights."""
+    """End of QAT ("convert"): fix every dynamic quantizer's scales to the weight it sees now.
+
+    A quantizer inside a chain (``nn.Sequential(mask, quant)``) is frozen on the weight as the parts
+    before it leave it, the same tensor its dynamic scales were computed from, so the model's
+    output does not change at the freeze.
+    """
     n = 0
     for m in model.modules():
-        if isinstance(m, CompressedLinear):
-            for q in m.parts(QuantCompressor):
-                if not q.frozen:
-                    q.freeze(m.weight.detach())
-                    n += 1
+        if not isinstance(m, CompressedLinear):
+            continue
+        chain = list(m.compressor) if isinstance(m.compressor, nn.Sequential) else [m.compressor]
+        w = m.weight.detach()
+        for part in chain:
+            if isinstance(part, QuantCompressor) and not part.frozen:
+                part.freeze(w)
+                n += 1
+            w = part(w)
     return n
 
 
