@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from deftune.arch import ArchSpec, SitePattern, register_architecture
-from deftune.density import ActivationRecorder, DensityResult, align_mask, measure_density
+from deftune.density import ActivationRecorder, DensityResult, align_mask, measure_density, stack_masks
 
 register_architecture(
     ArchSpec(family="toy-density", model_types=("toy-density",),
@@ -105,7 +105,24 @@ def test_align_mask_right_aligns_and_flattens():
     assert align_mask(mask, a).tolist() == [[True], [False]]
     flat = torch.zeros(8, 5)  # OPT flattens (B*T, F)
     assert align_mask(mask, flat).tolist() == [False, True, True, True, True, True, True, False]
+    assert align_mask(mask, torch.zeros(2, 5)).tolist() == [True, False]  # OPT, one cached decoding step
     assert align_mask(mask, torch.zeros(3, 9, 5)) is None
+
+
+def test_stack_masks_of_encoder_decoder_calls():
+    enc = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    token_labels = torch.tensor([[5, 6, -100], [7, -100, -100]])
+    assert stack_masks({"attention_mask": enc}, False) == {"encoder": enc, "decoder": enc}
+    assert stack_masks({"attention_mask": enc, "labels": token_labels}, True)["decoder"].tolist() == [
+        [True, True, False], [True, False, False]]
+    dec = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    assert stack_masks({"attention_mask": enc, "decoder_attention_mask": dec, "labels": token_labels},
+                       True)["decoder"] is dec
+    # T5's classification head: class labels (B,), the decoder reads input_ids shifted right
+    shifted = stack_masks({"attention_mask": enc, "labels": torch.tensor([0, 1])}, True)["decoder"]
+    assert shifted.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    # decoder inputs given without their mask: unknown
+    assert stack_masks({"attention_mask": enc, "decoder_input_ids": dec}, True)["decoder"] is None
 
 
 def test_skip_leading_excludes_virtual_tokens():
@@ -114,6 +131,41 @@ def test_skip_leading_excludes_virtual_tokens():
         model(A, attention_mask=MASK)
     # only the second token counts: 0, 0, .02, 3 -> 2/4
     assert rec.result().overall == pytest.approx(0.5)
+
+
+def test_set_masks_covers_a_decoder_only_stack():
+    """Decoder-only sites are the "decoder" stack: ``set_masks(attention_mask)`` must mask them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    act = model.model.layers[0].mlp.act_fn
+    with ActivationRecorder(model) as rec, torch.no_grad():
+        rec.set_masks(torch.tensor([[1, 1, 1, 0, 0]]))
+        act(torch.randn(1, 5, 24))  # a call that bypasses the model's forward
+    assert rec.counts["decoder.0"].tokens == 3
+
+
+def test_skip_leading_is_per_stack_and_follows_flattened_layouts():
+    """Virtual tokens lead the encoder input only; OPT's (B*T, F) activations lose them as well."""
+    from transformers import OPTConfig, OPTForCausalLM, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=24, num_layers=1,
+                                             num_decoder_layers=1, num_heads=2, decoder_start_token_id=0)).eval()
+    ids = torch.randint(2, 32, (2, 6))
+    labels = torch.randint(2, 32, (2, 4))
+    for skip, expected in ((0, {"encoder.0": 12, "decoder.0": 8}), (2, {"encoder.0": 8, "decoder.0": 8})):
+        with ActivationRecorder(t5, skip_leading=skip) as rec, torch.no_grad():
+            t5(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        assert {k: c.tokens for k, c in rec.counts.items()} == expected
+    opt = OPTForCausalLM(OPTConfig(vocab_size=32, hidden_size=16, ffn_dim=24, num_hidden_layers=1, num_attention_heads=2,
+                                   max_position_embeddings=32, word_embed_proj_dim=16)).eval()
+    for skip, expected in ((0, 12), (2, 8)):
+        with ActivationRecorder(opt, skip_leading=skip) as rec, torch.no_grad():
+            opt(input_ids=ids, attention_mask=torch.ones_like(ids))
+        assert rec.counts["decoder.0"].tokens == expected
 
 
 def test_result_json_roundtrip_and_table():

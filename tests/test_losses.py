@@ -46,6 +46,10 @@ def test_schedules():
     ({"site": "gate"}, "site must be"),
     ({"warmup_steps": -1}, "warmup_steps"),
     ({"stack_weights": {"middle": 1.0}}, "stack_weights"),
+    ({"stack_weights": {"decoder": float("nan")}}, "finite weights >= 0, got {'decoder': nan}"),
+    ({"stack_weights": {"encoder": float("inf")}}, "finite weights >= 0, got {'encoder': inf}"),
+    ({"alpha": True}, "alpha must be a finite number >= 0, got True"),
+    ({"warmup_steps": 2.5}, "warmup_steps must be an integer >= 0, got 2.5"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -154,17 +154,21 @@ def _tau_key(tau: float) -> str:
 def align_mask(mask: Tensor | None, activation: Tensor) -> Tensor | None:
     """Boolean mask over the leading dims of ``activation`` (``a.shape[:-1]``), or ``None``.
 
-    Right-aligns a ``(B, T_mask)`` mask to an activation ``(B, T, F)`` with ``T <= T_mask``;
-    flattens it for ``(B*T, F)`` activations. Returns ``None`` (count all) when shapes don't fit.
+    Right-aligns a ``(B, T_mask)`` mask to an activation ``(B, T, F)`` with ``T <= T_mask``, and to a
+    flattened ``(B*T, F)`` one (OPT's MLP; ``T`` < ``T_mask`` in cached decoding), batch-major.
+    Returns ``None`` (count all) when shapes don't fit.
     """
     if mask is None:
         return None
     lead = activation.shape[:-1]
     mask = mask.to(device=activation.device).bool()
-    if len(lead) == 2 and mask.dim() == 2 and lead[0] == mask.shape[0] and lead[1] <= mask.shape[1]:
-        return mask[:, mask.shape[1] - lead[1] :]
-    if len(lead) == 1 and mask.numel() == lead[0]:
-        return mask.reshape(-1)
+    if mask.dim() != 2:
+        return mask.reshape(-1) if len(lead) == 1 and mask.numel() == lead[0] else None
+    batch, width = mask.shape
+    if len(lead) == 2 and lead[0] == batch and lead[1] <= width:
+        return mask[:, width - lead[1] :]
+    if len(lead) == 1 and lead[0] % batch == 0 and lead[0] // batch <= width:
+        return mask[:, width - lead[0] // batch :].reshape(-1)  # (B*T,)
     return None
 
 
@@ -172,15 +176,21 @@ def stack_masks(inputs: Mapping[str, Any], is_encoder_decoder: bool) -> dict[str
     """Real-token masks of a forward call's keyword ``inputs``, per stack (``encoder`` / ``decoder``).
 
     Decoder-only and encoder models: ``attention_mask`` for both. Encoder–decoder models: the
-    decoder's tokens are ``decoder_attention_mask``, else ``labels != -100``, else unknown (``None``).
+    decoder's tokens are ``decoder_attention_mask``; else ``labels != -100`` for token labels
+    ``(B, T)``; else, when the decoder input is built from ``input_ids`` shifted right (no
+    ``decoder_input_ids``: T5's classification head), the encoder mask shifted right with the start
+    token real; else unknown (``None``: count all).
     """
     attention = inputs.get("attention_mask")
     if not is_encoder_decoder:
         return {"encoder": attention, "decoder": attention}
     decoder = inputs.get("decoder_attention_mask")
     labels = inputs.get("labels")
-    if decoder is None and isinstance(labels, Tensor):
+    if decoder is None and isinstance(labels, Tensor) and labels.dim() == 2:
         decoder = labels != -100
+    elif decoder is None and inputs.get("decoder_input_ids") is None and isinstance(attention, Tensor):
+        start = torch.ones_like(attention[:, :1])
+        decoder = torch.cat([start, attention[:, :-1]], dim=1)  # (B, T): shift_right(attention)
     return {"encoder": attention, "decoder": decoder}
 
 
@@ -214,7 +224,8 @@ class ActivationRecorder:
             differentiable mean in :attr:`losses` (popped with :meth:`pop_losses`).
         track_stats: accumulate counts (turn off to save time when only the loss is needed).
         skip_leading: positions at the start of each sequence to exclude (prompt-tuning virtual
-            tokens), applied after alignment.
+            tokens), applied after alignment; for encoder–decoder models in the encoder only (the
+            virtual tokens lead the encoder input).
 
     Example::
 
@@ -242,8 +253,8 @@ class ActivationRecorder:
         for tau in thresholds:
             if not (isinstance(tau, (int, float)) and tau >= 0 and math.isfinite(tau)):
                 raise ValueError(f"thresholds must be finite and >= 0, got {tau!r}")
-        if skip_leading < 0:
-            raise ValueError(f"skip_leading must be >= 0, got {skip_leading}")
+        if not isinstance(skip_leading, int) or isinstance(skip_leading, bool) or skip_leading < 0:
+            raise ValueError(f"skip_leading must be an int >= 0, got {skip_leading!r}")
         self.model = model
         self.sites = list(sites) if sites is not None else find_activation_sites(model, site)
         self.site_kind = site
@@ -257,6 +268,7 @@ class ActivationRecorder:
         self.losses: dict[str, Tensor] = {}
         self.enabled = True
         self._masks: dict[str, Tensor | None] = {}
+        self._enc_dec = bool(getattr(getattr(_innermost_hf_model(model), "config", None), "is_encoder_decoder", False))
         self._dtype: str = ""
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._warned = False
@@ -307,7 +319,11 @@ class ActivationRecorder:
     # -- masks
     def set_masks(self, attention_mask: Tensor | None, decoder_mask: Tensor | None = None) -> None:
         """Set the real-token masks for calls that bypass the Hugging Face model's ``forward``
-        (e.g. running a stack directly). The next HF ``forward`` call replaces them."""
+        (e.g. running a stack directly). The next HF ``forward`` call replaces them. For models that
+        are not encoder–decoders ``decoder_mask`` defaults to ``attention_mask`` (their sites are
+        one stack, named ``decoder`` for decoder-only models)."""
+        if decoder_mask is None and not self._enc_dec:
+            decoder_mask = attention_mask
         self._masks = {"encoder": attention_mask, "decoder": decoder_mask}
 
     def _capture_masks(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -329,11 +345,24 @@ class ActivationRecorder:
                     stacklevel=2,
                 )
                 self._warned = True
-        if self.skip_leading and a.dim() == 3:
-            lead = torch.ones(a.shape[:-1], dtype=torch.bool, device=a.device)
-            lead[:, : self.skip_leading] = False
-            mask = lead if mask is None else mask & lead
+        if self.skip_leading and (site.stack == "encoder" or not self._enc_dec):
+            lead = self._after_leading(a)
+            mask = lead if mask is None or lead is None else mask & lead
         return mask
+
+    def _after_leading(self, a: Tensor) -> Tensor | None:
+        """Mask over ``a.shape[:-1]`` excluding each sequence's first ``skip_leading`` positions;
+        ``None`` for a flattened activation whose batch size no mask tells."""
+        if a.dim() == 3:
+            lead = torch.ones(a.shape[:-1], dtype=torch.bool, device=a.device)  # (B, T)
+            lead[:, : self.skip_leading] = False
+            return lead
+        batch = next((m.shape[0] for m in self._masks.values() if isinstance(m, Tensor) and m.dim() == 2), None)
+        if a.dim() != 2 or batch is None or a.shape[0] % batch:
+            return None
+        lead = torch.ones(batch, a.shape[0] // batch, dtype=torch.bool, device=a.device)  # (B, T)
+        lead[:, : self.skip_leading] = False
+        return lead.reshape(-1)  # (B*T,) batch-major, as OPT flattens
 
     # -- hooks
     def _make_output_hook(self, site: ActivationSite):

@@ -35,6 +35,11 @@ DENSITY_LOSSES: dict[str, SurrogateFactory] = {}
 ALPHA_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {}
 
 
+def _finite_nonnegative(value) -> bool:
+    """A real number (not a bool), finite and >= 0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def register_density_loss(name: str):
     """Decorator: register ``factory(config) -> elementwise fn`` under ``name``."""
 
@@ -133,18 +138,17 @@ class DensityLossConfig:
         if self.schedule not in ALPHA_SCHEDULES:
             raise ValueError(f"unknown alpha schedule {self.schedule!r}; choose one of {sorted(ALPHA_SCHEDULES)}")
         for name in ("alpha", "eps", "beta"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if not _finite_nonnegative(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0 (the paper uses 1e-7), got {self.eps!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not isinstance(self.warmup_steps, int) or isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
         if self.site not in SITE_KINDS:
             raise ValueError(f"site must be one of {SITE_KINDS}, got {self.site!r}")
-        bad = {k: v for k, v in self.stack_weights.items() if k not in ("encoder", "decoder") or v < 0}
+        bad = {k: v for k, v in self.stack_weights.items() if k not in ("encoder", "decoder") or not _finite_nonnegative(v)}
         if bad:
-            raise ValueError(f"stack_weights keys must be 'encoder'/'decoder' with weights >= 0, got {bad}")
+            raise ValueError(f"stack_weights keys must be 'encoder'/'decoder' with finite weights >= 0, got {bad}")
 
     def surrogate(self) -> Callable[[Tensor], Tensor]:
         """The elementwise surrogate φ."""

@@ -38,6 +38,21 @@ def test_missing_folder_and_file(tmp_path):
         load_glue("sst2", "dev", tmp_path)
 
 
+def test_mnli_dev_is_the_matched_file_with_the_hubs_class_ids(tmp_path):
+    """GLUE ships MNLI's dev as dev_matched.tsv; class ids follow the Hub's glue/mnli ClassLabel
+    (entailment 0, neutral 1, contradiction 2) so a local folder and the Hub train the same head."""
+    folder = tmp_path / "MNLI"
+    folder.mkdir()
+    header = "index\tsentence1\tsentence2\tgold_label\n"
+    rows = "".join(f"{i}\tp{i}\th{i}\t{label}\n" for i, label in enumerate(["entailment", "neutral", "contradiction"]))
+    (folder / "dev_matched.tsv").write_text(header + rows)
+    assert [e.label for e in load_glue("mnli", "dev", tmp_path)] == [0, 1, 2]
+    assert get_task("mnli").hub_dev == "validation_matched"
+    (folder / "dev_matched.tsv").unlink()
+    with pytest.raises(DataError, match="must hold train.tsv and dev_matched.tsv"):
+        load_glue("mnli", "dev", tmp_path)
+
+
 def test_malformed_row_names_file_and_line(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()

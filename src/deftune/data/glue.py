@@ -45,6 +45,8 @@ class GlueTask:
         metrics: metric names (:mod:`deftune.data.metrics`); the first is the headline metric.
         hub: (dataset, config) on the Hub.
         hub_text: the Hub dataset's text column names.
+        dev_file: the dev split's file in the task folder (MNLI: ``dev_matched.tsv``).
+        hub_dev: the dev split's name on the Hub (MNLI: ``validation_matched``).
     """
 
     name: str
@@ -56,6 +58,8 @@ class GlueTask:
     metrics: tuple[str, ...]
     hub: tuple[str, str]
     hub_text: tuple[str, ...]
+    dev_file: str = "dev.tsv"
+    hub_dev: str = "validation"
 
     @property
     def num_labels(self) -> int:
@@ -88,8 +92,11 @@ GLUE_TASKS: dict[str, GlueTask] = {
             ("accuracy",), ("glue", "qnli"), ("question", "sentence"),
         ),
         GlueTask(
+            # class order of the Hub's glue/mnli ClassLabel, so both sources give the same ids;
+            # dev is the matched dev set
             "mnli", "MNLI", True, ("sentence1", "sentence2"), "gold_label",
-            ("contradiction", "entailment", "neutral"), ("accuracy",), ("glue", "mnli"), ("premise", "hypothesis"),
+            ("entailment", "neutral", "contradiction"), ("accuracy",), ("glue", "mnli"), ("premise", "hypothesis"),
+            dev_file="dev_matched.tsv", hub_dev="validation_matched",
         ),
         GlueTask(
             "qqp", "QQP", True, ("question1", "question2"), "is_duplicate", ("0", "1"), ("accuracy", "f1"),
@@ -98,7 +105,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
     )
 }
 
-_SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv", "validation": "dev.tsv", "test": "test.tsv"}
+SPLITS = ("train", "dev", "validation", "test")  # "validation" is the Hub's name of "dev"
 
 
 def get_task(name: str) -> GlueTask:
@@ -138,8 +145,8 @@ def read_glue_tsv(task: GlueTask, path: Path) -> list[Example]:
     """Read one GLUE TSV file; malformed rows raise :class:`DataError` naming file and line."""
     if not path.is_file():
         raise DataError(
-            f"task file {str(path)!r} not found; the {task.name} folder must hold train.tsv and dev.tsv "
-            f"in GLUE format ({task.folder}/train.tsv)"
+            f"task file {str(path)!r} not found; the {task.name} folder must hold train.tsv and "
+            f"{task.dev_file} in GLUE format ({task.folder}/train.tsv)"
         )
     examples: list[Example] = []
     with path.open(encoding="utf-8-sig", newline="") as f:
@@ -177,7 +184,7 @@ def _load_from_hub(task: GlueTask, split: str) -> list[Example]:
             "no GLUE folder was given and the optional 'datasets' package is missing: pass --data-dir "
             f"(or set {DATA_DIR_ENV}) or install deftune[hub]"
         ) from None
-    hub_split = "validation" if split == "dev" else split
+    hub_split = task.hub_dev if split in ("dev", "validation") else split
     ds = datasets.load_dataset(*task.hub, split=hub_split)
     out = []
     for row in ds:
@@ -193,8 +200,8 @@ def load_glue(
 ) -> list[Example]:
     """Examples of one GLUE task split (``train`` or ``dev``), local folder first, else the Hub."""
     spec = get_task(task) if isinstance(task, str) else task
-    if split not in _SPLIT_FILES:
-        raise DataError(f"unknown split {split!r}; choose one of {sorted(_SPLIT_FILES)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {sorted(SPLITS)}")
     root = resolve_data_dir(data_dir)
     if root is None:
         return _load_from_hub(spec, split)
@@ -204,7 +211,8 @@ def load_glue(
             f"task folder {str(folder)!r} not found in {str(root)!r}; expected GLUE task folders such as "
             f"{', '.join(t.folder for t in list(GLUE_TASKS.values())[:6])}"
         )
-    return read_glue_tsv(spec, folder / _SPLIT_FILES[split])
+    file = spec.dev_file if split in ("dev", "validation") else f"{split}.tsv"
+    return read_glue_tsv(spec, folder / file)
 
 
 def subsample(examples: Sequence[Example], n: int | None, seed: int = 0) -> list[Example]:

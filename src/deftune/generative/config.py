@@ -66,7 +66,8 @@ class GenConfig:
         lr_warmup_steps: linear learning-rate warm-up, then cosine decay to a tenth of the peak.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping (0: off).
-        max_length: longest training sequence (prompt + answer) in tokens.
+        max_length: longest training sequence in tokens: prompt + answer for decoders, the prompt
+            (encoder input) alone for encoder–decoders.
         max_context_tokens: the context is cut to this many tokens around the answer sentence.
         max_new_tokens: greedy decoding length limit.
         eval_articles: SQuAD articles held out for evaluation (split by article).
@@ -145,20 +146,25 @@ class GenConfig:
         check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
         positive = ("lora_r", "steps", "batch_size", "grad_accum", "max_length", "max_context_tokens",
                     "max_new_tokens", "eval_articles", "eval_questions", "eval_batch_size", "log_every")
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("lr_warmup_steps", "ppl_texts", "threads", "alpha_warmup_steps", "act_threshold_warmup_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        for name in ("lr", "weight_decay", "max_grad_norm", "lora_dropout", "relu_threshold"):
+        for name in ("lr", "weight_decay", "max_grad_norm", "lora_dropout", "relu_threshold", "lora_alpha"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr == 0:
-            raise ValueError("lr must be > 0")
+        if self.lr == 0 or self.lora_alpha == 0:
+            raise ValueError(f"lr and lora_alpha must be > 0, got lr={self.lr!r}, lora_alpha={self.lora_alpha!r}")
+        if self.lora_dropout >= 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.act_threshold_warmup_steps:
             if self.act_threshold_density is None:
                 raise ValueError("act_threshold_warmup_steps needs act_threshold_density (the thresholds it ramps up)")
@@ -172,7 +178,7 @@ class GenConfig:
                 f"max_context_tokens ({self.max_context_tokens}) must be below max_length "
                 f"({self.max_length}) to leave room for the question and the answer"
             )
-        if self.train_subset is not None and self.train_subset < 1:
+        if self.train_subset is not None and (not is_int(self.train_subset) or self.train_subset < 1):
             raise ValueError(f"train_subset must be None or >= 1, got {self.train_subset!r}")
         self.density_config()  # validates the density fields
 

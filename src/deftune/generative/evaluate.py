@@ -193,11 +193,11 @@ def perplexity(model: nn.Module, tokenizer, texts: Sequence[str], *, max_length:
     if not texts:
         raise ValueError("perplexity needs at least one text")
     device = _device(model)
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     rows = [bos + tokenizer(t, add_special_tokens=False)["input_ids"][: max_length - len(bos)] for t in texts]
+    was_training = model.training
+    model.eval()
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

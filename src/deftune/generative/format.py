@@ -74,8 +74,9 @@ def encode_example(
     """Tokenise one question, cutting its context around the answer to fit ``max_length``.
 
     The context first gets ``max_context_tokens`` (see :func:`deftune.data.squad.window_context`);
-    if prompt + target still exceed ``max_length`` (long question or answer) the context budget
-    shrinks by the overflow and the window is cut again.
+    if prompt + target (the prompt alone for ``seq2seq``: the answer is the decoder's) still exceed
+    ``max_length`` (long question or answer) the context budget shrinks by the overflow and the
+    window is cut again.
     """
 
     def n_tokens(text: str) -> int:

@@ -12,7 +12,7 @@ The run:
 4. trains with ``task loss + alpha(step) * density loss`` inside a
    :class:`deftune.regularizer.DensityRegularizer` — the same code path for ``alpha = 0``;
 5. evaluates again and saves the run folder: ``adapter/`` (peft format), ``deftune.json``
-   (the config), ``results.json``, ``log.jsonl`` and ``predictions.json``.
+   (the config), ``results.json``, ``log.json`` and ``predictions.json``.
 """
 
 from __future__ import annotations
