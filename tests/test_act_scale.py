@@ -111,7 +111,7 @@ def test_fold_refuses_unmerged_lora():
         fold_act_scales(model)
 
 
-@pytest.mark.parametrize("name", ["lora", "bitfit", "adapter"])
+@pytest.mark.parametrize("name", ["lora", "bitfit", "adapter", "full"])
 def test_method_save_load_keeps_scales(tmp_path, name):
     model = apply_method(tiny_bert(), MethodConfig(name, act_scale="neuron"))
     with torch.no_grad():
@@ -129,6 +129,66 @@ def test_method_save_load_keeps_scales(tmp_path, name):
     assert all(not w.log_scale.requires_grad for w in scaled_activations(loaded).values())
     with pytest.raises(ValueError, match="do not fit"):
         load_act_scales(loaded, {k + ".x": v for k, v in state.items()})
+
+
+def _thresholds(model, t: float = 0.05):
+    from deftune.arch import find_activation_sites
+    from deftune.sparse import Thresholds
+
+    names = [s.name for s in find_activation_sites(model)]
+    return Thresholds({n: t for n in names}, 0.5, "layer", {}, {}, {})
+
+
+def test_scales_save_load_and_fold_under_thresholds(tmp_path):
+    """The threshold route wraps the scaled activation (``.inner``): the scales keep their site keys,
+    so a run saved with thresholds on loads onto a fresh base, and folding keeps the thresholds."""
+    from deftune.sparse import ThresholdedActivation, apply_thresholds
+
+    model = apply_method(tiny_bert(), MethodConfig("lora", act_scale="layer"))
+    with torch.no_grad():
+        for w in scaled_activations(model).values():
+            w.log_scale.uniform_(0, 2)
+    apply_thresholds(model, _thresholds(model))
+    b = batch()
+    expected = _out(model, b)
+    keys = list(act_scale_state(model))
+    assert keys and not any(k.endswith(".inner") for k in keys)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tiny_bert(), tmp_path)
+    apply_thresholds(loaded, _thresholds(loaded))
+    torch.testing.assert_close(_out(loaded, b), expected)
+    # a save made before the keys dropped ".inner" still loads
+    load_act_scales(loaded, {k + ".inner": v for k, v in act_scale_state(loaded).items()})
+
+    plain = tiny_bert()
+    add_act_scales(plain, "layer")
+    with torch.no_grad():
+        for w in scaled_activations(plain).values():
+            w.log_scale.uniform_(0, 2)
+    apply_thresholds(plain, _thresholds(plain))
+    before = _out(plain, b)
+    assert fold_act_scales(plain) == 2
+    assert not scaled_activations(plain)
+    assert sum(isinstance(m, ThresholdedActivation) for m in plain.modules()) == 2
+    torch.testing.assert_close(_out(plain, b), before, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_into_a_merged_identity_bottleneck_adapter():
+    from deftune.methods import merge_adapter
+
+    model = apply_method(tiny_bert(), MethodConfig("adapter", adapter_activation="identity", act_scale="layer"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adapter_" in name:
+                p.normal_(0, 0.1)
+        for w in scaled_activations(model).values():
+            w.log_scale.uniform_(0, 2)
+    b = batch()
+    expected = _out(model, b)
+    merge_adapter(model)
+    assert fold_act_scales(model) == 2
+    torch.testing.assert_close(_out(model, b), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_method_config_validates_act_scale():
@@ -254,3 +314,15 @@ def test_density_only_scales_take_the_density_gradient_through_thresholds():
     total.backward()
     grads = [w.log_scale.grad for w in scaled_activations(model).values()]
     assert all(g is not None and (g < 0).all() for g in grads)
+
+
+def test_per_neuron_scales_do_not_fold_under_a_layer_threshold():
+    from deftune.sparse import apply_thresholds
+
+    model = tiny_bert()
+    add_act_scales(model, "neuron")
+    apply_thresholds(model, _thresholds(model))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="per-neuron scales cannot fold under the layer threshold"):
+        fold_act_scales(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -35,6 +35,8 @@ here are the mechanism (``add_act_scales``, ``act_scale_state``, ``load_act_scal
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
@@ -171,15 +173,24 @@ def remove_act_scales(model: nn.Module) -> None:
         model.set_submodule(path, wrapper.act)
 
 
+def site_path(path: str) -> str:
+    """The activation site's module path of a wrapper at ``path``: a module that wraps the scaled
+    activation in turn (:class:`deftune.sparse.ThresholdedActivation` keeps it as ``.inner``) does
+    not change where the scale belongs."""
+    return re.sub(r"(\.inner)+$", "", path)
+
+
 def act_scale_state(model: nn.Module) -> dict[str, Tensor]:
-    """``{module path: log_scale}`` (detached, CPU), what :data:`SCALE_FILE` stores."""
-    return {path: w.log_scale.detach().cpu().contiguous() for path, w in scaled_activations(model).items()}
+    """``{activation site path: log_scale}`` (detached, CPU), what :data:`SCALE_FILE` stores; the same
+    keys with or without thresholds wrapped around the scaled activations."""
+    return {site_path(path): w.log_scale.detach().cpu().contiguous() for path, w in scaled_activations(model).items()}
 
 
 @torch.no_grad()
 def load_act_scales(model: nn.Module, state: dict[str, Tensor]) -> None:
     """Copy ``state`` (from :func:`act_scale_state`) into the wrappers of ``model``; sets must match."""
-    wrappers = scaled_activations(model)
+    wrappers = {site_path(path): w for path, w in scaled_activations(model).items()}
+    state = {site_path(k): v for k, v in state.items()}  # saves from before the keys dropped ".inner"
     missing, unexpected = sorted(set(wrappers) - set(state)), sorted(set(state) - set(wrappers))
     if missing or unexpected:
         raise ValueError(f"activation scales do not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -197,11 +208,14 @@ def scale_medians(model: nn.Module) -> dict[str, float]:
 def _plain(module: nn.Module, role: str, path: str) -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
+    if type(module).__name__ == "BottleneckLayer" and getattr(module, "merged", False):
+        module = module.base_layer  # a merged bottleneck adapter computes base_layer(x) alone
     if type(module) not in (nn.Linear, Conv1D):
         raise TypeError(
             f"cannot fold an activation scale into the {role} projection of {path!r}: it is a "
-            f"{type(module).__name__}, not nn.Linear / Conv1D. Merge and unload the adapter first "
-            "(peft: model.merge_and_unload()), then fold."
+            f"{type(module).__name__}, not nn.Linear / Conv1D. Merge the adapter first (peft methods: "
+            "model.merge_and_unload(); deftune's bottleneck adapter: merge_adapter(model), which needs "
+            "adapter_activation='identity'), then fold."
         )
     return module
 
@@ -213,17 +227,27 @@ def fold_act_scales(model: nn.Module) -> int:
     ``act(s ⊙ (W x + b)) / s`` then ``W_down`` becomes ``act(W' x + b')`` then ``W_down'`` with
     ``W' = diag(s) W``, ``b' = s ⊙ b``, ``W_down' = W_down diag(1/s)``: the model is a standard
     architecture again, with the same outputs (up to rounding) and the same exact zeros. The up and
-    down projections must be plain ``nn.Linear`` / GPT-2 ``Conv1D`` (merge LoRA first). Returns the
-    number of layers folded.
+    down projections must be plain ``nn.Linear`` / GPT-2 ``Conv1D`` (merge LoRA first). A threshold
+    wrapped around a scaled activation (the threshold route) compared ``act(s z) / s`` with ``t``;
+    after the fold it compares ``act(s z)`` with ``s t`` — one scale per layer only (a per-neuron
+    scale under one layer threshold raises). Everything is checked before any weight changes.
+    Returns the number of layers folded.
     """
     from transformers.pytorch_utils import Conv1D
 
     wrappers = scaled_activations(model)
     sites = {site.module_path: site for site in find_activation_sites(model, "act")}
+    plan = []
     for path, wrapper in wrappers.items():
-        mlp = sites[path].mlp_path
+        mlp = sites[site_path(path)].mlp_path
         up = _plain(_act_input(model, mlp), "input", path)
         down = _plain(_down(model, mlp), "down", path)
+        holder = model.get_submodule(site_path(path)) if site_path(path) != path else None  # thresholds
+        if holder is not None and wrapper.log_scale.numel() != 1:
+            raise ValueError(f"{path}: per-neuron scales cannot fold under the layer threshold of "
+                             f"{type(holder).__name__}; fold before applying thresholds, or remove them first")
+        plan.append((path, wrapper, up, down, holder))
+    for path, wrapper, up, down, holder in plan:
         s = wrapper.scale().to(up.weight.dtype)
         if isinstance(up, Conv1D):  # weight (in, out)
             up.weight.mul_(s.unsqueeze(0))
@@ -235,5 +259,7 @@ def fold_act_scales(model: nn.Module) -> int:
             down.weight.div_(s.unsqueeze(1))
         else:  # weight (out, features)
             down.weight.div_(s.unsqueeze(0))
+        if holder is not None:
+            holder.threshold = float(holder.threshold * wrapper.scale().item())
         model.set_submodule(path, wrapper.act)
     return len(wrappers)

@@ -97,3 +97,17 @@ def test_rejects_unsupported_modules_and_bad_config():
         BottleneckLayer(nn.Conv2d(2, 2, 1), BottleneckConfig())
     with pytest.raises(ValueError, match="placement must be one of"):
         BottleneckConfig(placement="beside")
+
+
+def test_an_unsupported_target_leaves_the_model_unchanged():
+    """Every target is checked before the first adapter goes in or anything is frozen."""
+    from methods_tiny import tiny_bert
+
+    from deftune.methods import MethodConfig, apply_method
+    from deftune.methods.bottleneck import adapter_layers
+
+    model = tiny_bert()
+    with pytest.raises(TypeError, match="got LayerNorm"):
+        apply_method(model, MethodConfig("adapter", target_modules=("output.dense", "output.LayerNorm")))
+    assert not adapter_layers(model)
+    assert all(p.requires_grad for p in model.parameters())

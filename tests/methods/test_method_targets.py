@@ -96,6 +96,17 @@ def test_ia3_scales_the_activation_feeding_the_down_projection():
     assert set(cfg.target_modules) >= {"k_proj", "v_proj"}
 
 
+def test_ia3_with_short_target_names_still_scales_the_mlp_input(tmp_path):
+    """Named targets ("output.dense") must not turn the MLP down projection into an output scaling:
+    its IA3 vector has the intermediate width (1, I); the attention output's keeps (H, 1)."""
+    model = apply_method(tiny_bert(), MethodConfig(name="ia3", target_modules=("key", "value", "output.dense")))
+    cfg = method_config(model)
+    assert cfg.feedforward_modules == ("bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense")
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters() if "ia3_l" in n and "layer.0." in n}
+    assert shapes["base_model.model.bert.encoder.layer.0.output.dense.ia3_l.default"] == (1, 64)
+    assert shapes["base_model.model.bert.encoder.layer.0.attention.output.dense.ia3_l.default"] == (32, 1)
+
+
 def test_target_override_and_unmatched_name():
     model = apply_method(tiny_bert(), MethodConfig(name="lora", target_modules=("key",)))
     assert {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")} == {"key"}

@@ -350,3 +350,31 @@ def test_squad_split_is_by_article(tmp_path):
     assert set(calib) == first and not set(held_out) & first
 
 
+
+
+def test_a_histogram_from_another_site_or_binning_is_refused():
+    model = tiny_llama()
+    hist = collect_histograms(model, batches(n=1), CalibrationConfig(site="act"))
+    with pytest.raises(ValueError, match="collected at site 'act', the config asks for site 'product'"):
+        calibrate_thresholds(model, batches(n=1), CalibrationConfig(site="product"), histogram=hist)
+    with pytest.raises(ValueError, match="bin edges differ"):
+        calibrate_thresholds(model, batches(n=1), CalibrationConfig(bins_per_octave=8), histogram=hist)
+
+
+def test_sweep_leaves_virtual_tokens_out():
+    """A prompt-tuned model's leading positions are not tokens: skip_leading drops them everywhere."""
+    from deftune.methods import MethodConfig, apply_method, virtual_token_count
+
+    model = apply_method(tiny_bert(), MethodConfig("prompt", num_virtual_tokens=5)).eval()
+    data = batches(n=1)
+    skip = virtual_token_count(model)
+    real = sum(int(b["attention_mask"].sum()) for b in data)
+    hist = collect_histograms(model, data, CalibrationConfig(), skip_leading=skip)
+    assert int(hist.counts[find_activation_sites(model)[0].name].sum()) == real * 64  # tokens x MLP width
+    def evaluate(m):
+        with torch.no_grad():
+            m(**data[0])
+        return {"none": 0.0}
+
+    points = sweep_targets(model, data, [0.5], evaluate, CalibrationConfig(refine_passes=0), skip_leading=skip)
+    assert points[0].eval_density == pytest.approx(0.5, abs=0.05)

@@ -53,7 +53,18 @@ def _gpt2(seed: int = 0) -> GPT2Model:
     return GPT2Model(GPT2Config(vocab_size=101, n_embd=48, n_layer=2, n_head=4, n_positions=64)).eval()
 
 
-BUILDERS = {"llama": _llama, "bert": _bert, "gpt2": _gpt2}
+def _t5(feed_forward_proj: str):
+    def build(seed: int = 0):
+        from transformers import T5Config, T5EncoderModel
+
+        torch.manual_seed(seed)
+        return T5EncoderModel(T5Config(vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                       feed_forward_proj=feed_forward_proj)).eval()
+
+    return build
+
+
+BUILDERS = {"llama": _llama, "bert": _bert, "gpt2": _gpt2, "t5": _t5("relu"), "t5-gated": _t5("gated-gelu")}
 
 
 def _out(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -163,3 +174,26 @@ def test_llama_decode_step_triton_equals_reference_on_gpu():
     got = _out(model, ids).float()
     assert torch.isfinite(got).all()
     assert float((got - ref).norm() / ref.norm()) < 2e-2
+
+
+def test_calibrated_thresholds_object_is_accepted_and_its_site_checked():
+    from deftune.sparse import Thresholds
+
+    names = [s.name for s in find_activation_sites(_llama())]
+    th = Thresholds({n: 0.1 for n in names}, 0.5, "layer", {}, {}, {}, site="product")
+    with pytest.raises(ValueError, match="calibrated at site 'product'"):
+        sparsify_mlps_(_llama(), th)
+    model = _llama()
+    ids = torch.randint(0, 101, (2, 7))
+    expected = _hook_masked(model, ids, {n: 0.1 for n in names})
+    sparsify_mlps_(model, Thresholds({n: 0.1 for n in names}, 0.5, "layer", {}, {}, {}, site="act"))
+    torch.testing.assert_close(_out(model, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_threshold_compares_half_precision_in_float32():
+    """bf16 rounds 0.10001 up to 0.10009765625; the comparison must not: that value stays."""
+    from deftune.sparse.reference import threshold_activation
+
+    a = torch.tensor([0.10009765625, -0.10009765625, 0.099609375], dtype=torch.bfloat16)
+    assert threshold_activation(a, 0.10001).tolist() == [0.10009765625, -0.10009765625, 0.0]
+    assert threshold_activation(a.float(), 0.10001).tolist() == pytest.approx([0.10009765625, -0.10009765625, 0.0])

@@ -154,3 +154,14 @@ def test_product_site_thresholds_sit_on_a_lora_adapted_down_projection():
         peft_model(**data[0])
     hook.remove()
     assert (seen[0] == 0).float().mean() > 0.3  # the LoRA path reads the thresholded input
+
+
+def test_a_bad_value_leaves_every_layer_unthresholded():
+    """Values are checked before the first layer is wrapped (the NaN sits on the second layer)."""
+    model = tiny_bert()
+    names = [s.name for s in find_activation_sites(model)]
+    th = Thresholds(values={names[0]: 0.1, names[1]: float("nan")}, target=0.5, mode="layer",
+                    achieved={}, natural={}, elements={})
+    with pytest.raises(ValueError, match=f"threshold of {names[1]} must be finite and >= 0, got nan"):
+        apply_thresholds(model, th)
+    assert not any(isinstance(m, ThresholdedActivation) for m in model.modules())

@@ -167,6 +167,7 @@ class _Setup:
     evaluate: Callable
     metric: str
     data_info: dict = field(default_factory=dict)
+    skip_leading: int = 0  # prompt-tuning virtual tokens: not real tokens, left out of calibration
 
 
 def _setup(job: CalibrationJob, model_name: str) -> _Setup:
@@ -179,10 +180,13 @@ def _setup(job: CalibrationJob, model_name: str) -> _Setup:
         if job.sweep and not is_run_dir(model_name):
             raise ValueError(f"--sweep on sst2 needs a run directory with a trained head, got {model_name!r}")
         if is_run_dir(model_name):
+            from deftune.methods import virtual_token_count
             from deftune.train import load_run
 
             model, tokenizer, _ = load_run(model_name)
+            skip = virtual_token_count(model)
         else:
+            skip = 0
             model = models.load_for_classification(model_name, task.num_labels)
             tokenizer = models.load_tokenizer(model_name)
         calib_ex = subsample(load_glue(task, "train", job.data_dir), job.calib_size, seed=job.seed)
@@ -197,7 +201,7 @@ def _setup(job: CalibrationJob, model_name: str) -> _Setup:
 
         info = {"calibration": f"SST-2 train, {len(calib_ex)} sentences (seed {job.seed})",
                 "evaluation": f"SST-2 dev, {len(dev)} sentences", "max_length": job.max_length}
-        return _Setup(model, calib, evaluate, "accuracy", info)
+        return _Setup(model, calib, evaluate, "accuracy", info, skip_leading=skip)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -240,16 +244,17 @@ def run_calibration(job: CalibrationJob) -> dict:
         setup = _setup(job, model_name)
         config = job.calibration_config()
         start = time.perf_counter()
-        hist = collect_histograms(setup.model, setup.calib, config)
+        hist = collect_histograms(setup.model, setup.calib, config, skip_leading=setup.skip_leading)
         entry: dict = {"model": model_name, "histogram_seconds": round(time.perf_counter() - start, 2),
                        "refine_passes": job.refine_passes, "points": []}
         if job.output or not job.sweep:  # the sweep calibrates its own targets
-            th = calibrate_thresholds(setup.model, setup.calib, config, histogram=hist)
+            th = calibrate_thresholds(setup.model, setup.calib, config, histogram=hist, skip_leading=setup.skip_leading)
             print(f"{label}: calibrated in {time.perf_counter() - start:.1f}s\n{th.table()}")
             if job.output and model_name == job.models[0]:
                 th.save(job.output)
         if job.sweep:
-            points = sweep_targets(setup.model, setup.calib, job.sweep, setup.evaluate, config, histogram=hist)
+            points = sweep_targets(setup.model, setup.calib, job.sweep, setup.evaluate, config, histogram=hist,
+                                   skip_leading=setup.skip_leading)
             for point in points:
                 print(f"{label}: target {point.target:.2f}  calib {point.calibration_density:.4f}  "
                       f"eval {point.eval_density:.4f}  {setup.metric} {point.metrics[setup.metric]:.3f}")

@@ -50,6 +50,8 @@ def _load(model: nn.Module, directory: Path, cfg: MethodConfig, trainable: bool)
     state: dict[str, torch.Tensor] = {}
     for file in files:
         state.update(load_file(str(file)))
+    if cfg.act_scale != "none":  # the learned scales are loaded from their own file after this
+        state = {k: v for k, v in state.items() if not k.endswith(".log_scale")}
     result = model.load_state_dict(state, strict=False)
     tied = _tied_aliases(model)
     missing = [k for k in result.missing_keys if k not in tied]

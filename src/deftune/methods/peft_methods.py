@@ -49,6 +49,7 @@ from deftune.methods.targets import (
     family_targets,
     freeze_all,
     infer_task_type,
+    matches,
     mlp_output_paths,
     resolve_modules,
 )
@@ -89,7 +90,14 @@ def _lora_builder(use_dora: bool) -> Builder:
 def _ia3(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, MethodConfig]:
     mlp_out = tuple(mlp_output_paths(model))
     targets = cfg.target_modules or family_targets(model).key_value + mlp_out
-    feedforward = cfg.feedforward_modules or tuple(p for p in mlp_out if p in targets)
+    if not cfg.feedforward_modules:
+        # the MLP down projections among the targets (names match paths as peft matches them), by
+        # full path: a short name such as "output.dense" also matches attention outputs, which must
+        # keep IA3's output scaling; peft wants them in target_modules too
+        feedforward = tuple(p for p in mlp_out if matches(p, targets))
+        targets = tuple(targets) + tuple(p for p in feedforward if p not in targets)
+    else:
+        feedforward = cfg.feedforward_modules
     peft_config = IA3Config(
         task_type=task,
         target_modules=list(targets),

@@ -371,6 +371,17 @@ def collect_histograms(
     return histogram
 
 
+def _check_histogram_fits(histogram: MagnitudeHistogram, config: CalibrationConfig) -> None:
+    """A histogram passed in must come from the same site and bins as ``config`` would collect."""
+    if histogram.site != config.site:
+        raise ValueError(f"the histogram was collected at site {histogram.site!r}, the config asks for site "
+                         f"{config.site!r}: collect it with the same CalibrationConfig")
+    expected = MagnitudeHistogram.empty(config).edges
+    if histogram.edges.shape != expected.shape or not torch.equal(histogram.edges.cpu(), expected):
+        raise ValueError("the histogram's bin edges differ from the config's (bins_per_octave / range): collect "
+                         "it with the same CalibrationConfig")
+
+
 def calibrate_thresholds(
     model: nn.Module,
     batches: Sequence[Mapping[str, Tensor]],
@@ -389,6 +400,8 @@ def calibrate_thresholds(
     config = config or CalibrationConfig()
     if histogram is None:
         histogram = collect_histograms(model, batches, config, progress=progress, skip_leading=skip_leading)
+    else:
+        _check_histogram_fits(histogram, config)
     th = histogram.thresholds(config.target, config.mode)
     passes = 0
     while passes < config.refine_passes and any(th.values.values()):  # all 0: a pass would change nothing
@@ -432,21 +445,26 @@ def sweep_targets(
     config: CalibrationConfig | None = None,
     *,
     histogram: MagnitudeHistogram | None = None,
+    skip_leading: int = 0,
 ) -> list[SweepPoint]:
     """For each target: calibrate on ``batches``, threshold ``model``, call ``evaluate(model)`` and
     measure the exact density meanwhile.
 
     ``evaluate`` runs forward passes (with attention masks) and returns metrics; the model is
     restored after each point. ``config`` gives everything but the target; the unthresholded
-    histogram (pass 1) is collected once and shared by all targets.
+    histogram (pass 1) is collected once and shared by all targets. ``skip_leading``: positions
+    left out of calibration and density (prompt-tuning virtual tokens), as
+    :func:`collect_histograms`.
     """
     config = config or CalibrationConfig()
     if histogram is None:
-        histogram = collect_histograms(model, batches, config)
+        histogram = collect_histograms(model, batches, config, skip_leading=skip_leading)
     points = []
     for target in targets:
-        th = calibrate_thresholds(model, batches, replace(config, target=target), histogram=histogram)
-        recorder = ActivationRecorder(model, site=config.site, thresholds=(), count_padding=config.count_padding)  # type: ignore[arg-type]
+        th = calibrate_thresholds(model, batches, replace(config, target=target), histogram=histogram,
+                                  skip_leading=skip_leading)
+        recorder = ActivationRecorder(model, site=config.site, thresholds=(), count_padding=config.count_padding,  # type: ignore[arg-type]
+                                      skip_leading=skip_leading)
         with thresholded(model, th), recorder as rec:
             metrics = dict(evaluate(model))
             density = rec.result()

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from deftune.arch import ActivationSite, arch_spec, find_activation_sites
 from deftune.sparse.ops import DEFAULT_CONFIG, SparseMLPConfig, sparse_down_proj, sparse_gated_mlp, use_triton
 from deftune.sparse.reference import Activation, GatedMLPWeights, threshold_activation
+from deftune.sparse.thresholds import Thresholds
 
 # Activation modules the kernels implement, by class name (torch.nn and transformers.activations).
 _ACTIVATION_NAMES: dict[str, str] = {
@@ -161,6 +162,15 @@ class SparseInputLinear(SparseWrapper):
         self.config = config
         self._w_t = _TransposedCache()
 
+    @property
+    def weight(self) -> Tensor:
+        """The wrapped projection's weight (T5's MLP reads ``wo.weight`` to pick its dtype)."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
     def forward(self, a: Tensor) -> Tensor:  # (..., I) -> (..., H)
         w, bias = self.base.weight, self.base.bias
         if _is_conv1d(self.base):
@@ -197,8 +207,15 @@ WRAPPERS: dict[bool, Callable[[nn.Module, ActivationSite, float, SparseMLPConfig
 }
 
 
-def _per_site(thresholds: Mapping[str, float] | float, sites: list[ActivationSite]) -> dict[str, float]:
+def _per_site(thresholds: Thresholds | Mapping[str, float] | float, sites: list[ActivationSite]) -> dict[str, float]:
     names = [s.name for s in sites]
+    if isinstance(thresholds, Thresholds):
+        if thresholds.site != "act":
+            raise ValueError(
+                f"sparsify_mlps_ thresholds the activation output (site 'act'); these thresholds were "
+                f"calibrated at site {thresholds.site!r}: calibrate with CalibrationConfig(site='act')"
+            )
+        thresholds = thresholds.values
     if isinstance(thresholds, Mapping):
         missing = [n for n in names if n not in thresholds]
         unknown = sorted(set(thresholds) - set(names))
@@ -211,13 +228,14 @@ def _per_site(thresholds: Mapping[str, float] | float, sites: list[ActivationSit
 
 
 def sparsify_mlps_(
-    model: nn.Module, thresholds: Mapping[str, float] | float, config: SparseMLPConfig = DEFAULT_CONFIG
+    model: nn.Module, thresholds: Thresholds | Mapping[str, float] | float, config: SparseMLPConfig = DEFAULT_CONFIG
 ) -> list[str]:
     """Wrap every MLP of ``model`` (in place) with the activation-sparse operator.
 
     Args:
         model: a ``transformers`` model of a registered architecture (see :mod:`deftune.arch`).
-        thresholds: one float for every layer, or ``{site name: t_l}`` for every layer.
+        thresholds: one float for every layer, ``{site name: t_l}`` for every layer, or calibrated
+            :class:`deftune.sparse.Thresholds` of site ``act``.
         config: backend / scheme choice of the operator.
 
     Returns:

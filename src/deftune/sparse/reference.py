@@ -129,8 +129,13 @@ class MLPWeights:
 
 
 def threshold_activation(a: Tensor, threshold: float) -> Tensor:
-    """``a`` with every entry of ``|a| <= threshold`` set to zero."""
-    return torch.where(a.abs() > threshold, a, torch.zeros((), dtype=a.dtype, device=a.device))
+    """``a`` with every entry of ``|a| <= threshold`` set to zero.
+
+    The comparison runs in float32 for half-precision ``a`` (the threshold is a float32 value), as
+    calibration and the Triton kernels compare: in bf16 the threshold itself would be rounded.
+    """
+    keep = (a.float().abs() if a.dtype in (torch.float16, torch.bfloat16) else a.abs()) > threshold
+    return torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def down_proj_reference(a: Tensor, w_down_t: Tensor, b_down: Tensor | None = None) -> Tensor:

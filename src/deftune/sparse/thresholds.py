@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -112,6 +113,13 @@ def _zero_at_most(a: Tensor, threshold: float) -> Tensor:
     return a.masked_fill(mag <= threshold, 0.0)
 
 
+def check_threshold(threshold: float, where: str = "") -> None:
+    """Raise ``ValueError`` unless ``threshold`` is a finite number >= 0."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not (
+            math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"threshold{where} must be finite and >= 0, got {threshold!r}")
+
+
 class ThresholdedActivation(nn.Module):
     """Wraps an activation module; outputs with ``|a| <= threshold`` become exactly 0.
 
@@ -121,8 +129,7 @@ class ThresholdedActivation(nn.Module):
 
     def __init__(self, inner: nn.Module, threshold: float) -> None:
         super().__init__()
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
+        check_threshold(threshold)
         self.inner = inner
         self.threshold = float(threshold)
 
@@ -153,8 +160,7 @@ class InputThreshold:
     ATTR = "deftune_input_threshold"
 
     def __init__(self, threshold: float) -> None:
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise ValueError(f"threshold must be finite and >= 0, got {threshold!r}")
+        check_threshold(threshold)
         self.threshold = float(threshold)
         self.handle: torch.utils.hooks.RemovableHandle | None = None
 
@@ -218,8 +224,11 @@ def apply_thresholds(model: nn.Module, thresholds: Thresholds) -> list[str]:
     raises ``KeyError``. Apply after adapters that replace the thresholded module (peft on
     ``down_proj``), so that the hook sits on the module the model finally calls.
     """
+    sites = _sites_for(model, thresholds)
+    for site in sites:  # every value is checked before the first layer changes
+        check_threshold(thresholds.values[site.name], f" of {site.name}")
     paths = []
-    for site in _sites_for(model, thresholds):
+    for site in sites:
         _install(model, site, thresholds.values[site.name])
         paths.append(site.module_path)
     return paths

@@ -39,8 +39,8 @@ def _apply(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, MethodConfig
     paths = resolve_targets(model, config)
     if not paths:
         raise ValueError(f"no projection of {type(model).__name__} to wrap with a bottleneck adapter")
+    add_adapters(model, config, paths)  # checks every target before it changes the model
     freeze_all(model)
-    add_adapters(model, config, paths)
     resolved = cfg.replace(target_modules=tuple(paths), modules_to_save=heads, task_type=task)
     params = dict(model.named_parameters())
     for name in _trained_names(model, resolved):

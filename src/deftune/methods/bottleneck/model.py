@@ -28,12 +28,19 @@ def resolve_targets(model: nn.Module, config: BottleneckConfig) -> list[str]:
 
 
 def add_adapters(model: nn.Module, config: BottleneckConfig, paths: list[str]) -> None:
-    """Replace each module at ``paths`` by a :class:`BottleneckLayer` wrapping it (in place)."""
+    """Replace each module at ``paths`` by a :class:`BottleneckLayer` wrapping it (in place).
+
+    Every wrapper is built (and so every target checked) before the first one is installed: a
+    target that cannot carry an adapter leaves the model unchanged.
+    """
+    layers = {}
     for path in paths:
         target = model.get_submodule(path)
         if isinstance(target, BottleneckLayer):
             raise ValueError(f"{path} already carries a bottleneck adapter")
-        model.set_submodule(path, BottleneckLayer(target, config))
+        layers[path] = BottleneckLayer(target, config)
+    for path, layer in layers.items():
+        model.set_submodule(path, layer)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, BottleneckLayer]:
