@@ -28,7 +28,7 @@ from typing import Any
 
 from deftune.compare import load_rows
 from deftune.compare.grid import recipe
-from deftune.compare.pairs import summarise, variant
+from deftune.compare.pairs import density_change, summarise, variant
 from deftune.compare.select_alpha import missing_at_choice, select_alphas, selected_summary
 from deftune.runs import read_json, write_json_atomic
 
@@ -357,12 +357,12 @@ def _verdict(r: dict[str, Any]) -> str:
 
 def _without(r: dict[str, Any]) -> str:
     w = r["without"].get(LEFT_OUT)
-    return "–" if w is None else f"−{w['density_reduction_pct']:.1f} % / {w['metric_delta']:+.2f}"
+    return "–" if w is None else f"{density_change(w['density_reduction_pct'])} % / {w['metric_delta']:+.2f}"
 
 
 def _plain(r: dict[str, Any]) -> str:
     v = r.get("vs_plain_peft")
-    return "–" if v is None else f"−{v['density_reduction_pct']:.1f} % / {v['metric_delta']:+.2f}"
+    return "–" if v is None else f"{density_change(v['density_reduction_pct'])} % / {v['metric_delta']:+.2f}"
 
 
 def table_lines(results: list[dict[str, Any]]) -> list[str]:
@@ -376,7 +376,7 @@ def table_lines(results: list[dict[str, Any]]) -> list[str]:
             continue
         label = r["label"] + (" (" + ", ".join(f"{t} {a:g}" for t, a in r["chosen"].items()) + ")" if "chosen" in r else "")
         se = f"{r['metric_delta_se']:.2f}" if r["metric_delta_se"] is not None else "–"
-        lines.append(f"| {label} | {r['how']} | {_format_seeds(r['seeds'])} | {r['pairs']} | −{r['density_reduction_pct']:.1f} % | "
+        lines.append(f"| {label} | {r['how']} | {_format_seeds(r['seeds'])} | {r['pairs']} | {density_change(r['density_reduction_pct'])} % | "
                      f"{r['metric_delta']:+.2f} | {se} | {_verdict(r)} | {_without(r)} | {_plain(r)} | {', '.join(r['hardware'])} |")
     return lines
 

@@ -10,8 +10,11 @@ A run directory holds
 * ``extension.safetensors`` — state of training extensions (e.g. ADA-DEFT gates), if any;
 * ``results.json`` — the :class:`RunResult`.
 
-All JSON and safetensors files are written atomically (temp file + ``os.replace``), so an
-interrupted run never leaves a half-written file behind.
+deftune's own JSON and safetensors files are written atomically (a unique temp file +
+``os.replace``); ``train_log.jsonl`` is appended line by line, and PEFT writes its adapter files
+itself. ``results.json`` is written last and marks the run finished; training into a folder
+removes an earlier ``results.json`` first, so a run cut short while saving is never taken for a
+finished one.
 """
 
 from __future__ import annotations
@@ -31,35 +34,41 @@ EXTENSION_FILE = "extension.safetensors"
 THRESHOLDS_FILE = "act_thresholds.json"  # calibrated activation thresholds of a threshold-route run
 
 
-def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (name -> contiguous tensor) to ``path`` atomically (temp file, then rename)."""
-    from safetensors.torch import save_file
-
+@contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a fresh temp path beside ``path`` (unique per call, so concurrent writers never share
+    one); on success it replaces ``path`` in one rename, on error it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (name -> contiguous tensor) to ``path`` atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (same-folder temp file, then rename)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as JSON to ``path`` atomically (same-folder temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 @contextmanager

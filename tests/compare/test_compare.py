@@ -13,7 +13,9 @@ from deftune.compare import (
     run_alpha_sweep,
     run_compare,
     summarise,
+    write_compare_report,
 )
+from deftune.compare.grid import METHOD_LR
 
 
 def _grid(tiny_setup, tmp_path, **kw):
@@ -421,3 +423,57 @@ def test_grids_with_their_own_results_files_get_their_own_run_folders():
     assert str(CompareConfig(runs_dir="runs/x", results_json="docs/results/glue_a.json").run_root) == "runs/x"
     (first, *_) = a.runs()
     assert first.output_dir.startswith("runs/compare/glue_a/")
+
+
+def test_a_squad_only_grid_refuses_glue_options_it_would_drop():
+    from deftune.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="--schedule, --warmup-steps apply to GLUE runs and this grid runs squad only"):
+        CompareConfig(tasks=("squad",), methods=("lora",), schedule="sine", warmup_steps=7)
+
+
+def test_a_results_file_holds_one_step_budget_and_eval_split(tiny_setup, tmp_path):
+    """Pairs and report rows are keyed by task, method, variant and seed: a grid at another step
+    count or on held-out data must not be appended to a file (nor trained into its run folders)."""
+    from deftune.compare import check_recipes
+    from deftune.runs import write_json_atomic
+
+    cfg = _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,))
+    row = {"task": "sst2", "method": "lora", "alpha": 0.0, "steps": 2, "seed": 0, "lr": METHOD_LR["lora"],
+           "head_lr": cfg.head_lr, "act_scale": cfg.act_scale, "scale_lr": cfg.scale_lr,
+           "metric": {"name": "accuracy", "value": 50.0}, "density": 0.9}
+    write_json_atomic(cfg.results_json, {"runs": [row]})
+    check_recipes(cfg.runs(), cfg.results_json)  # same budget: fine
+    for other in (_grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,), steps=3),
+                  _grid(tiny_setup, tmp_path, methods=("lora",), alphas=(0.0,), holdout=10)):
+        with pytest.raises(ValueError, match=r"holds GLUE runs of \(steps, eval split, holdout\) \(2, 'dev', None\)"):
+            check_recipes(other.runs(), cfg.results_json)
+    write_json_atomic(cfg.results_json, {"runs": [row, {**row, "steps": 3}]})
+    with pytest.raises(ValueError, match="mixes GLUE runs of several"):
+        write_compare_report(load_rows(cfg.results_json), cfg)
+
+
+def test_missing_input_files_are_named_before_any_work(tiny_setup, tmp_path):
+    from deftune.compare import report_compare
+
+    with pytest.raises(FileNotFoundError, match="--report-only rewrites the report of an existing results file"):
+        report_compare(_grid(tiny_setup, tmp_path, results_json=str(tmp_path / "typo.json")))
+    assert not (tmp_path / "results.md").exists()
+    with pytest.raises(FileNotFoundError, match="check --select-alpha-from"):
+        _grid(tiny_setup, tmp_path, select_alpha_from=str(tmp_path / "nope.json"))
+
+
+def test_optional_numbers_take_none_on_the_command_line():
+    """The report's Reproduce line writes `--head-lr None` for a head trained at the method's rate."""
+    from deftune.cli import build_parser
+
+    args = build_parser().parse_args(["compare", "--train-subset", "None", "--head-lr", "none"])
+    assert (args.train_subset, args.head_lr) == (None, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--steps", "none"])  # not optional
+
+
+def test_density_change_signs():
+    from deftune.compare.pairs import density_change
+
+    assert (density_change(44.24), density_change(-5.0), density_change(0.0)) == ("−44.2", "+5.0", "−0.0")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -283,3 +284,55 @@ def test_train_squad_takes_the_shared_options_without_complaint():
     assert _unused_by_squad(parse(["train", "--task", "squad"])) == []
     assert _unused_by_squad(parse(["train", "--task", "squad", "--lr", "1e-3", "--seed", "3", "--alpha", "0"])) == []
     assert _unused_by_squad(parse(["train", "--task", "squad", "--head-lr", "0.01"])) == ["--head-lr"]
+
+
+def test_train_squad_keeps_the_generative_defaults_it_was_not_given(monkeypatch):
+    """`deftune train --task squad` must train what `deftune qa-train` trains unless told otherwise:
+    TrainConfig's GLUE defaults (alpha 1, 300 steps, batch 32, ...) must not leak into GenConfig."""
+    import deftune.generative as gen
+    from deftune.cli import build_parser
+    from deftune.cli.train import run
+
+    seen = {}
+
+    def fake_train(config):
+        seen["config"] = config
+        raise SystemExit(0)
+
+    monkeypatch.setattr(gen, "train_generative", fake_train)
+    parse = build_parser().parse_args
+    with pytest.raises(SystemExit):
+        run(parse(["train", "--task", "squad"]))
+    assert seen["config"] == gen.GenConfig(model="smollm2")
+    with pytest.raises(SystemExit):
+        run(parse(["train", "--task", "squad", "--alpha", "0.5", "--steps", "40", "--schedule", "sine"]))
+    got = seen["config"]
+    assert (got.alpha, got.steps, got.alpha_schedule, got.batch_size) == (0.5, 40, "sine", gen.GenConfig().batch_size)
+
+
+def test_training_into_a_finished_folder_unmarks_it_until_saved(tiny_setup, tmp_path, monkeypatch):
+    """A re-run cut short while saving must not leave the earlier run's results.json (which marks
+    a folder finished) beside the new, partly written adapter."""
+    from deftune.runs import CONFIG_FILE, RESULTS_FILE
+
+    cfg = _config(tiny_setup, tmp_path)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    (out / RESULTS_FILE).write_text('{"stale": true}')
+    (out / CONFIG_FILE).write_text('{"stale": true}')
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr("deftune.train.loop.save_run", crash)
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        train_glue(cfg, progress=False)
+    assert not (out / RESULTS_FILE).exists() and not (out / CONFIG_FILE).exists()
+
+
+def test_load_run_names_the_command_for_a_generative_run(tmp_path):
+    from deftune.runs import CONFIG_FILE
+
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"kind": "generative", "config": {}}))
+    with pytest.raises(ValueError, match="is a generative run, not a GLUE run: score it with `deftune qa-eval`"):
+        load_run(tmp_path)

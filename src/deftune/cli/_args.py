@@ -42,6 +42,16 @@ def _floats(value: str) -> tuple[float, ...]:
     return tuple(float(v) for v in value.split(",") if v)
 
 
+def _or_none(cast: type):
+    """``cast`` that also reads ``none`` as None (an optional field whose default is not None)."""
+
+    def parse(value: str):
+        return None if value.strip().lower() == "none" else cast(value)
+
+    parse.__name__ = cast.__name__  # argparse names the type in its "invalid int value" errors
+    return parse
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",") if v)
 
@@ -58,7 +68,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
             continue
         hint = hints[f.name]
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
-        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "") or f.name}
+        kwargs: dict[str, Any] = {"default": default, "help": docs.get(f.name, "")}
         if "choices" in f.metadata:  # field(metadata={"choices": (...)}): argparse lists and checks them
             kwargs["choices"] = tuple(f.metadata["choices"])
         origin = typing.get_origin(hint)
@@ -67,6 +77,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
         if base is bool:
             kwargs["type"] = _parse_bool
             kwargs["metavar"] = "BOOL"
+        elif base in (int, float) and type(None) in typing.get_args(hint):
+            kwargs["type"] = _or_none(base)
+            kwargs["metavar"] = f"{base.__name__.upper()}|none"
         elif base in (int, float, str):
             kwargs["type"] = base
         elif typing.get_origin(base) is tuple:

@@ -32,12 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainConfig, defaults={"output_dir": None})
 
 
+def _train_defaults() -> dict[str, object]:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(TrainConfig)} | {"output_dir": None}
+
+
 def _unused_by_squad(args: argparse.Namespace) -> list[str]:
     """The flags set to other than their defaults that ``--task squad`` would not use."""
     used = {*_SHARED_WITH_GENERATIVE, "task", "model", "schedule", "warmup_steps", "output_dir"}
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(TrainConfig)}
-    return [f"--{name.replace('_', '-')}" for name, default in defaults.items()
+    return [f"--{name.replace('_', '-')}" for name, default in _train_defaults().items()
             if name not in used and getattr(args, name) != default]
 
 
@@ -49,8 +52,13 @@ def _train_squad(args: argparse.Namespace) -> int:
                          "whose --help lists the generative options (e.g. --act-threshold-density, "
                          "--act-threshold-warmup-steps)")
     model = "smollm2" if args.model == "minilm" else args.model
-    values = {k: getattr(args, k) for k in _SHARED_WITH_GENERATIVE}
-    config = GenConfig(model=model, alpha_schedule=args.schedule, alpha_warmup_steps=args.warmup_steps, **values)
+    # only what the user set: the rest keeps GenConfig's defaults (qa-train's), not TrainConfig's
+    defaults = _train_defaults()
+    values = {k: getattr(args, k) for k in _SHARED_WITH_GENERATIVE if getattr(args, k) != defaults[k]}
+    for train_name, gen_name in (("schedule", "alpha_schedule"), ("warmup_steps", "alpha_warmup_steps")):
+        if getattr(args, train_name) != defaults[train_name]:
+            values[gen_name] = getattr(args, train_name)
+    config = GenConfig(model=model, **values)
     result = train_generative(config)
     print(json.dumps(result.summary(), indent=2))
     return 0

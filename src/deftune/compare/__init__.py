@@ -19,6 +19,7 @@ teacher-forced pass):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from deftune.compare.grid import (
@@ -49,6 +50,9 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[st
 def report_compare(config: CompareConfig) -> list[dict[str, Any]]:
     """Rewrite the report and plot from the results file alone (nothing trains), after checking
     that its runs were trained with this config's recipe, which the report describes."""
+    if not Path(config.results_json).is_file():
+        raise FileNotFoundError(f"{config.results_json} does not exist: --report-only rewrites the report of an "
+                                "existing results file (check --results-json)")
     check_recipes(config.runs(), config.results_json)
     rows = load_rows(config.results_json)
     write_compare_report(rows, config)

@@ -186,6 +186,14 @@ class CompareConfig:
                     f"methods {unsupported} have no generative (squad) version; squad runs accept {generative}: "
                     "run squad in a grid of its own with those methods"
                 )
+            if set(self.tasks) == {SQUAD}:  # no GLUE run would use them: refuse rather than drop them
+                glue_only = ("train_subset", "eval_subset", "batch_size", "max_length", "schedule", "warmup_steps",
+                             "head_lr", "act_scale", "peft_act_scale", "scale_lr", "scale_grad")
+                changed = [f"--{n.replace('_', '-')}" for n in glue_only
+                           if getattr(self, n) != getattr(CompareConfig, n)]
+                if changed:
+                    raise ValueError(f"{', '.join(changed)} apply to GLUE runs and this grid runs squad only: set "
+                                     "them through --generative-options (e.g. batch_size=8,alpha_schedule=sine)")
             fixed = sorted(set(self.generative_options) & {"model", "method", "alpha", "seed", "steps", "output_dir"})
             if fixed:
                 raise ValueError(f"generative_options cannot set {fixed}: the grid sets them (use --steps, --seeds, ...)")
@@ -195,6 +203,9 @@ class CompareConfig:
                 raise ValueError(f"holdout must be a positive integer or None, got {self.holdout!r}")
             if SQUAD in self.tasks:
                 raise ValueError("holdout applies to GLUE tasks (squad already scores held-out articles)")
+        if self.select_alpha_from is not None and not Path(self.select_alpha_from).is_file():
+            raise FileNotFoundError(f"select_alpha_from {self.select_alpha_from!r} does not exist: it must be the "
+                                    "results file of an earlier grid (check --select-alpha-from)")
         if not (isinstance(self.select_tolerance, (int, float)) and self.select_tolerance >= 0):
             raise ValueError(f"select_tolerance must be a number >= 0, got {self.select_tolerance!r}")
         if any(a < 0 for a in self.alphas):
@@ -392,10 +403,33 @@ def _check_recipe(config: RunConfig, row: dict[str, Any], results_json: str) -> 
         )
 
 
+def budget(row: dict[str, Any]) -> tuple[int, str, int | None]:
+    """``(steps, eval split, holdout size)`` of a GLUE row: what a results file holds one of."""
+    return int(row["steps"]), row.get("eval_split", "dev"), row.get("holdout")
+
+
+def check_one_budget(rows: Sequence[dict[str, Any]], results_json: str) -> None:
+    """Raise ValueError when the GLUE rows of a results file mix step budgets or evaluation splits:
+    reports and DEFT-vs-PEFT pairs pool a file's runs by task, method, variant and seed."""
+    budgets = sorted({budget(r) for r in rows if r["task"] != SQUAD}, key=str)
+    if len(budgets) > 1:
+        raise ValueError(f"{results_json} mixes GLUE runs of several (steps, eval split, holdout) budgets "
+                         f"{budgets}: split it into one results file per budget")
+
+
 def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
     """Raise ValueError when ``results_json`` holds a run under one of these configs' keys that was
-    trained with another recipe (:func:`recipe`); the message names both and the fix."""
-    done = {run_key(r): r for r in load_rows(results_json)}
+    trained with another recipe (:func:`recipe`), or GLUE runs of another step budget or evaluation
+    split than these configs (:func:`budget`); the message names both and the fix."""
+    rows = load_rows(results_json)
+    check_one_budget(rows, results_json)
+    held = {budget(r) for r in rows if r["task"] != SQUAD}
+    for config in configs:
+        if isinstance(config, TrainConfig) and held and (
+                b := (config.steps, config.eval_split, config.holdout)) not in held:
+            raise ValueError(f"{results_json} holds GLUE runs of (steps, eval split, holdout) {sorted(held, key=str)[0]}; "
+                             f"this grid trains {b}. Give it a results file of its own (--results-json, --report-md)")
+    done = {run_key(r): r for r in rows}
     for config in configs:
         if (row := done.get(config_key(config))) is not None:
             _check_recipe(config, row, results_json)

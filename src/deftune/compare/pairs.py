@@ -77,6 +77,11 @@ def _meets(s: dict[str, float]) -> bool:
     return s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
 
 
+def density_change(reduction_pct: float) -> str:
+    """A density reduction as a signed change: 44.2 -> ``−44.2``, a rise of 5 (-5.0) -> ``+5.0``."""
+    return f"−{reduction_pct:.1f}" if reduction_pct >= 0 else f"+{-reduction_pct:.1f}"
+
+
 def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
     """A ``## title`` section: one row per method and the overall line of a :func:`summarise` entry."""
     o = summary["overall"]
@@ -93,11 +98,11 @@ def summary_lines(title: str, summary: dict[str, Any]) -> list[str]:
             f"{'yes' if _meets(m) else 'no'} |"
         )
     per_seed = ", ".join(
-        f"seed {sd}: −{v['density_reduction_pct']:.1f}% / {v['metric_delta']:+.2f}" for sd, v in summary["seeds"].items()
+        f"seed {sd}: {density_change(v['density_reduction_pct'])}% / {v['metric_delta']:+.2f}" for sd, v in summary["seeds"].items()
     )
     return lines + [
         "",
-        f"All {o['pairs']} pairs: density −{o['density_reduction_pct']:.1f}%, metric {o['metric_delta']:+.2f} "
+        f"All {o['pairs']} pairs: density {density_change(o['density_reduction_pct'])}%, metric {o['metric_delta']:+.2f} "
         f"points ({'meets' if _meets(o) else 'misses'} ≥ 40% and ≤ 1 point). Per seed: {per_seed} "
         f"(sd of the seed means {o['metric_delta_seed_sd']:.2f} points"
         + (f"; standard error of the mean over {len(summary['seeds'])} seeds {o['metric_delta_se']:.2f} points"

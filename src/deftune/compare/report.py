@@ -8,9 +8,17 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from deftune.compare.grid import SQUAD, CompareConfig, format_method_options, load_rows, recipe, run_key
+from deftune.compare.grid import (
+    SQUAD,
+    CompareConfig,
+    check_one_budget,
+    format_method_options,
+    load_rows,
+    recipe,
+    run_key,
+)
 from deftune.compare.pairs import sample_sd, summarise, summary_lines, variant, variant_label, variant_order
-from deftune.runs import read_json
+from deftune.runs import atomic_path, read_json, write_text_atomic
 
 NOTES_MARKER = "<!-- notes: kept when the report is rewritten -->"
 # a hand-written summary between these two lines is kept right under the title on a rewrite
@@ -39,6 +47,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
 
+    check_one_budget(rows, config.results_json)
     seen: dict[tuple, dict[str, Any]] = {}
     for r in rows:
         if (other := seen.setdefault(run_key(r), r)) is not r:
@@ -143,10 +152,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
             lines[2:2] = [start + head.split(start, 1)[1].split(end, 1)[0] + end, ""]
         if NOTES_MARKER in old:
             lines += [NOTES_MARKER + old.split(NOTES_MARKER, 1)[1]]
-    md.parent.mkdir(parents=True, exist_ok=True)
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, md)
+    write_text_atomic(md, "\n".join(lines))
 
 
 def plot_metric_vs_density(rows: list[dict[str, Any]], path: Path) -> None:
@@ -183,8 +189,8 @@ def save_figure(fig, path: Path) -> None:
     """Write a matplotlib figure atomically (temp file beside it, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=110)
+    finally:
+        plt.close(fig)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deftune.compare.grid import CompareConfig, run_grid
+from deftune.compare.grid import CompareConfig, config_key, run_grid, run_key
 from deftune.compare.report import save_figure
 
 
@@ -24,7 +24,8 @@ class AlphaSweepConfig:
         schedule: alpha schedule.
         warmup_steps: alpha warm-up steps.
         data_dir: GLUE folder.
-        runs_dir: where run directories go.
+        runs_dir: where run directories go (None: ``runs/compare/<results file stem>``, so sweeps
+            with results files of their own never share run folders).
         results_json: results file (resumable).
         plot: output PNG.
         seed: random seed.
@@ -42,7 +43,7 @@ class AlphaSweepConfig:
     schedule: str = "linear"
     warmup_steps: int = 100
     data_dir: str | None = None
-    runs_dir: str = "runs/sweep_alpha"
+    runs_dir: str | None = None
     results_json: str = "docs/results/sweep_alpha.json"
     plot: str = "docs/img/sweep_alpha.png"
     seed: int = 0
@@ -59,8 +60,10 @@ def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[
         data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seeds=(config.seed,),
         model=config.model, act_scale=config.act_scale, scale_lr=config.scale_lr, head_lr=config.head_lr,
     )
-    rows = run_grid(grid.runs(), config.results_json, progress=progress)
-    rows = [r for r in rows if r["task"] == config.task and r["method"] == config.method]
+    runs = grid.runs()
+    rows = run_grid(runs, config.results_json, progress=progress)
+    wanted = {config_key(c) for c in runs}  # this sweep's runs only: the file may hold other seeds
+    rows = [r for r in rows if run_key(r) in wanted]
     plot_alpha_sweep(rows, Path(config.plot))
     return rows
 

@@ -194,6 +194,10 @@ def train_glue(
     log_path = Path(config.output_dir) / "train_log.jsonl" if config.output_dir and accelerator.is_main_process else None
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        # a folder trained into again is unfinished until save_run writes results.json last: a
+        # stale results.json of an earlier run must not mark a run cut short in saving as done
+        for stale in (RESULTS_FILE, CONFIG_FILE):
+            (log_path.parent / stale).unlink(missing_ok=True)
         log_path.write_text("")
 
     ramp = config.act_threshold_ramp if thresholds is not None else 0  # linear: step s at min(1, (s+1)/ramp)

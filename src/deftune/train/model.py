@@ -74,7 +74,12 @@ def load_run(run_dir: str | os.PathLike) -> tuple[nn.Module, object, TrainConfig
     cfg_path = run_dir / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: is {run_dir} a deftune run directory?")
-    config = TrainConfig.from_dict(read_json(cfg_path)["train"])
+    meta = read_json(cfg_path)
+    if "train" not in meta:
+        kind = meta.get("kind", "unknown")
+        raise ValueError(f"{run_dir} is a {kind} run, not a GLUE run: "
+                         + ("score it with `deftune qa-eval`" if kind == "generative" else "its deftune.json has no 'train' entry"))
+    config = TrainConfig.from_dict(meta["train"])
     base, tokenizer = build_base_model(config)
     model = load_adapter(base, run_dir)
     if config.act_threshold_density is not None:  # the run trained (and was scored) through them
