@@ -211,6 +211,10 @@ def test_ramped_thresholds_set_each_step_and_restore_on_error():
     ({"act_threshold_density": 0.0}, "act_threshold_density must be in (0, 1]"),
     ({"act_threshold_density": 0.5, "act_threshold_mode": "median"}, "act_threshold_mode must be one of"),
     ({"act_threshold_batches": 0}, "act_threshold_batches must be an integer >= 1"),
+    ({"steps": True}, "steps must be a positive integer, got True"),
+    ({"lr_warmup_steps": 2.5}, "lr_warmup_steps must be an integer >= 0, got 2.5"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"thresholds": (0.01, -1.0)}, "thresholds (|a| > t densities to report) must be finite and >= 0"),
 ])
 def test_threshold_options_are_validated(kw, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):

@@ -228,6 +228,9 @@ def subsample(examples: Sequence[Example], n: int | None, seed: int = 0) -> list
 # Fixed on purpose: every run, seed, method and α holds out the same examples, so held-out metrics
 # are paired across the grid (and never overlap any run's training examples).
 HOLDOUT_SEED = 20250225
+# The same reasoning for an evaluation subset: every seed of a grid scores the same examples, so
+# seed-to-seed differences are training noise, not dev-set sampling.
+EVAL_SUBSET_SEED = HOLDOUT_SEED
 
 
 def split_holdout(examples: Sequence[Example], n: int, seed: int = HOLDOUT_SEED) -> tuple[list[Example], list[Example]]:

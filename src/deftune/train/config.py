@@ -41,7 +41,8 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         max_length: maximum tokens per training example.
         train_subset: use a fixed random subset of this many training examples (None: all).
-        eval_subset: evaluate on a fixed subset of the dev set (None: the full dev set).
+        eval_subset: evaluate on a fixed subset of the dev set, the same draw for every seed (None:
+            the full dev set).
         holdout: None (evaluate on the dev set), or hold this many training examples out of
             training (a fixed draw, the same for every run: :func:`deftune.data.glue.split_holdout`)
             and evaluate on them instead — for choosing α and other settings without the dev set.
@@ -111,14 +112,21 @@ class TrainConfig:
         from deftune.data.glue import get_task
 
         get_task(self.task)  # raises DataError naming the accepted tasks
+        def is_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
         positive_ints = ("steps", "batch_size", "max_length", "eval_batch_size", "log_every")
         for key in positive_ints:
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        for key in ("lr_warmup_steps", "seed"):
+            value = getattr(self, key)
+            if not is_int(value) or value < 0:
+                raise ValueError(f"{key} must be an integer >= 0, got {value!r}")
         for key in ("train_subset", "eval_subset", "holdout"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (not is_int(value) or value <= 0):
                 raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
         optional = tuple(k for k in ("head_lr", "bias_lr", "scale_lr") if getattr(self, k) is not None)
         for key in ("lr", "weight_decay") + optional:
@@ -127,9 +135,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         self.thresholds = tuple(float(t) for t in self.thresholds)
+        if any(not (math.isfinite(t) and t >= 0) for t in self.thresholds):
+            raise ValueError(f"thresholds (|a| > t densities to report) must be finite and >= 0, got {self.thresholds}")
         from deftune.sparse.calibrate import check_threshold_options, check_threshold_ramp
 
         check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deftune.arch import find_activation_sites
-from deftune.data.glue import GlueTask, get_task, load_split, make_batches, subsample
+from deftune.data.glue import EVAL_SUBSET_SEED, GlueTask, get_task, load_split, make_batches, subsample
 from deftune.data.metrics import compute_metrics
 from deftune.density import ActivationRecorder, DensityResult
 from deftune.progress import track
@@ -98,7 +98,7 @@ def evaluate_glue(model: nn.Module, tokenizer, config, *, split: str = "dev", pr
     ``holdout``: the training examples a ``holdout`` run held out)."""
     task = get_task(config.task)
     examples = subsample(load_split(task, split, config.data_dir, holdout=config.holdout),
-                         config.eval_subset, seed=config.seed)
+                         config.eval_subset, seed=EVAL_SUBSET_SEED)
     batches = make_batches(
         examples, tokenizer, batch_size=config.eval_batch_size, max_length=max(128, config.max_length),
         regression=task.is_regression,

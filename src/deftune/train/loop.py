@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
 from deftune.act_scale import density_only_scales, scale_medians
-from deftune.data.glue import get_task, load_split, make_batches, subsample
+from deftune.data.glue import EVAL_SUBSET_SEED, get_task, load_split, make_batches, subsample
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import (
@@ -162,7 +162,7 @@ def train_glue(
         ext.prepare(model)
 
     dev = subsample(load_split(task, config.eval_split, config.data_dir, holdout=config.holdout), config.eval_subset,
-                    seed=config.seed)  # the dev set, or the held-out training examples
+                    seed=EVAL_SUBSET_SEED)  # the dev set, or the held-out training examples
     batches = make_batches(
         train, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         shuffle=True, seed=config.seed, regression=task.is_regression,
