@@ -169,7 +169,7 @@ PROTOCOLS = (
     Protocol("cpu-thr", "0 + thresholds 0.55", "threshold route on the CPU (a cross-check)",
              (R + "glue_cpu_thresholds.json",), (0,), "t0.55"),
     Protocol("cpu-thr-ramp200", "0 + thresholds 0.55 ramped in over 200 steps, no learned scales",
-             "the ramped route on the CPU (a cross-check; the cells that ran: SST-2, MRPC, part of STS-B); its "
+             "the ramped route on the CPU (a cross-check; every cell but RTE BitFit); its "
              "baseline is plain PEFT on the CPU", (R + "glue_cpu_ramp.json",), (0,), "t0.55"),
 )
 
