@@ -239,10 +239,11 @@ def fold_act_scales(model: nn.Module) -> int:
     sites = {site.module_path: site for site in find_activation_sites(model, "act")}
     plan = []
     for path, wrapper in wrappers.items():
-        mlp = sites[site_path(path)].mlp_path
+        site = site_path(path)
+        mlp = sites[site].mlp_path
         up = _plain(_act_input(model, mlp), "input", path)
         down = _plain(_down(model, mlp), "down", path)
-        holder = model.get_submodule(site_path(path)) if site_path(path) != path else None  # thresholds
+        holder = model.get_submodule(site) if site != path else None  # thresholds wrapped around the scale
         if holder is not None and wrapper.log_scale.numel() != 1:
             raise ValueError(f"{path}: per-neuron scales cannot fold under the layer threshold of "
                              f"{type(holder).__name__}; fold before applying thresholds, or remove them first")

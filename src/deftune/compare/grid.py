@@ -408,13 +408,15 @@ def budget(row: dict[str, Any]) -> tuple[int, str, int | None]:
     return int(row["steps"]), row.get("eval_split", "dev"), row.get("holdout")
 
 
-def check_one_budget(rows: Sequence[dict[str, Any]], results_json: str) -> None:
-    """Raise ValueError when the GLUE rows of a results file mix step budgets or evaluation splits:
-    reports and DEFT-vs-PEFT pairs pool a file's runs by task, method, variant and seed."""
+def check_one_budget(rows: Sequence[dict[str, Any]], results_json: str) -> tuple[int, str, int | None] | None:
+    """The one :func:`budget` of a results file's GLUE rows (None without GLUE rows); raise
+    ValueError when they mix step budgets or evaluation splits: reports and DEFT-vs-PEFT pairs pool a
+    file's runs by task, method, variant and seed."""
     budgets = sorted({budget(r) for r in rows if r["task"] != SQUAD}, key=str)
     if len(budgets) > 1:
         raise ValueError(f"{results_json} mixes GLUE runs of several (steps, eval split, holdout) budgets "
                          f"{budgets}: split it into one results file per budget")
+    return budgets[0] if budgets else None
 
 
 def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
@@ -422,12 +424,11 @@ def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
     trained with another recipe (:func:`recipe`), or GLUE runs of another step budget or evaluation
     split than these configs (:func:`budget`); the message names both and the fix."""
     rows = load_rows(results_json)
-    check_one_budget(rows, results_json)
-    held = {budget(r) for r in rows if r["task"] != SQUAD}
+    held = check_one_budget(rows, results_json)
     for config in configs:
-        if isinstance(config, TrainConfig) and held and (
-                b := (config.steps, config.eval_split, config.holdout)) not in held:
-            raise ValueError(f"{results_json} holds GLUE runs of (steps, eval split, holdout) {sorted(held, key=str)[0]}; "
+        if isinstance(config, TrainConfig) and held is not None and (
+                b := (config.steps, config.eval_split, config.holdout)) != held:
+            raise ValueError(f"{results_json} holds GLUE runs of (steps, eval split, holdout) {held}; "
                              f"this grid trains {b}. Give it a results file of its own (--results-json, --report-md)")
     done = {run_key(r): r for r in rows}
     for config in configs:
