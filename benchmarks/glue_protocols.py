@@ -125,6 +125,12 @@ PROTOCOLS = (
              (R + "glue_density_scales_lr3.json",), (1, 2, 3, 4), 0.1),
     Protocol("a0.1-density-scales-five", "α = 0.1, scales moved by the density loss only, SGD lr 3",
              "the same, seeds 0–4", (R + "glue_density_scales_lr3.json",), S04, 0.1),
+    Protocol("a0.1-warmup200", "α = 0.1 warmed up over 200 of 250 steps",
+             "exploratory (thirteenth session, plan fixed first): the thresholds' ramp for the density loss; "
+             "its baseline is plain PEFT", (R + "glue_density_warmup200.json",), (0, 1), 0.1),
+    Protocol("a0.1-750-warmup600", "α = 0.1 warmed up over 600 of 750 steps",
+             "the same at 3× budget; its baseline is plain PEFT at 750 steps",
+             (R + "glue_density_long_warmup600.json",), (0, 1), 0.1),
     *(Protocol(f"thr-noscale-ramp{n}", f"0 + thresholds 0.55 ramped in over {n} steps, no learned scales",
                "exploratory (tenth session, plan fixed first): its baseline is plain PEFT",
                (R + f"glue_thresholds_ramp{n}.json",), (0, 1), "t0.55") for n in (100, 200)),
@@ -169,7 +175,7 @@ PROTOCOLS = (
     Protocol("cpu-thr", "0 + thresholds 0.55", "threshold route on the CPU (a cross-check)",
              (R + "glue_cpu_thresholds.json",), (0,), "t0.55"),
     Protocol("cpu-thr-ramp200", "0 + thresholds 0.55 ramped in over 200 steps, no learned scales",
-             "the ramped route on the CPU (a cross-check; every cell but RTE BitFit); its "
+             "the ramped route on the CPU (a cross-check, all 28 cells); its "
              "baseline is plain PEFT on the CPU", (R + "glue_cpu_ramp.json",), (0,), "t0.55"),
 )
 
