@@ -50,6 +50,10 @@ def test_schedules():
     ({"stack_weights": {"encoder": float("inf")}}, "finite weights >= 0, got {'encoder': inf}"),
     ({"alpha": True}, "alpha must be a finite number >= 0, got True"),
     ({"warmup_steps": 2.5}, "warmup_steps must be an integer >= 0, got 2.5"),
+    ({"target": 0.0}, r"target must be None or a density in \(0, 1\], got 0.0"),
+    ({"target": 1.5}, "target must be None or a density"),
+    ({"target": float("nan")}, "target must be None or a density"),
+    ({"target": 0.5, "loss": "l1"}, "l1 surrogate"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -81,3 +85,36 @@ def test_total_loss_is_task_plus_alpha_density(bert):
         out = bert(**b)
         total0, parts0 = reg0.total_loss(out.loss, step=0)
     assert total0.item() == pytest.approx(out.loss.item()) and parts0.density > 0
+
+
+def test_layer_term_is_a_hinge_at_the_target():
+    plain, hinge = DensityLossConfig(), DensityLossConfig(target=0.4)
+    rho = torch.tensor([0.9, 0.4, 0.1])
+    assert torch.equal(plain.layer_term(rho), rho)
+    assert hinge.layer_term(rho).tolist() == pytest.approx([0.5, 0.0, 0.0])
+
+
+def test_target_stops_the_density_gradient_of_layers_below_it(bert):
+    """With a target above every layer's surrogate density the density loss is 0 and sends no
+    gradient; with one between the layers' values only the denser layers are pushed, and the loss is
+    the mean over all layers of their excess."""
+    from tests.conftest import batch
+
+    b = dict(batch(), labels=torch.tensor([0, 1, 0]))
+    with DensityRegularizer(bert, DensityLossConfig(alpha=1.0)) as reg:
+        bert(**b)
+        rho = {k: float(v) for k, v in reg.recorder.pop_losses().items()}
+    assert len(rho) >= 2 and max(rho.values()) > min(rho.values())
+    target = (max(rho.values()) + min(rho.values())) / 2  # the densest layer above it, the sparsest below
+    with DensityRegularizer(bert, DensityLossConfig(alpha=1.0, target=target)) as reg:
+        bert(**b)
+        loss = reg.density_loss()
+    expected = sum(max(0.0, v - target) for v in rho.values()) / len(rho)
+    assert loss.item() == pytest.approx(expected, rel=1e-5) and loss.item() > 0
+    with DensityRegularizer(bert, DensityLossConfig(alpha=1.0, target=1.0)) as reg:
+        bert.zero_grad()
+        bert(**b)
+        loss = reg.density_loss()
+        loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in bert.parameters())

@@ -4,8 +4,12 @@ Each surrogate maps an activation ``a`` to a value in [0, 1) (``l1``: [0, ∞)) 
 recorder averages it over real tokens and features per layer, and the regulariser averages layers
 (per-stack weights for encoder–decoder models):
 
-    L_density = Σ_s w_s · mean_{l in s} mean_{t, f} φ(a_{l,t,f})  /  Σ_s w_s
+    ρ̃_l       = mean_{t, f} φ(a_{l,t,f})
+    L_density = Σ_s w_s · mean_{l in s} h(ρ̃_l)  /  Σ_s w_s
     L_total   = L_task + α(step) · L_density
+
+with h(ρ̃) = ρ̃ (the paper's), or h(ρ̃) = max(0, ρ̃ − target) with a density ``target``: a per-layer
+hinge that stops pushing a layer once its surrogate density is at the target (a deftune variant).
 
 Surrogates (registry :data:`DENSITY_LOSSES`, add one with :func:`register_density_loss`):
 
@@ -117,6 +121,11 @@ class DensityLossConfig:
         stack_weights: weight of each stack's mean layer loss (encoder–decoder models).
         site: ``act`` (activation output; activated gate for gated MLPs) or ``product``.
         count_padding: include padding tokens in the loss and the statistics (official code).
+        target: None (the paper's loss: every layer's ρ̃_l is pushed down), or a density in
+            (0, 1]: each layer's term is the hinge ``max(0, ρ̃_l − target)``, so a layer whose
+            surrogate density is at the target feels no density loss and the task loss alone moves
+            it. Since φ(a) < 1 for a ≠ 0, ρ̃_l never exceeds the exact density: a layer at the
+            target can be denser than it. Not for the unbounded ``l1`` surrogate.
     """
 
     loss: str = "l0"
@@ -128,6 +137,7 @@ class DensityLossConfig:
     stack_weights: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 1.0})
     site: str = "act"
     count_padding: bool = False
+    target: float | None = None
 
     def __post_init__(self) -> None:
         if self.loss not in DENSITY_LOSSES:
@@ -149,6 +159,12 @@ class DensityLossConfig:
         bad = {k: v for k, v in self.stack_weights.items() if k not in ("encoder", "decoder") or not _finite_nonnegative(v)}
         if bad:
             raise ValueError(f"stack_weights keys must be 'encoder'/'decoder' with finite weights >= 0, got {bad}")
+        if self.target is not None:
+            if not _finite_nonnegative(self.target) or not 0 < self.target <= 1:
+                raise ValueError(f"target must be None or a density in (0, 1], got {self.target!r}")
+            if self.loss == "l1":
+                raise ValueError("target is a density in (0, 1]; the l1 surrogate (mean |a|) is not one: use "
+                                 "loss 'l0', 'tanh' or 'sigmoid', or leave target unset")
 
     def surrogate(self) -> Callable[[Tensor], Tensor]:
         """The elementwise surrogate φ."""
@@ -157,6 +173,11 @@ class DensityLossConfig:
     def alpha_at(self, step: int) -> float:
         """α at optimizer step ``step`` (0-based)."""
         return ALPHA_SCHEDULES[self.schedule](self.alpha, step, self.warmup_steps)
+
+    def layer_term(self, rho: Tensor) -> Tensor:
+        """A layer's term of the density loss from its surrogate density ``rho`` (a 0-d tensor):
+        ``rho`` itself, or the hinge ``max(0, rho − target)`` when a target is set."""
+        return rho if self.target is None else (rho - self.target).clamp_min(0.0)
 
 
 def combine_layer_losses(

@@ -74,7 +74,7 @@ class DensityRegularizer:
 
     def density_loss(self) -> Tensor:
         """Combine the per-layer surrogates recorded since the last call (and clear them)."""
-        losses = self.recorder.pop_losses()
+        losses = {k: self.config.layer_term(v) for k, v in self.recorder.pop_losses().items()}
         if self.layer_weights is not None:
             losses = {k: v * self.layer_weights[k] for k, v in losses.items()}
         return combine_layer_losses(losses, self._stack_of, self.config.stack_weights)

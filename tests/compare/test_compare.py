@@ -304,6 +304,26 @@ def test_threshold_ramp_rides_on_the_threshold_runs_only(tiny_setup, tmp_path, c
             _grid(tiny_setup, tmp_path, **kw)
 
 
+def test_density_target_rides_on_the_deft_runs_only(tiny_setup, tmp_path, capsys):
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0, 1.0), density_target=0.5)
+    assert {c.alpha: c.density_target for c in cfg.runs()} == {0.0: None, 1.0: 0.5}
+    rows = run_compare(cfg, progress=False)
+    assert {r["alpha"]: r.get("density_target") for r in rows} == {0.0: None, 1.0: 0.5}
+    capsys.readouterr()
+    assert run_compare(cfg, progress=False) == rows and "done, skipped" in capsys.readouterr().out
+    text = (tmp_path / "results.md").read_text()
+    assert "stops at density target 0.5 per layer" in text and "--density-target 0.5" in text
+    with pytest.raises(ValueError, match="results file of its own"):  # the paper's loss: another recipe
+        run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0, 1.0)), progress=False)
+    for kw, needle in [({"density_target": 0.5, "alphas": (0.0,)}, "this grid has none"),
+                       ({"density_target": 1.5}, r"target must be None or a density in \(0, 1\], got 1.5"),
+                       ({"density_target": 0.5, "tasks": ("sst2", "squad"), "methods": ("lora",)}, "applies to GLUE runs"),
+                       ({"density_target": 0.5, "tasks": ("squad",), "methods": ("lora",), "train_subset": 8000,
+                         "batch_size": 32, "max_length": 128, "warmup_steps": 100}, "--density-target apply to GLUE")]:
+        with pytest.raises(ValueError, match=needle):
+            _grid(tiny_setup, tmp_path, **kw)
+
+
 def test_scale_grad_density_rides_on_the_scaled_runs_only(tiny_setup, tmp_path, capsys):
     """scale_grad="density" with plain PEFT twins: the DEFT rows record act_scale_grad, the dense
     rows are plain PEFT; a rerun resumes; the report names it; another scale_grad is another recipe."""

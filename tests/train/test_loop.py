@@ -215,10 +215,16 @@ def test_ramped_thresholds_set_each_step_and_restore_on_error():
     ({"lr_warmup_steps": 2.5}, "lr_warmup_steps must be an integer >= 0, got 2.5"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"thresholds": (0.01, -1.0)}, "thresholds (|a| > t densities to report) must be finite and >= 0"),
+    ({"density_target": 0.0}, "target must be None or a density in (0, 1], got 0.0"),
 ])
 def test_threshold_options_are_validated(kw, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         TrainConfig(**kw)
+
+
+def test_density_target_reaches_the_density_loss():
+    assert TrainConfig(density_target=0.45).density_config().target == 0.45
+    assert TrainConfig().density_config().target is None
 
 
 @pytest.mark.parametrize("ramp", [0, 2, 10])

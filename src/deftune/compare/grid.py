@@ -23,6 +23,7 @@ from typing import Any
 
 from deftune.act_scale import ACT_SCALES, SCALE_GRADS
 from deftune.generative.config import GenConfig
+from deftune.losses import DensityLossConfig
 from deftune.runs import RESULTS_FILE, file_lock, read_json, write_json_atomic
 from deftune.train.config import TrainConfig
 
@@ -52,6 +53,9 @@ class CompareConfig:
         max_length: max tokens per example.
         schedule: alpha schedule of the DEFT runs.
         warmup_steps: alpha warm-up steps.
+        density_target: None (the paper's density loss), or a density in (0, 1] at which the DEFT
+            runs' density loss stops, layer by layer (``TrainConfig.density_target``: the hinge
+            ``max(0, ρ̃_l − target)``); recorded in their rows.
         data_dir: GLUE folder.
         runs_dir: where run directories (and the workers' claim locks) go; None:
             ``runs/compare/<results file stem>``, so grids with results files of their own never
@@ -116,6 +120,7 @@ class CompareConfig:
     max_length: int = 128
     schedule: str = "linear"
     warmup_steps: int = 100
+    density_target: float | None = None
     data_dir: str | None = None
     runs_dir: str | None = None
     results_json: str = "docs/results/glue.json"
@@ -188,7 +193,7 @@ class CompareConfig:
                 )
             if set(self.tasks) == {SQUAD}:  # no GLUE run would use them: refuse rather than drop them
                 glue_only = ("train_subset", "eval_subset", "batch_size", "max_length", "schedule", "warmup_steps",
-                             "head_lr", "act_scale", "peft_act_scale", "scale_lr", "scale_grad")
+                             "head_lr", "act_scale", "peft_act_scale", "scale_lr", "scale_grad", "density_target")
                 changed = [f"--{n.replace('_', '-')}" for n in glue_only
                            if getattr(self, n) != getattr(CompareConfig, n)]
                 if changed:
@@ -210,6 +215,13 @@ class CompareConfig:
             raise ValueError(f"select_tolerance must be a number >= 0, got {self.select_tolerance!r}")
         if any(a < 0 for a in self.alphas):
             raise ValueError(f"alphas must be >= 0, got {self.alphas}")
+        if self.density_target is not None:
+            if SQUAD in self.tasks:
+                raise ValueError("density_target applies to GLUE runs; run squad in a grid of its own")
+            if not any(a > 0 for a in self.alphas):
+                raise ValueError(f"density_target stops the density loss of the DEFT runs (α > 0); this grid has none "
+                                 f"(alphas {list(self.alphas)}): add an α > 0, or drop --density-target")
+            DensityLossConfig(target=self.density_target)  # a density in (0, 1]
         if any(not 0 < d <= 1 for d in self.threshold_densities):
             raise ValueError(f"threshold_densities must be densities in (0, 1], got {self.threshold_densities}")
         check_threshold_ramp(self.threshold_ramp, self.steps, "threshold_ramp")
@@ -238,7 +250,7 @@ class CompareConfig:
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
             schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
             act_threshold_density=density, act_threshold_ramp=self.threshold_ramp if density is not None else 0,
-            seed=seed,
+            density_target=self.density_target if alpha > 0 else None, seed=seed,
         )
         # the run's own name (task-method-α[-t<density>]), made unique within the grid
         name = config.run_name + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else "")
@@ -313,8 +325,9 @@ def _method_defaults(method: str) -> dict[str, Any]:
 def recipe(row: dict[str, Any]) -> dict[str, Any]:
     """The training recipe a GLUE row was run with beyond its key: learning rate, head learning
     rate, ``act_scale`` (and ``scale_lr`` when the run carries scales), the method options that
-    differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON values: tuples as lists)
-    and, for a threshold run that ramped its thresholds in, the ramp. Rows written before a field
+    differ from :class:`deftune.methods.MethodConfig`'s defaults (JSON values: tuples as lists),
+    for a threshold run that ramped its thresholds in, the ramp, and for a DEFT run whose density
+    loss stops at a target, the target. Rows written before a field
     was recorded ran at its default (``METHOD_LR``, ``CompareConfig``'s head and scale learning
     rates, the default options). Other ``CompareConfig`` fields (batch size, subsets, ...) are not
     in rows: a grid that changes them needs a results file of its own."""
@@ -327,14 +340,16 @@ def recipe(row: dict[str, Any]) -> dict[str, Any]:
             "act_scale": act_scale,
             **({"scale_lr": float(row.get("scale_lr", CompareConfig.scale_lr))} if act_scale != "none" else {}),
             "method_options": {k: v for k, v in options.items() if k != "act_scale" and defaults.get(k) != v},
-            **({"act_threshold_ramp": int(ramp)} if (ramp := row.get("act_threshold_ramp")) else {})}
+            **({"act_threshold_ramp": int(ramp)} if (ramp := row.get("act_threshold_ramp")) else {}),
+            **({"density_target": float(target)} if (target := row.get("density_target")) is not None else {})}
 
 
 def _config_recipe(config: TrainConfig) -> dict[str, Any]:
     return recipe({"method": config.method, "lr": config.lr, "head_lr": config.head_lr,
                    "act_scale": config.method_options.get("act_scale", "none"),
                    "scale_lr": config.scale_lr if config.scale_lr is not None else config.lr,
-                   "method_options": config.method_options, "act_threshold_ramp": config.act_threshold_ramp})
+                   "method_options": config.method_options, "act_threshold_ramp": config.act_threshold_ramp,
+                   "density_target": config.density_target})
 
 
 def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
@@ -350,6 +365,7 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
         **({"eval_split": "holdout", "holdout": config.holdout} if config.holdout else {}),
         **({"act_threshold_density": config.act_threshold_density} if config.act_threshold_density is not None else {}),
         **({"act_threshold_ramp": config.act_threshold_ramp} if config.act_threshold_ramp else {}),
+        **({"density_target": config.density_target} if config.density_target is not None else {}),
         "metric": d["metric"], "metrics": d["metrics"],
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
         "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],

@@ -76,7 +76,9 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         + "".join(f", {m} {k}={v}" for m, o in sorted(config.method_options.items()) for k, v in o.items())
         + "; regression heads start at the mean training label"
         + (f"; the threshold runs ramp their thresholds in over the first {config.threshold_ramp} steps"
-           if config.threshold_ramp else "") + ".",
+           if config.threshold_ramp else "")
+        + (f"; the DEFT runs' density loss stops at density target {config.density_target:g} per layer "
+           "(hinge max(0, ρ̃_l − target))" if config.density_target is not None else "") + ".",
     ]
     # dense runs whose scales only the density loss moves are plain PEFT exactly: not a weaker baseline
     scaled = sorted({r.get("act_scale", "none") for r in rows if r["task"] != SQUAD and variant(r) == 0.0
@@ -109,7 +111,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
            if config.threshold_densities else "") + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
                   for name in ("steps", "warmup_steps", "schedule", "train_subset", "eval_subset", "batch_size",
-                               "max_length", "model", "act_scale", "peft_act_scale", "scale_lr", "scale_grad", "threshold_ramp", "head_lr", "results_json", "report_md",
+                               "max_length", "model", "act_scale", "peft_act_scale", "scale_lr", "scale_grad", "threshold_ramp", "density_target", "head_lr", "results_json", "report_md",
                                "runs_dir", "generative_model", "squad_dir", "holdout", "select_alpha_from",
                                "select_tolerance")
                   if getattr(config, name) != getattr(CompareConfig, name))

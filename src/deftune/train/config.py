@@ -25,6 +25,9 @@ class TrainConfig:
         alpha: density-loss weight α (0 = plain PEFT, the same code path).
         loss, eps, beta, schedule, warmup_steps, site, count_padding, stack_weights: the density
             loss (see :class:`deftune.losses.DensityLossConfig`).
+        density_target: None (the paper's density loss), or a density in (0, 1] at which each
+            layer's density loss stops: the per-layer hinge ``max(0, ρ̃_l − density_target)``
+            (``DensityLossConfig.target``); the train log's ``density_loss`` is then that hinge.
         steps: optimizer steps.
         batch_size: training batch size (per process).
         lr: peak learning rate of the method's parameters.
@@ -83,6 +86,7 @@ class TrainConfig:
     site: str = "act"
     count_padding: bool = False
     stack_weights: dict[str, float] = field(default_factory=lambda: {"encoder": 1.0, "decoder": 1.0})
+    density_target: float | None = None
     steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
@@ -176,6 +180,7 @@ class TrainConfig:
             stack_weights=dict(self.stack_weights),
             site=self.site,
             count_padding=self.count_padding,
+            target=self.density_target,
         )
 
     def to_dict(self) -> dict[str, Any]:
