@@ -216,6 +216,7 @@ def test_ramped_thresholds_set_each_step_and_restore_on_error():
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"thresholds": (0.01, -1.0)}, "thresholds (|a| > t densities to report) must be finite and >= 0"),
     ({"density_target": 0.0}, "target must be None or a density in (0, 1], got 0.0"),
+    ({"density_target": 0.5, "alpha": 0.0}, "density_target stops the density loss, which alpha=0 turns off"),
 ])
 def test_threshold_options_are_validated(kw, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):

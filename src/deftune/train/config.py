@@ -155,6 +155,9 @@ class TrainConfig:
                 raise ValueError(f"act_scale_grad='density' needs the density loss on the activation output "
                                  f"(site='act'), got site={self.site!r}: the {self.site!r} site does not see the "
                                  "scales' density view")
+        if self.density_target is not None and self.alpha == 0:
+            raise ValueError("density_target stops the density loss, which alpha=0 turns off: set alpha > 0, or drop "
+                             "density_target (--density-target)")
         if self.act_threshold_ramp and self.act_threshold_density is None:
             raise ValueError("act_threshold_ramp ramps in the thresholds of act_threshold_density, which is unset: "
                              "set act_threshold_density, or leave act_threshold_ramp at 0")
