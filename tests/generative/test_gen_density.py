@@ -92,6 +92,16 @@ def test_kv_cache_decoding_counts_each_real_token_once(examples, name):
         assert abs(p.nonzero + d.nonzero - r.nonzero) <= 1e-3 * r.elements
 
 
+def test_greedy_generate_gives_recorders_back_as_it_found_them(examples):
+    model, tok = load_generative("tiny-llama-relu")
+    batch = prompt_batch(encode_all(examples[:2], tok, seq2seq=False), tok.pad_token_id, seq2seq=False)
+    with ActivationRecorder(model) as pre, ActivationRecorder(model) as dec:
+        dec.enabled = False  # switched off by the caller: on for its phase inside, off again after
+        greedy_generate(model, batch, eos_id=-1, pad_id=tok.pad_token_id, max_new_tokens=2,
+                        prefill_recorder=pre, decode_recorder=dec)
+        assert (pre.enabled, dec.enabled) == (True, False)
+
+
 def test_hf_generate_steps_are_right_aligned():
     """With transformers' own generate (no EOS), each cached step counts one token per row."""
     model, tok = load_generative("tiny-llama-relu")

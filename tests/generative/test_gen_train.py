@@ -136,6 +136,8 @@ def test_perplexity_matches_the_model_loss():
         ("act_threshold_mode", "median", "act_threshold_mode must be one of \\['energy', 'global', 'layer'\\], got 'median'"),
         ("act_threshold_warmup_steps", 5, "act_threshold_warmup_steps needs act_threshold_density"),
         ("act_threshold_warmup_steps", -1, "act_threshold_warmup_steps must be an integer >= 0, got -1"),
+        ("act_threshold_density", True, "act_threshold_density must be in \\(0, 1\\] or None, got True"),
+        ("act_threshold_batches", True, "act_threshold_batches must be an integer >= 1, got True"),
     ],
 )
 def test_config_errors_name_the_bad_value(field, value, message):
@@ -258,8 +260,60 @@ def test_threshold_ramp_restores_the_calibrated_thresholds_when_training_raises(
 
 
 def test_calibrated_thresholds_on_an_encoder_decoder(squad_file):
-    cfg = GenConfig(model="tiny-t5", act_threshold_density=0.5, act_threshold_batches=2, data_dir=str(squad_file),
+    """The tiny ReLU T5 is about half dense on its own: thresholds calibrated to 0.25 must take it
+    well below the same run without them."""
+    plain = train_generative(GenConfig(model="tiny-t5", data_dir=str(squad_file), eval_before=False, **TINY))
+    cfg = GenConfig(model="tiny-t5", act_threshold_density=0.25, act_threshold_batches=2, data_dir=str(squad_file),
                     eval_before=False, **TINY)
     result = train_generative(cfg)
     assert result.thresholds is not None and len(result.thresholds.values) > 0
-    assert result.after.density_teacher_forced["overall"] < 0.8
+    dense, sparse = (r.after.density_teacher_forced["overall"] for r in (plain, result))
+    assert sparse < dense - 0.1 and sparse < 0.4, (dense, sparse)
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"method": "ia3", "lora_dropout": 0.1}, "lora_dropout applies to lora and dora; method 'ia3'"),
+    ({"method": "loha", "lora_dropout": 0.1}, "method 'loha' would ignore lora_dropout=0.1"),
+    ({"method": "ia3", "target_modules": "q_proj"}, "would ignore target_modules='q_proj'"),
+])
+def test_options_a_method_would_ignore_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        GenConfig(**kw)
+    GenConfig(method="dora", lora_dropout=0.1, target_modules="q_proj")  # lora-family methods use both
+
+
+def test_a_run_whose_questions_do_not_fit_names_max_length(squad_file):
+    from deftune.data.glue import DataError
+
+    cfg = GenConfig(model="tiny-llama", data_dir=str(squad_file), **{**TINY, "max_length": 12, "max_context_tokens": 4})
+    with pytest.raises(DataError, match="max_length=12"):
+        train_generative(cfg)
+
+
+def test_logged_lr_is_the_rate_of_its_step(examples):
+    model, tok = load_generative("tiny-llama")
+    cfg = GenConfig(model="tiny-llama", alpha=0.0, steps=3, batch_size=2, lr=0.3, lr_warmup_steps=3, log_every=1,
+                    max_length=96, max_context_tokens=48)
+    model = apply_method(cfg, model)
+    log = train_loop(model, encode_all(examples, tok, seq2seq=False, max_length=96), cfg, tok.pad_token_id)
+    assert [line["lr"] for line in log] == pytest.approx([0.1, 0.2, 0.3])  # warm-up (s + 1) / 3
+
+
+def test_retraining_a_folder_clears_the_old_run(squad_file, tmp_path, monkeypatch):
+    """A ``full`` run trained where a LoRA run was leaves no adapter behind, cannot be reloaded, and
+    writes results.json last."""
+    from deftune.generative import train as gen_train
+    from deftune.generative.train import load_generative_run
+
+    run = tmp_path / "run"
+    train_generative(GenConfig(model="tiny-llama", data_dir=str(squad_file), output_dir=str(run), eval_before=False,
+                               **TINY))
+    assert (run / "adapter").is_dir()
+    written = []
+    real = gen_train.write_json_atomic
+    monkeypatch.setattr(gen_train, "write_json_atomic", lambda path, data: (written.append(path.name), real(path, data)))
+    train_generative(GenConfig(model="tiny-llama", method="full", data_dir=str(squad_file), output_dir=str(run),
+                               eval_before=False, **TINY))
+    assert not (run / "adapter").exists() and written[-1] == "results.json"
+    with pytest.raises(ValueError, match="full fine-tuning run: it saves no weights"):
+        load_generative_run(run)

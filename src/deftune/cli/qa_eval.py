@@ -17,7 +17,8 @@ HELP = "re-evaluate a saved generative QA run (EM / F1, density, perplexity)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run folder written by `deftune qa-train --output-dir`")
     parser.add_argument("--data-dir", default=None, help="SQuAD folder or file (default: the run's)")
-    parser.add_argument("--eval-questions", type=int, default=None, help="questions to evaluate (default: the run's)")
+    parser.add_argument("--eval-questions", type=int, default=None, help="questions to evaluate (default: the run's; another number also draws other "
+                        "perplexity paragraphs, so the perplexity is then not comparable with the run's)")
     parser.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"), help="device (default: the run's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the run's)")
     parser.add_argument("--site", default=None, choices=("act", "product"),
@@ -33,10 +34,6 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {k: getattr(args, k) for k in ("data_dir", "eval_questions", "device", "threads", "site")
                  if getattr(args, k) is not None}
-    if overrides.get("threads"):
-        import torch
-
-        torch.set_num_threads(overrides["threads"])
     report = evaluate_generative_run(args.run_dir, **overrides)
     summary = report.summary()
     print(json.dumps(summary, indent=2))

@@ -29,9 +29,11 @@ class GenConfig:
             (``lora``, ``dora``, ``ia3``, ``loha``, ``lokr``) or ``full`` (no adapter).
         lora_r: rank of LoRA-family adapters.
         lora_alpha: LoRA scaling numerator (scale = lora_alpha / lora_r).
-        lora_dropout: dropout on the adapter input.
+        lora_dropout: dropout on the adapter input (``lora`` and ``dora`` only; other methods refuse
+            a non-zero value).
         target_modules: modules that get an adapter; ``all-linear`` (peft's keyword: every linear
-            layer but the output head, so gate_proj / up_proj too) or a comma-separated list.
+            layer but the output head, so gate_proj / up_proj too) or a comma-separated list. ``ia3``
+            keeps peft's per-architecture targets (llama: k/v/down_proj) and refuses any other value.
         alpha: weight of the density loss; 0 is plain PEFT through the same code path.
         loss: density surrogate (``l0`` DEFT, ``l1`` ProSparse, ``tanh``, ``sigmoid``).
         eps: epsilon of the l0 surrogate.
@@ -165,6 +167,12 @@ class GenConfig:
             raise ValueError(f"lr and lora_alpha must be > 0, got lr={self.lr!r}, lora_alpha={self.lora_alpha!r}")
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.lora_dropout and self.method not in ("lora", "dora"):
+            raise ValueError(f"lora_dropout applies to lora and dora; method {self.method!r} would ignore "
+                             f"lora_dropout={self.lora_dropout!r}: leave it at 0")
+        if self.method == "ia3" and self.target_modules != "all-linear":
+            raise ValueError(f"ia3 uses peft's per-architecture targets (llama: k_proj, v_proj, down_proj) and would "
+                             f"ignore target_modules={self.target_modules!r}: leave it at 'all-linear'")
         if self.act_threshold_warmup_steps:
             if self.act_threshold_density is None:
                 raise ValueError("act_threshold_warmup_steps needs act_threshold_density (the thresholds it ramps up)")

@@ -64,7 +64,7 @@ def greedy_generate(
     ``batch`` holds ``input_ids`` and ``attention_mask``, left-padded for causal LMs. Attached
     recorders are switched on for their phase only: ``prefill_recorder`` for the prompt pass (for
     seq2seq the encoder), ``decode_recorder`` for the single-token decoding steps (for seq2seq every
-    decoder step, the first one included).
+    decoder step, the first one included). Each recorder's ``enabled`` flag is restored on return.
     """
     device = _device(model)
     ids = batch["input_ids"].to(device)  # (B, T)
@@ -78,6 +78,8 @@ def greedy_generate(
         if decode_recorder is not None:
             decode_recorder.enabled = decode
 
+    was = (prefill_recorder.enabled if prefill_recorder is not None else True,
+           decode_recorder.enabled if decode_recorder is not None else True)
     out_tokens: list[list[int]] = [[] for _ in range(bsz)]
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
     try:
@@ -120,7 +122,7 @@ def greedy_generate(
                             past_key_values=past, use_cache=True)
             past = out.past_key_values
     finally:
-        phase(True, True)
+        phase(*was)
     return out_tokens
 
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deftune.data.glue import DataError
 from deftune.data.squad import SquadExample, load_squad, split_by_article
 from deftune.generative.config import GenConfig
 from deftune.generative.evaluate import EvalReport, evaluate_generative, is_seq2seq
@@ -118,6 +120,10 @@ def prepare_squad(cfg: GenConfig, tokenizer, seq2seq: bool) -> SquadData:
 
     _, train_items = encode_all(train)
     eval_kept, eval_items = encode_all(eval_examples)
+    for part, items in (("training", train_items), ("held-out", eval_items)):
+        if not items:
+            raise DataError(f"no {part} question fits max_length={cfg.max_length} tokens (with "
+                            f"max_context_tokens={cfg.max_context_tokens}): raise max_length (--max-length)")
     paragraphs = list(dict.fromkeys(e.context for e in held))
     ppl_texts = rng.sample(paragraphs, min(cfg.ppl_texts, len(paragraphs)))
     skipped = len(train) - len(train_items) + len(eval_examples) - len(eval_items)
@@ -190,6 +196,7 @@ def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: i
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
+            lr = sched.get_last_lr()[0]  # the rate this step used
             sched.step()
             opt.zero_grad(set_to_none=True)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -198,7 +205,7 @@ def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: i
                 line = {
                     "step": step + 1, "task_loss": acc["task"] / acc["n"],
                     "density_loss": acc["density"] / acc["n"], "alpha": cfg.density_config().alpha_at(step),
-                    "train_density": density, "threshold_scale": threshold_scale, "lr": sched.get_last_lr()[0],
+                    "train_density": density, "threshold_scale": threshold_scale, "lr": lr,
                     "seconds": time.perf_counter() - t0,
                 }
                 log.append(line)
@@ -214,6 +221,8 @@ def train_generative(cfg: GenConfig) -> GenRunResult:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = _device(cfg)
+    if cfg.output_dir:  # a folder trained into again must not look finished (or reload old weights) meanwhile
+        clear_run(Path(cfg.output_dir))
     model, tokenizer = load_generative(cfg.model, cfg.seed)
     seq2seq = is_seq2seq(model)
     data = prepare_squad(cfg, tokenizer, seq2seq)
@@ -266,20 +275,34 @@ def calibrate_on_training_prompts(model: nn.Module, items: list[Encoded], cfg: G
     return calibrate_thresholds(model, batches, config)
 
 
+# what a run folder holds; results.json is written last and marks the run finished (deftune.runs)
+RUN_FILES = ("results.json", "deftune.json", "predictions.json", "log.json", THRESHOLDS_FILE)
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run left in ``out`` (its files and ``adapter/``), so that a run
+    interrupted there is not taken for finished and a ``full`` run never reloads an old adapter."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    if (out / "adapter").is_dir():
+        shutil.rmtree(out / "adapter")
+
+
 def save_run(out: Path, model: nn.Module, result: GenRunResult) -> None:
-    """Adapter (peft format, or nothing for ``full``), config, results, log and predictions."""
+    """Adapter (peft format, or nothing for ``full``), config, thresholds, log, predictions and,
+    last, results."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         model.save_pretrained(out / "adapter")
     write_json_atomic(out / "deftune.json", {"kind": "generative", "config": result.config,
                                              "relufied_modules": result.relufied})
+    if result.thresholds is not None:
+        result.thresholds.save(out / THRESHOLDS_FILE)
+    write_json_atomic(out / "predictions.json", result.after.predictions)
+    write_json_atomic(out / "log.json", result.log)
     full = result.summary()
     full["after_density_per_layer"] = result.after.density_teacher_forced["per_layer"]
     write_json_atomic(out / "results.json", full)
-    write_json_atomic(out / "predictions.json", result.after.predictions)
-    write_json_atomic(out / "log.json", result.log)
-    if result.thresholds is not None:
-        result.thresholds.save(out / THRESHOLDS_FILE)
 
 
 def load_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, Any, GenConfig]:
@@ -298,6 +321,9 @@ def load_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> tuple[n
         raise ValueError(f"{str(run)!r} holds a {meta.get('kind')!r} run, not a generative one")
     cfg = GenConfig.from_dict({**meta["config"], **overrides})
     device = _device(cfg)  # fails before any weights load when the device is missing
+    if cfg.method == "full":
+        raise ValueError(f"{str(run)!r} is a full fine-tuning run: it saves no weights, so it cannot be reloaded "
+                         "(its results.json holds what it measured)")
     if not (run / "adapter").is_dir():
         raise FileNotFoundError(f"{str(run)!r} has no adapter/ folder (method {cfg.method!r} saves none)")
     from peft import PeftModel
@@ -312,7 +338,15 @@ def load_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> tuple[n
 
 
 def evaluate_generative_run(run_dir: str | os.PathLike, **overrides: Any) -> EvalReport:
-    """Re-evaluate a saved run on its held-out questions (``overrides`` replace config fields)."""
+    """Re-evaluate a saved run on its held-out questions (``overrides`` replace config fields;
+    ``threads``, the run's or the override, sets torch's thread count).
+
+    The held-out questions are a seeded draw that follows the training subset's draw, and the
+    perplexity paragraphs follow both: the same ``seed``, ``train_subset`` and ``eval_questions``
+    as the run give its questions and paragraphs; another ``eval_questions`` also changes the
+    paragraphs, so its perplexity is not the run's."""
     model, tokenizer, cfg = load_generative_run(run_dir, **overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     data = prepare_squad(cfg, tokenizer, is_seq2seq(model))
     return _evaluate(model, tokenizer, data, cfg)

@@ -135,11 +135,12 @@ def _check_target(target: float) -> float:
 def check_threshold_options(density: float | None, mode: str, batches: int) -> None:
     """Validate a run config's ``act_threshold_density`` / ``_mode`` / ``_batches`` (GLUE and
     generative runs share them); raises ``ValueError`` naming the field and the accepted values."""
-    if density is not None and not (isinstance(density, (int, float)) and 0 < density <= 1):
+    if density is not None and not (isinstance(density, (int, float)) and not isinstance(density, bool)
+                                    and 0 < density <= 1):
         raise ValueError(f"act_threshold_density must be in (0, 1] or None, got {density!r}")
     if mode not in THRESHOLD_MODES:
         raise ValueError(f"act_threshold_mode must be one of {sorted(THRESHOLD_MODES)}, got {mode!r}")
-    if not isinstance(batches, int) or batches < 1:
+    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 1:
         raise ValueError(f"act_threshold_batches must be an integer >= 1, got {batches!r}")
 
 
