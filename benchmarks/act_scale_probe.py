@@ -85,7 +85,7 @@ def main() -> None:
         rows.append({"s": s, name: metric, "exact_density": density})
         print(f"{s:>6g} {metric:>12.2f} {density:>14.4f}", flush=True)
     write_json_atomic(args.out, {"source": args.run_dir or args.causal_lm, "metric": name, "rows": rows,
-                                 "hardware": describe(), "note": "every layer's scale set to s, no training"})
+                                 "hardware": describe("cpu"), "note": "every layer's scale set to s, no training"})
 
 
 if __name__ == "__main__":

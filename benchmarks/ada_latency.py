@@ -31,15 +31,7 @@ from pathlib import Path
 
 import torch
 
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+from deftune.runs import write_json_atomic
 
 
 def pct(new: float, old: float) -> float:
@@ -112,7 +104,7 @@ def _fixed_inputs(tokenizer, cfg, batch: int, seq: int) -> dict:
 
 
 def _child_memory(
-    model_dir: str, batch: int, seq: int, threads: int, tokenizer_dir: str, task: str, data_dir: str
+    model_dir: str, batch: int, seq: int, threads: int, tokenizer_dir: str, task: str, data_dir: str | None
 ) -> dict:
     """Run one model in a fresh process; return its peak RSS (bytes) etc."""
     cmd = [
@@ -131,8 +123,7 @@ def _child_memory(
         tokenizer_dir,
         "--task",
         task,
-        "--data-dir",
-        data_dir,
+        *(["--data-dir", data_dir] if data_dir is not None else []),  # None: $DEFTUNE_DATA_DIR or the Hub
     ]
     out = subprocess.run(
         cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -278,7 +269,8 @@ def cmd_minilm(args: argparse.Namespace) -> None:
         for _ in range(args.memory_repeats):  # alternate fresh processes
             for name, d in (("dense", dense_dir), ("skipped", skip_dir)):
                 memory[name].append(
-                    _child_memory(str(d), 32, args.seq, args.threads, str(d), cfg.task, str(cfg.data_dir))
+                    _child_memory(str(d), 32, args.seq, args.threads, str(d), cfg.task,
+                                  None if cfg.data_dir is None else str(cfg.data_dir))
                 )
     peak = {k: min(r["peak_rss"] for r in v) for k, v in memory.items()}
     load_delta = {k: min(r["rss_after_load"] - r["rss_before_load"] for r in v) for k, v in memory.items()}
@@ -296,6 +288,7 @@ def cmd_minilm(args: argparse.Namespace) -> None:
         "metric_skipped": skipped_metric,
         "metric_delta": skipped_metric - dense_metric,
         "latency": latency,
+        "main_latency_key": main_key,
         "latency_change_pct": {
             k: pct(v["skipped"]["median_ms"], v["dense"]["median_ms"]) for k, v in latency.items()
         },
@@ -317,7 +310,7 @@ def cmd_minilm(args: argparse.Namespace) -> None:
         "what": "ADA-DEFT on MiniLM / SST-2: DEFT (LoRA, alpha>0) trained with learned MLP-block gates; "
         "blocks removed at inference; dense = the same run with no block removed (gates folded)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "hardware": describe() | {"torch_threads": torch.get_num_threads()},
+        "hardware": describe("cpu") | {"torch_threads": torch.get_num_threads()},  # CPU by design
         "run_dir": args.run_dir,
         "train": {
             "deftune": json.loads((Path(args.run_dir) / "deftune.json").read_text())["train"],
@@ -408,7 +401,7 @@ def plot_pareto(result: dict, path: str) -> None:
         s=120,
         facecolors="none",
         edgecolors="red",
-        label=f"policy {h['policy']['policy']}: {h['latency_change_pct']['batch32_seq64']:+.0f}% latency",
+        label=f"policy {h['policy']['policy']}: {h['latency_change_pct'][h.get('main_latency_key', 'batch32_seq64')]:+.0f}% latency",
     )
     ax.set_xlabel(f"MLP blocks removed (of {len(h['blocks'])})")
     ax.set_ylabel(f"SST-2 dev {h['metric']} (%)")
@@ -523,7 +516,9 @@ def cmd_llama(args: argparse.Namespace) -> None:
         density=density,
     )
 
-    peak = {"dense": peak_memory(dense, inputs)}  # the dense model alone on the device
+    # peak memory: the CUDA allocator's peak with each model alone; on the CPU the process's peak RSS
+    # only grows (the dense model was loaded first), so no per-model figure exists there: None
+    peak = {"dense": peak_memory(dense, inputs) if device.type == "cuda" else None}
     small = copy.deepcopy(dense)
     skip_mlps_(small, SkipPlan(skip=plan.skip), fold_gates=False)
     models = {"dense": dense, "skipped": small}
@@ -545,7 +540,7 @@ def cmd_llama(args: argparse.Namespace) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    peak["skipped"] = peak_memory(small, inputs)  # the skipped model alone on the device
+    peak["skipped"] = peak_memory(small, inputs) if device.type == "cuda" else None  # the skipped model alone
 
     def block(name: str) -> dict:
         return {
@@ -563,7 +558,7 @@ def cmd_llama(args: argparse.Namespace) -> None:
         else "tiny LLaMA-architecture model with RANDOM weights (smoke test)",
         "label": "speed and memory only: random weights, no task metric",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "hardware": describe(),
+        "hardware": describe(str(device)),
         "config": shape,
         "dtype": args.dtype,
         "build_seconds": build_s,
@@ -575,7 +570,8 @@ def cmd_llama(args: argparse.Namespace) -> None:
             "rounds": args.decode_rounds,
         },
         "method": "dense and skipped resident together; prefill timed round-robin, decode in alternating-order "
-        "rounds; peak memory (torch.cuda.max_memory_allocated of one prefill) with each model alone",
+        "rounds; peak memory (torch.cuda.max_memory_allocated of one prefill) with each model alone; "
+        "None on the CPU, where the process's peak RSS cannot separate the two models",
         "skipped": plan.skip,
         "n_skipped": len(plan.skip),
         "n_blocks": n_layers,
@@ -583,7 +579,7 @@ def cmd_llama(args: argparse.Namespace) -> None:
         **result,
         "change_pct": {
             "param_bytes": pct(s["param_bytes"], d["param_bytes"]),
-            "peak_memory": pct(s["peak_memory_bytes"], d["peak_memory_bytes"]),
+            "peak_memory": pct(s["peak_memory_bytes"], d["peak_memory_bytes"]) if device.type == "cuda" else None,
             "prefill_latency": pct(s["prefill_ms"]["median_ms"], d["prefill_ms"]["median_ms"]),
             "decode_latency": pct(s["decode_step_ms"]["median_ms"], d["decode_step_ms"]["median_ms"]),
         },
@@ -645,8 +641,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=cmd_minilm)
 
     p = sub.add_parser("_child", help=argparse.SUPPRESS)
-    for name in ("--model-dir", "--tokenizer-dir", "--task", "--data-dir"):
+    for name in ("--model-dir", "--tokenizer-dir", "--task"):
         p.add_argument(name, required=True)
+    p.add_argument("--data-dir", default=None)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)

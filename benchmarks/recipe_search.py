@@ -66,7 +66,7 @@ def run(c: dict, model_dir: str, data: dict, device: str) -> dict:
                              for k, v in groups.items() if v], weight_decay=0.0)
     warm = 30
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (max(0.0, (steps - s) / (steps - warm)) if s >= warm else 1))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (max(0.0, (steps - s) / max(1, steps - warm)) if s >= warm else 1))
     cfg = DensityLossConfig(alpha=c["alpha"], schedule=c.get("schedule", "constant"), warmup_steps=c.get("warmup", 0),
                             loss=c.get("loss", "l0"), eps=c.get("eps", 1e-7), beta=c.get("beta", 10.0))
     reg = DensityRegularizer(model, cfg, track_stats=False, skip_leading=c.get("skip", 0))

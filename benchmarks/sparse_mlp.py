@@ -18,6 +18,7 @@ then timed as CUDA-graph replays (many calls per graph), median of 15 replays af
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
@@ -127,7 +128,8 @@ class Problem:
             activation="silu",
             scheme=v.scheme,
             gate=v.gate,
-            config=cfg,
+            # a separate-up variant forces its own up kernel; the others (and ``tune``) keep cfg's choice
+            config=cfg if v.fuse_up else dataclasses.replace(cfg, fuse_up=False),
             out=s["out"],
         )
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deftune.compare.pairs import density_change
 from deftune.runs import RunResult, write_json_atomic
 from deftune.train.config import TrainConfig
 
@@ -85,7 +86,7 @@ def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:
     peft, deft = results
     summary = {
         "task": "sst2",
-        "model": "minilm (all-MiniLM-L6-v2)",
+        "model": "minilm (all-MiniLM-L6-v2)" if config.model == "minilm" else config.model,
         "config": dataclasses.asdict(config),
         "hardware": describe(),
         "runs": [r.to_dict() for r in results],
@@ -107,14 +108,14 @@ def format_table(peft: RunResult, deft: RunResult) -> str:
     rows.append((f"dev {name}", f"{peft.metric['value']:.2f}", f"{deft.metric['value']:.2f}",
                  f"{deft.metric['value'] - peft.metric['value']:+.2f} pt"))
     rows.append(("exact density (fp32)", f"{peft.density['exact']:.4f}", f"{deft.density['exact']:.4f}",
-                 f"-{reduction(peft.density['exact'], deft.density['exact']):.1f}%"))
+                 f"{density_change(reduction(peft.density['exact'], deft.density['exact']))}%"))
     for layer in peft.density["per_layer"]:
         p, d = peft.density["per_layer"][layer], deft.density["per_layer"][layer]
-        rows.append((f"  {layer}", f"{p:.4f}", f"{d:.4f}", f"-{reduction(p, d):.1f}%"))
+        rows.append((f"  {layer}", f"{p:.4f}", f"{d:.4f}", f"{density_change(reduction(p, d))}%"))
     for tau, pv in peft.thresholded.items():
         dv = deft.thresholded[tau]
         rows.append((f"density |a|>{tau}", f"{pv['density']:.4f}", f"{dv['density']:.4f}",
-                     f"-{reduction(pv['density'], dv['density']):.1f}%"))
+                     f"{density_change(reduction(pv['density'], dv['density']))}%"))
         rows.append((f"  {name}, |a|<={tau} zeroed", f"{pv['metric']:.2f}", f"{dv['metric']:.2f}",
                      f"{dv['metric'] - pv['metric']:+.2f} pt"))
     rows.append(("train time (s)", f"{peft.train_seconds:.0f}", f"{deft.train_seconds:.0f}",

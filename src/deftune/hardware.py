@@ -17,8 +17,11 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe() -> dict[str, str | int]:
-    """CPU model, usable cores, torch threads, torch version, and the GPU if one is used."""
+def describe(device: str | None = None) -> dict[str, str | int]:
+    """CPU model, usable cores, torch threads, torch version and, under ``gpu``, the GPU the figures
+    were measured on: the first CUDA device when ``device`` is None (code that runs on the GPU when
+    there is one) or a CUDA device, nothing for ``device="cpu"`` (figures measured on the CPU of a
+    machine that also has a GPU)."""
     import torch
 
     info: dict[str, str | int] = {
@@ -28,8 +31,9 @@ def describe() -> dict[str, str | int]:
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    on = torch.device(device) if device is not None else None
+    if torch.cuda.is_available() and (on is None or on.type == "cuda"):
+        info["gpu"] = torch.cuda.get_device_name(on if on is not None and on.index is not None else 0)
     return info
 
 

@@ -19,6 +19,8 @@ def track(items: Iterable[T], description: str = "", total: int | None = None) -
     if not progress_enabled():
         yield from items
         return
+    from rich.console import Console
     from rich.progress import track as rich_track
 
-    yield from rich_track(items, description=description, total=total, transient=True)
+    # drawn on stderr, the stream checked above: stdout stays clean for results (JSON, tables)
+    yield from rich_track(items, description=description, total=total, transient=True, console=Console(stderr=True))
