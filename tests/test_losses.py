@@ -103,7 +103,7 @@ def test_target_stops_the_density_gradient_of_layers_below_it(bert):
     b = dict(batch(), labels=torch.tensor([0, 1, 0]))
     with DensityRegularizer(bert, DensityLossConfig(alpha=1.0)) as reg:
         bert(**b)
-        rho = {k: float(v) for k, v in reg.recorder.pop_losses().items()}
+        rho = {k: float(v.detach()) for k, v in reg.recorder.pop_losses().items()}
     assert len(rho) >= 2 and max(rho.values()) > min(rho.values())
     target = (max(rho.values()) + min(rho.values())) / 2  # the densest layer above it, the sparsest below
     with DensityRegularizer(bert, DensityLossConfig(alpha=1.0, target=target)) as reg:
