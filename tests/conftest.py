@@ -23,6 +23,23 @@ def tiny_bert(num_labels: int = 2, hidden_act: str = "gelu"):
     return BertForSequenceClassification(cfg).eval()
 
 
+def randomise_affine(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every linear bias and norm weight / bias random values (in place; returns ``model``).
+
+    transformers initialises biases to 0 and norms to the identity, so a test on a fresh tiny model
+    cannot see a bias or a norm that folding or skipping forgets; after this it can."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if is_norm and isinstance(weight, torch.Tensor):
+                weight.copy_(1.0 + 0.2 * torch.randn(weight.shape, generator=g))
+            if (is_norm or isinstance(module, torch.nn.Linear)) and isinstance(bias, torch.Tensor):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=g))
+    return model
+
+
 @pytest.fixture
 def bert():
     return tiny_bert()

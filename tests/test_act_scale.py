@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.conftest import batch, tiny_bert
+from tests.conftest import batch, randomise_affine, tiny_bert
 
 from deftune.act_scale import (
     ScaledActivation,
@@ -90,7 +90,7 @@ def test_density_loss_gradient_raises_the_scale():
 @pytest.mark.parametrize("build", [tiny_bert, _tiny_llama, _tiny_gpt2], ids=["bert", "llama", "gpt2"])
 @pytest.mark.parametrize("granularity", ["layer", "neuron"])
 def test_fold_preserves_outputs_and_zeros(build, granularity):
-    model = build()
+    model = randomise_affine(build())  # the fold must rescale the up projection's bias too
     b = batch()
     wrappers = add_act_scales(model, granularity)
     torch.manual_seed(1)

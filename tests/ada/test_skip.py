@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import randomise_affine
 
 from deftune.ada import SkipConfig, SkipPlan, load_skipped, plan_skip, save_skipped, skip_mlps_
 from deftune.ada.skip import PLAN_FILE, WEIGHTS_FILE, param_bytes, skipped_block_names
@@ -36,7 +37,7 @@ def test_skipping_nothing_is_exact(case, logits):
 
 @pytest.mark.parametrize("which", [[0], [1, 2]])
 def test_skipping_equals_zeroed_mlp_output(case, which, logits):
-    model = case.build().eval()
+    model = randomise_affine(case.build().eval())  # a skipped block must keep its norm and biases right
     inputs = case.inputs()
     names = [find_activation_sites(model)[i].name for i in which]
     handles = _zeroing_hooks(model, names)
@@ -58,7 +59,7 @@ def test_skipping_equals_zeroed_mlp_output(case, which, logits):
 
 def test_folded_gates_equal_scaled_outputs(case, logits):
     """Kept blocks' gates folded into the gate target == the block's contribution scaled by g."""
-    model = case.build().eval()
+    model = randomise_affine(case.build().eval())  # the fold must scale the target's bias too
     inputs = case.inputs()
     sites = find_activation_sites(model)
     first, last = sites[0].name, sites[-1].name

@@ -29,6 +29,19 @@ def test_gptq_beats_round_to_nearest(text, act_order):
     assert params.scale.shape == choose_qparams(w, p).scale.shape  # one scale per group, as RTN
 
 
+@pytest.mark.parametrize("text", ["int4:ch", "int3:g32"])
+def test_lazy_blocks_change_nothing(text):
+    """Lazy block updates are an implementation detail (the paper's Step 2): one column per block
+    and one block for everything give the same weights, so the error feedback inside a block and
+    across blocks must both be right."""
+    w, _, h = _data(cols=64)
+    p = parse_quant(text)
+    one, _ = gptq_quantize(w, h, p, GPTQOptions(block_size=1))
+    whole, _ = gptq_quantize(w, h, p, GPTQOptions(block_size=64))
+    mid, _ = gptq_quantize(w, h, p, GPTQOptions(block_size=32))
+    assert (one - whole).abs().max() < 1e-4 and (mid - whole).abs().max() < 1e-4
+
+
 def test_gptq_with_identity_hessian_and_no_damp_is_round_to_nearest():
     w = torch.randn(8, 16)
     q, _ = gptq_quantize(w, torch.eye(16), parse_quant("int4:ch"), GPTQOptions(damp=0.0))
