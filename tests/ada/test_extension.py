@@ -52,7 +52,10 @@ def test_penalty_and_gradients_reach_the_gates(bert_case):
     ext = AdaExtension(AdaConfig(gate="sigmoid", init=0.5, penalty=0.1, density_weighting="uniform"))
     ext.prepare(model)
     out = model(**inputs, labels=torch.tensor([0, 1]))
-    loss = out.loss + ext.extra_loss(model, step=0)
+    extra = ext.extra_loss(model, step=0)
+    # λ · mean openness: sigmoid gates at 0.5 are half open
+    assert ext.gates.penalty().item() == pytest.approx(0.5) and extra.item() == pytest.approx(0.1 * 0.5)
+    loss = out.loss + extra
     loss.backward()
     grad = ext.gates.theta.grad
     assert grad is not None and torch.isfinite(grad).all() and (grad != 0).all()

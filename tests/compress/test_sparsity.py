@@ -26,6 +26,7 @@ def test_block_mask_by_hand():
     keep = compute_mask(w, Block(2, 2, 0.5))
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
     assert torch.equal(keep, expected)
+    assert torch.equal(compute_mask(-w, Block(2, 2, 0.5)), expected)  # magnitudes: the sign does not count
 
 
 def test_nm_mask_by_hand():
@@ -35,9 +36,10 @@ def test_nm_mask_by_hand():
 
 
 def test_channel_and_threshold_by_hand():
-    w = torch.tensor([[3.0, 4.0], [0.1, 0.1], [1.0, 0.0]])
+    w = torch.tensor([[3.0, 4.0], [0.1, 0.1], [2.0, 0.0]])
     assert compute_mask(w, Channel(1 / 3)).tolist() == [[True, True], [False, False], [True, True]]
-    # column norms: sqrt(9 + 0.01 + 1) = 3.16 < sqrt(16 + 0.01 + 0) = 4.0, so column 0 goes
+    # column L2 norms: sqrt(9 + 0.01 + 4) = 3.61 < sqrt(16 + 0.01 + 0) = 4.0, so column 0 goes
+    # (its L1 norm, 5.1, is the larger: an L1 channel norm would drop column 1)
     assert compute_mask(w, Channel(0.5, axis=1)).tolist() == [[False, True]] * 3
     assert compute_mask(w, "threshold:0.5").tolist() == [[True, True], [False, False], [True, False]]
 

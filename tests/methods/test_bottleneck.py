@@ -59,7 +59,8 @@ def test_parallel_reads_the_projection_input():
 
 @pytest.mark.parametrize("placement", ["sequential", "parallel"])
 @pytest.mark.parametrize("base_kind", ["linear", "linear-nobias", "conv1d"])
-def test_linear_adapter_merges_and_unmerges(placement, base_kind):
+@pytest.mark.parametrize("scaling", [1.0, 0.5])
+def test_linear_adapter_merges_and_unmerges(placement, base_kind, scaling):
     torch.manual_seed(0)
     base = {"linear": nn.Linear(6, 8), "linear-nobias": nn.Linear(6, 8, bias=False), "conv1d": Conv1D(8, 6)}[
         base_kind
@@ -68,7 +69,7 @@ def test_linear_adapter_merges_and_unmerges(placement, base_kind):
         nn.init.normal_(base.weight, std=0.3)
     original = {k: v.clone() for k, v in base.state_dict().items()}
     layer = BottleneckLayer(
-        base, BottleneckConfig(reduction_factor=2, placement=placement, activation="identity")
+        base, BottleneckConfig(reduction_factor=2, placement=placement, activation="identity", scaling=scaling)
     )
     with torch.no_grad():
         layer.adapter_up.weight.normal_(std=0.3)

@@ -216,3 +216,17 @@ def test_triton_dispatch_passes_the_right_weights(monkeypatch, gated):
         ref = mlp_reference(x, w, 0.1, "gelu")
     assert calls == [{"w_up": gated, "gate_values": False}]
     torch.testing.assert_close(y, ref)
+
+
+def test_activation_table_against_its_formulas():
+    """The table the reference (and the kernels' tests) draw their activations from, checked
+    against the formulas themselves, not against the table."""
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    phi = 0.5 * (1 + torch.erf(x / 2**0.5))
+    tanh = 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+    expected = {"identity": x, "silu": x / (1 + torch.exp(-x)), "gelu": x * phi, "gelu_tanh": tanh,
+                "relu": x.clamp_min(0)}
+    assert set(ACTIVATIONS) == set(expected)
+    for name, want in expected.items():
+        torch.testing.assert_close(ACTIVATIONS[name](x), want, rtol=1e-12, atol=1e-12, msg=name)
+    assert (ACTIVATIONS["gelu"](x) - ACTIVATIONS["gelu_tanh"](x)).abs().max() > 1e-5  # the two GELUs differ

@@ -27,11 +27,14 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wrapper_zeroes_exactly_the_small_entries(dtype):
+@pytest.mark.parametrize("t", [0.25, 0.10001])
+def test_wrapper_zeroes_exactly_the_small_entries(dtype, t):
+    """0.10001 has no bf16 twin: 0.1 in bf16 (0.10009765625) is above it, so the comparison must be
+    made in float32, not in the activation's dtype (where t would round to 0.1 and zero it)."""
     x = torch.tensor([[-2.0, -0.5, -0.25, 0.0, 0.1, 0.25, 0.2500001, 3.0]], dtype=dtype)
-    wrapper = ThresholdedActivation(nn.Identity(), 0.25)
+    wrapper = ThresholdedActivation(nn.Identity(), t)
     y = wrapper(x)
-    keep = x.float().abs() > 0.25
+    keep = x.float().abs() > t
     assert torch.equal(y[keep], x[keep])
     assert torch.count_nonzero(y[~keep]) == 0
     assert y.dtype == dtype
