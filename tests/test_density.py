@@ -212,3 +212,13 @@ def test_save_reload_same_density(bert, tmp_path):
     model.save_pretrained(tmp_path)
     again = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert measure_density(again, [batch()]) == before
+
+
+def test_thresholded_overall_weighs_layers_by_their_elements():
+    from deftune.density import DensityResult, LayerDensity, _tau_key
+
+    key = _tau_key(0.01)
+    layers = {"encoder.0": LayerDensity("encoder", 1.0, 0.5, {key: 0.2}, tokens=10, features=4),  # 40 elements
+              "encoder.1": LayerDensity("encoder", 1.0, 0.5, {key: 0.8}, tokens=10, features=16)}  # 160 elements
+    result = DensityResult(layers, {"encoder": 1.0}, 1.0, (0.01,), False, "float32", "act")
+    assert result.thresholded_overall(0.01) == pytest.approx((0.2 * 40 + 0.8 * 160) / 200)  # 0.68, not 0.5

@@ -78,6 +78,22 @@ def test_global_mode_shares_one_threshold():
     assert per_layer.values["encoder.0"] < per_layer.values["encoder.1"]
 
 
+def test_global_mode_weighs_layers_by_their_elements():
+    """One shared threshold reaching the target over all *elements*: a layer with 4x the elements
+    counts 4x (an unweighted mean of the layers' densities would put the threshold elsewhere)."""
+    g = torch.Generator().manual_seed(4)
+    small, large = torch.randn(10_000, generator=g), 10 * torch.randn(40_000, generator=g)
+    hist = MagnitudeHistogram.empty(CalibrationConfig())
+    hist.add("encoder.0", small)
+    hist.add("encoder.1", large)
+    th = hist.thresholds(0.5, mode="global")
+    t = th.values["encoder.0"]
+    pooled = float((torch.cat([small, large]).abs() > t).double().mean())
+    assert pooled == pytest.approx(0.5, abs=TOL) and th.overall_achieved == pytest.approx(pooled, abs=TOL)
+    unweighted = ((small.abs() > t).double().mean() + (large.abs() > t).double().mean()) / 2
+    assert abs(float(unweighted) - 0.5) > 0.05  # the two readings differ here, so the test can tell them apart
+
+
 def _removed_energy(a: torch.Tensor, t: float) -> float:
     a = a.double()
     return float((a[a.abs() <= t] ** 2).sum() / (a**2).sum())
