@@ -424,6 +424,11 @@ def budget(row: dict[str, Any]) -> tuple[int, str, int | None]:
     return int(row["steps"]), row.get("eval_split", "dev"), row.get("holdout")
 
 
+def _config_budget(config: TrainConfig) -> tuple[int, str, int | None]:
+    """:func:`budget` of the row ``config`` would write."""
+    return budget({"steps": config.steps, "eval_split": config.eval_split, "holdout": config.holdout})
+
+
 def check_one_budget(rows: Sequence[dict[str, Any]], results_json: str) -> tuple[int, str, int | None] | None:
     """The one :func:`budget` of a results file's GLUE rows (None without GLUE rows); raise
     ValueError when they mix step budgets or evaluation splits: reports and DEFT-vs-PEFT pairs pool a
@@ -442,8 +447,7 @@ def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
     rows = load_rows(results_json)
     held = check_one_budget(rows, results_json)
     for config in configs:
-        if isinstance(config, TrainConfig) and held is not None and (
-                b := (config.steps, config.eval_split, config.holdout)) != held:
+        if isinstance(config, TrainConfig) and held is not None and (b := _config_budget(config)) != held:
             raise ValueError(f"{results_json} holds GLUE runs of (steps, eval split, holdout) {held}; "
                              f"this grid trains {b}. Give it a results file of its own (--results-json, --report-md)")
     done = {run_key(r): r for r in rows}

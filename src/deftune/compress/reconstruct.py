@@ -103,8 +103,9 @@ def capture_inputs(
             handles.append(module.register_forward_pre_hook(make_hook(name)))
         device = next(model.parameters()).device
         for batch in batches:
-            masks = stack_masks({k: v.to(device) for k, v in batch.items()}, enc_dec)
-            model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+            moved = {k: v.to(device) for k, v in batch.items()}  # once: the masks and the forward share it
+            masks = stack_masks(moved, enc_dec)
+            model(**{k: v for k, v in moved.items() if k != "labels"})
     finally:
         for h in handles:
             h.remove()
