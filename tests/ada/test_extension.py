@@ -133,3 +133,94 @@ def test_state_dict_round_trips_through_a_run_dir(case, tmp_path):
         assert abs(loaded[name] - value) < 1e-6
     assert load_gates(tmp_path / "missing") is None
     ext.close()
+
+
+def test_training_passes_sample_gates_and_inference_passes_do_not(bert_case):
+    """Hard-concrete gates: a fresh sample per training pass, the deterministic gate otherwise."""
+    model = bert_case.build()
+    model.config.hidden_dropout_prob = 0.0
+    for m in model.modules():  # no dropout: any change between passes comes from the gates
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    inputs = bert_case.inputs()
+    ext = AdaExtension(AdaConfig(gate="hard_concrete", init=0.5, density_weighting="uniform"))
+    ext.prepare(model)
+    seen: list[torch.Tensor] = []
+    ext.hooks.on_gates = lambda g: seen.append(g.detach().clone())
+    try:
+        model.train()
+        torch.manual_seed(0)
+        model(**inputs)
+        model(**inputs)
+        with torch.no_grad():  # a no-grad pass in train mode (e.g. a logging pass) is inference
+            model(**inputs)
+        model.eval()
+        model(**inputs)
+    finally:
+        ext.close()
+    deterministic = ext.gates.deterministic().detach()
+    assert len(seen) == 4
+    assert not torch.equal(seen[0], seen[1]), "two training passes drew the same gates"
+    assert not torch.equal(seen[0], deterministic)
+    torch.testing.assert_close(seen[2], deterministic, rtol=0, atol=0)
+    torch.testing.assert_close(seen[3], deterministic, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weighting, grads", [("gate", False), ("gate_grad", True)])
+def test_density_weights_carry_gate_gradients_only_under_gate_grad(bert_case, weighting, grads):
+    model = bert_case.build().train()
+    ext = AdaExtension(AdaConfig(gate="sigmoid", density_weighting=weighting))
+    ext.prepare(model)
+    _set_logits(ext, [2.0, 0.0, -2.0])
+    reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0))
+    ext.bind_regularizer(reg)
+    try:
+        with torch.no_grad():
+            model(**bert_case.inputs())  # the weights as a pass sets them, without autograd noise
+        ext._set_density_weights(ext.gates.sample())  # ...and as a training pass sets them
+    finally:
+        ext.close()
+    weights = [ext.layer_weights[f"encoder.{i}"] for i in range(3)]
+    assert all(w.requires_grad == grads for w in weights)
+    if grads:  # weights w_l = g_l / mean(g): d(w_0 - w_2)/d theta is non-zero for every gate
+        (grad,) = torch.autograd.grad(weights[0] - weights[2], [ext.gates.theta])
+        assert (grad.abs() > 0).all()
+
+
+def test_density_weights_are_normalised_per_stack(case):
+    """Encoder and decoder weights each average 1 (T5: two stacks; others: one)."""
+    model = case.build().train()
+    ext = AdaExtension(AdaConfig(gate="sigmoid", density_weighting="gate"))
+    ext.prepare(model)
+    n = len(ext.sites)
+    _set_logits(ext, [1.5 - i for i in range(n)])
+    reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0))
+    ext.bind_regularizer(reg)
+    try:
+        with torch.no_grad():
+            model(**case.inputs())
+    finally:
+        ext.close()
+    g = torch.sigmoid(torch.tensor([1.5 - i for i in range(n)]))
+    by_stack: dict[str, list[int]] = {}
+    for i, s in enumerate(ext.sites):
+        by_stack.setdefault(s.stack, []).append(i)
+    assert len(by_stack) == (2 if case.name == "t5" else 1)
+    for idx in by_stack.values():
+        expected = g[idx] / g[idx].mean()
+        got = torch.stack([ext.layer_weights[ext.sites[i].name] for i in idx])
+        torch.testing.assert_close(got, expected)
+
+
+def test_saved_gates_are_the_inference_gates_not_a_sample(bert_case):
+    model = bert_case.build().train()  # training mode: a sample would differ from the gate
+    ext = AdaExtension(AdaConfig(gate="hard_concrete"))
+    ext.prepare(model)
+    _set_logits(ext, [0.3, -0.2, 0.1])
+    try:
+        state = ext.state_dict()
+    finally:
+        ext.close()
+    torch.testing.assert_close(state["ada.gates"], ext.gates.deterministic().detach(), rtol=0, atol=0)
+    torch.testing.assert_close(state["ada.logits"], torch.tensor([0.3, -0.2, 0.1]))
+    assert state["ada.blocks"].tolist() == [[0, 0], [0, 1], [0, 2]]

@@ -31,6 +31,7 @@ def tiny_run(tmp_path_factory):
             num_attention_heads=2,
             intermediate_size=32,
             max_position_embeddings=64,
+            initializer_range=0.5,  # large weights: the MLP blocks (and their gates) move the logits
         )
     ).save_pretrained(model_dir)
     glue = root / "glue" / "SST-2"
@@ -122,3 +123,40 @@ def test_skip_run_config_refuses_a_density_policy_without_examples(tmp_path):
                                          "density_examples must be >= 1, got 0"):
         SkipRunConfig(str(tmp_path), SkipConfig(policy="density"), density_examples=0)
     SkipRunConfig(str(tmp_path), SkipConfig(policy="gate"), density_examples=0)  # gates need no examples
+
+
+def test_prepared_run_computes_what_the_gated_model_computed(tiny_run):
+    """Merged adapter + gates folded once == the trained model with its gate hooks (eval mode).
+
+    The gates sit near 0.5, so a model with unfolded gates (× 1) or gates folded twice (× g²)
+    gives other logits, even where the tiny model's accuracy would not move.
+    """
+    from safetensors.torch import load_file
+
+    from deftune.ada import AdaConfig, AdaExtension
+    from deftune.ada.pipeline import _dev_batches, prepare_run
+    from deftune.runs import EXTENSION_FILE
+    from deftune.train import load_run
+
+    run_dir, _, gates = tiny_run
+    assert all(0.3 < g < 0.7 for g in gates.values())  # far from 1: folding must matter
+    prepared, tokenizer, cfg, loaded = prepare_run(run_dir)
+    assert loaded == pytest.approx(gates)
+
+    gated, _, _ = load_run(run_dir)  # the adapter unmerged; gates put back as hooks
+    ext = AdaExtension(AdaConfig(gate="sigmoid", density_weighting="uniform"))
+    ext.prepare(gated)
+    state = load_file(str(run_dir / EXTENSION_FILE))
+    with torch.no_grad():
+        ext.gates.theta.copy_(state["0.ada.logits"] / ext.gates.logit_scale)
+    assert ext.gate_values() == pytest.approx(gates)
+    batch = {k: v for k, v in _dev_batches(cfg, tokenizer)[0].items() if k != "labels"}
+    try:
+        with torch.no_grad():
+            expected = gated(**batch).logits
+            torch.testing.assert_close(prepared(**batch).logits, expected, rtol=1e-4, atol=1e-4)
+    finally:
+        ext.close()
+    with torch.no_grad():
+        without_gates = gated(**batch).logits  # hooks removed: the run's model with every gate at 1
+    assert (without_gates - expected).abs().max() > 0.1
