@@ -394,3 +394,60 @@ def test_sweep_leaves_virtual_tokens_out():
 
     points = sweep_targets(model, data, [0.5], evaluate, CalibrationConfig(refine_passes=0), skip_leading=skip)
     assert points[0].eval_density == pytest.approx(0.5, abs=0.05)
+
+
+# ---- the edge choice, on coarse bins where the two neighbouring edges are far apart -------------
+
+
+def _coarse(values: dict[str, list[float]]) -> MagnitudeHistogram:
+    hist = MagnitudeHistogram.empty(CalibrationConfig(bins_per_octave=1, min_log2=-4, max_log2=4))
+    for name, v in values.items():
+        hist.add(name, torch.tensor(v))
+    return hist
+
+
+@pytest.mark.parametrize("target, edge, achieved", [(0.55, 2.0, 0.5), (0.7, 1.0, 0.75), (0.625, 1.0, 0.75)])
+def test_layer_mode_takes_the_nearer_edge_and_the_denser_one_on_a_tie(target, edge, achieved):
+    """8 values: 2 in (0.5, 1], 2 in (1, 2], 4 in (2, 4]; density above edge 1 is 0.75, above 2 is
+    0.5. Target 0.625 sits exactly between them (binary-exact): the denser edge wins."""
+    th = _coarse({"encoder.0": [0.75, 0.75, 1.5, 1.5, 3.0, 3.0, 3.0, 3.0]}).thresholds(target)
+    assert th.values["encoder.0"] == edge
+    assert th.achieved["encoder.0"] == achieved
+
+
+@pytest.mark.parametrize("target", [0.3, 0.45, 0.6, 0.75])
+def test_energy_mode_picks_the_nearest_pooled_density_among_its_choices(target):
+    """Against brute force: every removed-energy fraction ``f`` gives one choice per layer (its last
+    edge with energy <= f); the mode must return the choice whose pooled density is nearest the
+    target (ties: the denser), not merely one within a tolerance."""
+    g = torch.Generator().manual_seed(11)
+    layers = {
+        "encoder.0": (torch.randn(300, generator=g)).tolist(),
+        "encoder.1": (3 * torch.randn(500, generator=g) ** 3).tolist(),
+    }
+    hist = _coarse(layers)
+    above = {n: hist.density_above(n) for n in layers}
+    energy = {n: hist.energy_below(n) for n in layers}
+    elements = {n: len(v) for n, v in layers.items()}
+    total = sum(elements.values())
+    candidates = sorted({0.0, *[float(x) for e in energy.values() for x in e]})
+    best = None
+    for f in candidates:
+        ks = {n: max(int((e <= f).sum()) - 1, 0) for n, e in energy.items()}
+        pooled = sum(float(above[n][k]) * elements[n] for n, k in ks.items()) / total
+        key = (abs(pooled - target), -pooled)
+        if best is None or key < best[0]:
+            best = (key, pooled)
+    th = hist.thresholds(target, mode="energy")
+    assert th.overall_achieved == pytest.approx(best[1], abs=1e-12)
+
+
+def test_energy_mode_breaks_a_tie_towards_the_denser_choice():
+    """One layer of 256 values: densities are multiples of 1/256, so a target half-way between two
+    neighbouring achievable densities is an exact tie (binary-exact), which the denser one wins."""
+    hist = _coarse({"encoder.0": (torch.randn(256, generator=torch.Generator().manual_seed(12))).tolist()})
+    above = hist.density_above("encoder.0")
+    levels = sorted({float(x) for x in above if 0.2 < float(x) < 0.8})
+    lo, hi = levels[len(levels) // 2 - 1], levels[len(levels) // 2]
+    th = hist.thresholds((lo + hi) / 2, mode="energy")
+    assert th.overall_achieved == hi

@@ -168,3 +168,30 @@ def test_a_bad_value_leaves_every_layer_unthresholded():
     with pytest.raises(ValueError, match=f"threshold of {names[1]} must be finite and >= 0, got nan"):
         apply_thresholds(model, th)
     assert not any(isinstance(m, ThresholdedActivation) for m in model.modules())
+
+
+@pytest.mark.parametrize("site", ["act", "product"])
+def test_thresholded_gives_back_thresholds_that_were_already_installed(site):
+    """A model already thresholded at 0.3 runs at the block's 0.05 and leaves it at 0.3 again, with
+    the same wrapper objects / hooks, also when the block raises; sites it did not touch stay."""
+    model = tiny_llama()
+    names = [s.name for s in find_activation_sites(model, site)]
+
+    def table(values):
+        return Thresholds(values=values, target=0.5, mode="layer", achieved={}, natural={}, elements={},
+                          site=site)
+
+    apply_thresholds(model, table({n: 0.3 for n in names}))
+    holders = threshold_holders(model)
+    with thresholded(model, table({names[0]: 0.05})):
+        assert [h.threshold for h in threshold_holders(model)] == [0.05, 0.3]
+    assert threshold_holders(model) == holders
+    assert [h.threshold for h in holders] == [0.3, 0.3]
+    with pytest.raises(RuntimeError, match="boom"), thresholded(model, table({n: 0.01 for n in names})):
+        raise RuntimeError("boom")
+    assert threshold_holders(model) == holders
+    assert [h.threshold for h in holders] == [0.3, 0.3]
+    remove_thresholds(model)
+    with thresholded(model, table({names[1]: 0.2})):  # nothing installed before: nothing after
+        assert len(threshold_holders(model)) == 1
+    assert not threshold_holders(model)
