@@ -120,3 +120,41 @@ def test_percentile_clipping_of_a_tensor_larger_than_torch_quantile_takes():
         torch.quantile(w, 0.5, dim=1)
     p = choose_qparams(w, "int8:tensor:p50")  # symmetric: the median of |w| sets the range
     assert p.scale.item() == pytest.approx((n - 1) / 2 / n / 127, rel=1e-6)
+
+
+def test_percentile_ranges_by_hand():
+    """101 values -50 .. 50. Asymmetric p90: the range runs from the 10th to the 90th percentile
+    (-40 .. 40); symmetric p90: to the 90th percentile of |w| (45)."""
+    w = torch.arange(-50.0, 51.0).reshape(1, -1)
+    asym = choose_qparams(w, "int8:tensor:asym:p90")
+    assert asym.scale.item() == pytest.approx(80 / 255)
+    assert asym.zero_point.item() in (127.0, 128.0)  # round(40 / scale) = round(127.5), scale in float32
+    sym = choose_qparams(w, "int8:tensor:p90")
+    assert sym.scale.item() == pytest.approx(45 / 127)
+    assert sym.zero_point.item() == 0.0
+    # values beyond the clipped range saturate at its ends
+    out = fake_quantize(w, asym)
+    assert out.min().item() == pytest.approx(-40, abs=0.2) and out.max().item() == pytest.approx(40, abs=0.2)
+
+
+@pytest.mark.parametrize("text", ["int4:g2", "int4:g2:asym", "int4:g2:mse", "int4:g2:asym:p90"])
+def test_an_all_zero_group_gets_a_finite_scale_and_stays_zero(text):
+    w = torch.tensor([[0.0, 0.0, 1.0, -2.0]])
+    params = choose_qparams(w, text)
+    assert params.scale[0].item() == 1.0  # any positive scale represents zeros; 0 would divide by 0
+    assert torch.isfinite(params.scale).all() and torch.isfinite(params.zero_point).all()
+    out = fake_quantize(w, params)
+    assert out[0, :2].tolist() == [0.0, 0.0] and torch.isfinite(out).all()
+
+
+def test_a_one_signed_group_keeps_zero_in_its_range():
+    """Asymmetric ranges always include 0: [1, 2, 3] quantizes on [0, 3] (int2: scale 1, zero point
+    0), so 0 stays exactly representable; a range of [1, 3] would give scale 2/3 and lose 0."""
+    pos = choose_qparams(torch.tensor([[1.0, 2.0, 3.0]]), "int2:tensor:asym")
+    assert pos.scale.item() == 1.0 and pos.zero_point.item() == 0.0
+    neg = choose_qparams(torch.tensor([[-1.0, -2.0, -3.0]]), "int2:tensor:asym")
+    assert neg.scale.item() == 1.0 and neg.zero_point.item() == 3.0
+    for params in (pos, neg):
+        assert fake_quantize(torch.zeros(1, 3), params).tolist() == [[0.0, 0.0, 0.0]]
+    clipped = choose_qparams(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), "int2:tensor:asym:p50")
+    assert clipped.scale.item() == pytest.approx(2.5 / 3)  # lo = 2.5 clamped to 0, hi = 2.5
