@@ -122,6 +122,12 @@ def bert_case() -> Case:
 
 
 @pytest.fixture
+def t5_case() -> Case:
+    torch.manual_seed(0)
+    return CASES[1]
+
+
+@pytest.fixture
 def llama_case() -> Case:
     torch.manual_seed(0)
     return CASES[2]

@@ -174,6 +174,26 @@ def test_policies_choose_the_expected_blocks(bert_case):
     ]
 
 
+def test_policy_boundaries_ties_and_stacks(bert_case, t5_case):
+    """A gate (density) equal to tau is kept (the rule is a strict <); topk breaks a tie of scores
+    by keeping the earlier block; ``stacks`` leaves the other stack's blocks alone."""
+    model = bert_case.build()
+    gates = {"encoder.0": 0.5, "encoder.1": 0.3, "encoder.2": 0.3}
+    assert plan_skip(model, SkipConfig(policy="gate", tau=0.5), gates=gates).skip == ["encoder.1", "encoder.2"]
+    density = {"encoder.0": 0.2, "encoder.1": 0.1, "encoder.2": 0.05}
+    assert plan_skip(model, SkipConfig(policy="density", tau_density=0.1), density=density).skip == ["encoder.2"]
+    plan = plan_skip(model, SkipConfig(policy="topk", keep=2, score="gate"), gates=gates)
+    assert plan.skip == ["encoder.2"]  # encoder.1 and encoder.2 tie at 0.3: the earlier one stays
+    t5 = t5_case.build()  # encoder.0-1, decoder.0-1
+    scores = {"encoder.0": 0.1, "encoder.1": 0.9, "decoder.0": 0.2, "decoder.1": 0.1}
+    only_decoder = SkipConfig(policy="gate", tau=0.5, stacks=("decoder",))
+    plan = plan_skip(t5, only_decoder, gates=scores)
+    assert plan.skip == ["decoder.0", "decoder.1"]
+    assert plan.scales == {"encoder.0": 0.1, "encoder.1": 0.9}  # kept blocks still get their gates
+    plan = plan_skip(t5, SkipConfig(policy="topk", keep=1, score="gate", stacks=("encoder",)), gates=scores)
+    assert plan.skip == ["encoder.0"]  # keep counts within the eligible stack
+
+
 def test_policy_errors_name_the_problem(bert_case):
     model = bert_case.build()
     with pytest.raises(ValueError, match="needs learned gates"):

@@ -117,3 +117,14 @@ def test_allocation_errors():
         allocate(_layers(), "unstructured:0.5", "random")
     with pytest.raises(ValueError, match="fraction-based"):
         allocate(_layers(), "nm:2:4", "erk")
+
+
+def test_global_allocation_hands_tied_weights_out_in_layer_order():
+    """Every magnitude equal: the shared threshold ties all 40 weights, and the 10 to prune go to the
+    first layer before the second (a deterministic order, not a split by size or a random one)."""
+    layers = {"a": torch.ones(4, 5), "b": torch.ones(4, 5)}
+    plan = allocate(layers, "unstructured:0.25", "global")
+    assert plan["a"].sparsity == pytest.approx(0.5) and plan["b"].sparsity == 0.0
+    mixed = {"a": torch.full((2, 5), 2.0), "b": torch.tensor([[1.0] * 5 + [2.0] * 5])}
+    plan = allocate(mixed, "unstructured:0.4", "global")  # 8 to prune: b's five 1.0s, then 3 tied 2.0s
+    assert plan["a"].sparsity == pytest.approx(0.3) and plan["b"].sparsity == pytest.approx(0.5)
