@@ -55,6 +55,15 @@ def test_hand_computed_density_real_tokens():
     assert r.overall == pytest.approx(5 / 8) and r.per_stack == {"encoder": pytest.approx(5 / 8)}
 
 
+def test_a_positional_attention_mask_counts_real_tokens_too():
+    """``model(input_ids, attention_mask)`` (how BERT's forward orders them) masks like the keyword."""
+    model = Toy()
+    with ActivationRecorder(model) as rec:
+        model(A, MASK)
+    layer = rec.result().per_layer["encoder.0"]
+    assert layer.tokens == 2 and layer.exact == pytest.approx(5 / 8)
+
+
 def test_count_padding_matches_official_convention():
     model = Toy()
     with ActivationRecorder(model, count_padding=True) as rec:

@@ -139,6 +139,27 @@ def test_save_and_reload_without_removed_weights(case, tmp_path, logits):
     torch.testing.assert_close(logits(reloaded, inputs), expected, rtol=0, atol=0)
 
 
+def test_an_incomplete_folder_is_refused_by_name(bert_case, tmp_path):
+    """A weights file missing a tensor the plan keeps (or no plan at all) raises, naming the folder,
+    instead of returning a model with meta tensors in it."""
+    from safetensors.torch import save_file
+
+    model = bert_case.build().eval()
+    plan = SkipPlan(skip=["encoder.0"])
+    skip_mlps_(model, plan)
+    out = save_skipped(model, tmp_path / "s", plan)
+    saved = load_file(str(out / WEIGHTS_FILE))
+    kept_down = down_proj_path(model, find_activation_sites(model)[1]) + ".weight"
+    del saved[kept_down]
+    save_file(saved, str(out / WEIGHTS_FILE))
+    with pytest.raises(RuntimeError, match=r"were not in weights.safetensors; the folder is incomplete") as err:
+        load_skipped(out)
+    assert kept_down in str(err.value) and str(out) in str(err.value)
+    (out / PLAN_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="is .* a folder written by save_skipped"):
+        load_skipped(out)
+
+
 def test_reloaded_folder_is_refused_by_from_pretrained(bert_case, tmp_path):
     model = bert_case.build().eval()
     plan = SkipPlan(skip=["encoder.0"])
