@@ -138,7 +138,6 @@ def test_state_dict_round_trips_through_a_run_dir(case, tmp_path):
 def test_training_passes_sample_gates_and_inference_passes_do_not(bert_case):
     """Hard-concrete gates: a fresh sample per training pass, the deterministic gate otherwise."""
     model = bert_case.build()
-    model.config.hidden_dropout_prob = 0.0
     for m in model.modules():  # no dropout: any change between passes comes from the gates
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
