@@ -118,3 +118,44 @@ def test_target_stops_the_density_gradient_of_layers_below_it(bert):
         loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in bert.parameters())
+
+
+def test_l0_uses_the_configured_eps():
+    assert DensityLossConfig(eps=1.0).surrogate()(torch.tensor([1.0, 3.0])).tolist() == pytest.approx([0.5, 0.9])
+
+
+@pytest.mark.parametrize("schedule", ["linear", "sine"])
+def test_a_ramp_of_zero_steps_is_the_full_alpha_from_step_0(schedule):
+    assert DensityLossConfig(alpha=2.0, schedule=schedule, warmup_steps=0).alpha_at(0) == 2.0
+
+
+def test_combine_with_every_stack_weighted_zero_is_zero_not_nan():
+    out = combine_layer_losses({"encoder.0": torch.tensor(0.4)}, {"encoder.0": "encoder"}, {"encoder": 0.0})
+    assert out.item() == 0.0
+
+
+def test_total_loss_uses_the_alpha_of_its_step(bert):
+    """During warm-up the density term enters with alpha(step), as logged, not the final alpha."""
+    from tests.conftest import batch
+
+    reg = DensityRegularizer(bert, DensityLossConfig(alpha=1.0, schedule="linear", warmup_steps=10))
+    b = dict(batch(), labels=torch.tensor([0, 1, 0]))
+    with reg:
+        for step, alpha in ((0, 0.0), (5, 0.5)):
+            out = bert(**b)
+            total, parts = reg.total_loss(out.loss, step=step)
+            assert parts.alpha == alpha
+            assert total.item() == pytest.approx(out.loss.item() + alpha * parts.density, rel=1e-6)
+
+
+@pytest.mark.parametrize("count_padding", [False, True])
+def test_regularizer_passes_padding_and_leading_tokens_to_its_recorder(bert, count_padding):
+    """The loss and the statistics count real tokens unless ``count_padding``, less ``skip_leading``."""
+    from tests.conftest import batch
+
+    b = batch(b=2, t=7, pad_last=3)  # 7 + 4 real tokens
+    reg = DensityRegularizer(bert, DensityLossConfig(count_padding=count_padding), skip_leading=2)
+    with reg, torch.no_grad():
+        bert(**b)
+    tokens = {layer.tokens for layer in reg.recorder.result().per_layer.values()}
+    assert tokens == {14 - 4 if count_padding else 11 - 4}

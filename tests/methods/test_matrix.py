@@ -212,6 +212,13 @@ def test_only_method_parameters_train(case: Case):
     assert not stray, f"parameters outside the method train: {stray[:5]}"
     absent = [p for p in case.trainable if not any(re.search(p, n) for n in names)]
     assert not absent, f"no trainable parameter matches {absent}"
+    # ... and nothing the method owns stays frozen: the whole task head (weight and bias; peft keeps
+    # a frozen copy as ``original_module``), and for BitFit every bias
+    whole = [HEAD] if HEAD in case.trainable else []
+    whole += [r"\.bias$"] if case.config.name == "bitfit" else []
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and "original_module" not in n
+              and any(re.search(w, n) for w in whole)]
+    assert not frozen, f"parameters the method owns stay frozen: {frozen[:5]}"
     if case.config.name == "full":
         assert len(names) == len(list(model.parameters()))
     else:
