@@ -129,6 +129,8 @@ def test_method_save_load_keeps_scales(tmp_path, name):
     assert all(not w.log_scale.requires_grad for w in scaled_activations(loaded).values())
     with pytest.raises(ValueError, match="do not fit"):
         load_act_scales(loaded, {k + ".x": v for k, v in state.items()})
+    with pytest.raises(ValueError, match=r"saved scale shape \(1,\) != "):  # no silent broadcast
+        load_act_scales(loaded, {k: torch.zeros(1) for k in state})
 
 
 def _thresholds(model, t: float = 0.05):

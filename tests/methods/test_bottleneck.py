@@ -112,3 +112,18 @@ def test_an_unsupported_target_leaves_the_model_unchanged():
         apply_method(model, MethodConfig("adapter", target_modules=("output.dense", "output.LayerNorm")))
     assert not adapter_layers(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_merging_twice_folds_the_adapter_in_once():
+    torch.manual_seed(0)
+    layer = BottleneckLayer(nn.Linear(6, 8), BottleneckConfig(reduction_factor=2, activation="identity"))
+    with torch.no_grad():
+        layer.adapter_up.weight.normal_(std=0.3)
+        layer.adapter_up.bias.normal_(std=0.3)
+    x = torch.randn(4, 6)
+    expected = layer(x)
+    layer.merge()
+    layer.merge()
+    torch.testing.assert_close(layer.base_layer(x), expected, rtol=0, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)

@@ -44,6 +44,8 @@ def test_deft_defaults():
         ({"name": "adapter", "adapter_placement": "inside"}, "adapter_placement must be one of"),
         ({"name": "lora", "task_type": "CLS"}, "task_type must be one of"),
         ({"name": "lora", "target_modules": "query"}, "sequence of module names"),
+        ({"name": "adapter", "adapter_scaling": float("inf")}, "adapter_scaling must be finite"),
+        ({"name": "ptuning", "encoder_hidden_size": 0}, "encoder_hidden_size must be >= 1 or None"),
     ],
 )
 def test_invalid_values_are_named(kwargs, match):

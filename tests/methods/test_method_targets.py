@@ -18,6 +18,7 @@ from deftune.methods import (
     MergeNotSupportedError,
     MethodConfig,
     apply_method,
+    load_adapter,
     merge_adapter,
     method_config,
     save_adapter,
@@ -164,3 +165,87 @@ def test_verbs_see_through_a_wrapper():
     assert virtual_token_count(Wrapper(model)) == 2
     assert method_config(Wrapper(model)).name == "prompt"
     assert tiny_batch("bert")["input_ids"].shape == (2, 7)
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(3)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@torch.no_grad()
+def _out(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def test_save_load_keeps_a_non_default_adapter_scaling(tmp_path):
+    model = apply_method(tiny_bert(), MethodConfig("adapter", adapter_scaling=2.0, adapter_activation="identity"))
+    _perturb(model)
+    ids = tiny_batch("bert")["input_ids"]
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(tiny_bert(), tmp_path)
+    assert method_config(loaded).adapter_scaling == 2.0
+    torch.testing.assert_close(_out(loaded, ids), _out(model.eval(), ids), rtol=0, atol=1e-6)
+
+
+def test_a_save_of_another_format_version_is_refused(tmp_path):
+    import json
+
+    save_adapter(apply_method(tiny_bert(), "lora"), tmp_path)
+    path = tmp_path / "deftune_method.json"
+    saved = json.loads(path.read_text())
+    saved["format_version"] = 99
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="format_version 99"):
+        load_adapter(tiny_bert(), tmp_path)
+
+
+def test_a_method_is_not_applied_over_stray_activation_scales():
+    from deftune.act_scale import add_act_scales
+
+    model = tiny_bert()
+    add_act_scales(model, "layer")
+    with pytest.raises(ValueError, match=r"already carries adapter layers \(ScaledActivation\)"):
+        apply_method(model, "lora")
+
+
+def test_verbs_see_through_torch_compile():
+    model = apply_method(tiny_bert(), MethodConfig(name="prompt", num_virtual_tokens=2))
+    compiled = torch.compile(model)  # not run: the wrapper keeps the model under ._orig_mod
+    assert method_config(compiled).name == "prompt" and virtual_token_count(compiled) == 2
+
+
+def test_full_fine_tuning_of_a_tied_model_round_trips(tmp_path):
+    """GPT-2 ties lm_head to the embeddings: the save holds the tensor once, the load restores both."""
+    torch.manual_seed(0)
+    model = apply_method(tiny_gpt2(), "full")
+    _perturb(model)
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    save_adapter(model, tmp_path)
+    torch.manual_seed(1)
+    loaded = load_adapter(tiny_gpt2(), tmp_path)
+    assert not loaded.training  # frozen loads are in eval mode (dropout off), as peft's are
+    torch.testing.assert_close(_out(loaded, ids), _out(model.eval(), ids), rtol=0, atol=1e-6)
+
+
+def test_a_llama_classifier_trains_and_saves_its_score_head(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    def build():
+        torch.manual_seed(0)
+        return LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0)).eval()
+
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    for name, head in [("lora", "score.modules_to_save.default.weight"),  # peft's copy
+                       ("adapter", "score.weight")]:  # deftune's own method
+        model = apply_method(build(), MethodConfig(name))
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert any(n.endswith(head) for n in trainable), (name, [n for n in trainable if "score" in n])
+        _perturb(model)
+        save_adapter(model, tmp_path / name)
+        loaded = load_adapter(build(), tmp_path / name)
+        torch.testing.assert_close(_out(loaded, ids), _out(model.eval(), ids), rtol=0, atol=1e-6)

@@ -140,8 +140,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: bool = False) -> nn.Module:
     """Apply the method saved in ``directory`` to the fresh base ``model`` and load its weights.
 
-    With ``trainable=False`` (default) every parameter is frozen; ``True`` restores the training
-    set-up of ``apply_method`` (to resume training).
+    With ``trainable=False`` (default) every parameter is frozen and the model is put in eval mode
+    (as ``peft``'s ``PeftModel.from_pretrained`` does); ``True`` restores the training set-up of
+    ``apply_method`` (to resume training) and leaves the mode as it was.
     """
     path = Path(directory) / CONFIG_FILE
     if not path.exists():
@@ -158,6 +159,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, trainable: b
             raise FileNotFoundError(f"{scales} does not exist, but {path} says act_scale={cfg.act_scale!r}")
         add_act_scales(loaded, cfg.act_scale, trainable=trainable, grad=cfg.act_scale_grad)
         load_act_scales(loaded, load_file(str(scales)))
+    if not trainable:
+        loaded.eval()
     return _attach(loaded, cfg)
 
 
