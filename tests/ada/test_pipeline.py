@@ -19,9 +19,8 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ada_run")
     words = ["good", "bad", "film", "great", "awful", "plot", "fun", "dull"]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
     model_dir = root / "model"
-    BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(model_dir)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(model_dir)
     torch.manual_seed(0)
     BertForSequenceClassification(
         BertConfig(

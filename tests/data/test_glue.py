@@ -117,3 +117,63 @@ def test_holdout_split_is_fixed_disjoint_and_complete(tmp_path):
             split_holdout(examples, bad)
     with pytest.raises(DataError, match="split 'holdout' needs holdout=N"):
         load_split("sst2", "holdout", tmp_path)
+
+
+def test_correlations_keep_their_sign_and_rank_metric():
+    down = compute_metrics(["pearson", "spearman"], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0])
+    assert down == {"pearson": pytest.approx(-100.0), "spearman": pytest.approx(-100.0)}
+    # one swapped pair of four: Spearman 80 (Kendall's tau would read 66.7)
+    assert compute_metrics(["spearman"], [1.0, 3.0, 2.0, 4.0], [1.0, 2.0, 3.0, 4.0])["spearman"] == pytest.approx(80.0)
+    # a constant prediction has no correlation: 0, not NaN
+    flat = compute_metrics(["pearson", "spearman"], [2.0, 2.0, 2.0], [1.0, 2.0, 3.0])
+    assert flat == {"pearson": 0.0, "spearman": 0.0}
+
+
+def _word_tokenizer():
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(300))]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+
+
+def test_batches_of_scores_pairs_and_long_texts():
+    """Regression labels stay floats; a pair's second sentence is encoded (segment 1); ``max_length``
+    truncates."""
+    tok = _word_tokenizer()
+    stsb = [Example("w1 w2", "w3 w4 w5", 2.6), Example("w6", "w7", 0.4)]
+    (b,) = make_batches(stsb, tok, batch_size=2, regression=True)
+    assert b["labels"].dtype.is_floating_point and b["labels"].tolist() == pytest.approx([2.6, 0.4])
+    assert (b["token_type_ids"][0] == 1).sum() == 3 + 1  # w3 w4 w5 [SEP]
+    long = [Example(" ".join(f"w{i}" for i in range(200)), None, 1)]
+    (b,) = make_batches(long, tok, batch_size=1, max_length=8)
+    assert b["input_ids"].shape == (1, 8)
+
+
+def test_stsb_scores_parse_as_written(tmp_path):
+    folder = tmp_path / "STS-B"
+    folder.mkdir()
+    rows = ["index\tg\tf\ty\ts\tl\tsentence1\tsentence2\tscore", "0\tx\tx\tx\tx\tx\ta b\tc d\t2.6"]
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    assert [e.label for e in load_glue("stsb", "train", tmp_path)] == [2.6]
+
+
+def test_make_batches_shuffles_by_its_seed():
+    tok = _word_tokenizer()
+    examples = [Example(f"w{i}", None, i % 2) for i in range(12)]
+    first = [b["input_ids"][:, 1].tolist() for b in make_batches(examples, tok, batch_size=4, shuffle=True, seed=0)]
+    again = [b["input_ids"][:, 1].tolist() for b in make_batches(examples, tok, batch_size=4, shuffle=True, seed=0)]
+    other = [b["input_ids"][:, 1].tolist() for b in make_batches(examples, tok, batch_size=4, shuffle=True, seed=1)]
+    assert first == again and first != other
+
+
+def test_held_out_examples_are_a_draw_and_never_train(tmp_path):
+    from deftune.data.glue import load_split
+
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    rows = ["sentence\tlabel"] + [f"s{i}\t{i % 2}" for i in range(50)]
+    (folder / "train.tsv").write_text("\n".join(rows) + "\n")
+    train = {e.text_a for e in load_split("sst2", "train", tmp_path, holdout=10)}
+    held = {e.text_a for e in load_split("sst2", "holdout", tmp_path, holdout=10)}
+    assert len(train) == 40 and len(held) == 10 and not train & held
+    assert held != {f"s{i}" for i in range(10)}  # a seeded draw, not the first rows

@@ -148,3 +148,35 @@ def test_window_trims_a_long_answer_sentence_by_words():
     window, start = window_context(ex, budget=9, length=words)
     assert words(window) <= 9
     assert window[start : start + 6] == "ANSWER"
+
+
+def test_f1_counts_repeated_tokens_on_both_sides():
+    assert f1_score("paris paris", "Paris Paris") == 1.0  # bags: 2 common tokens, not 1 common type
+    assert f1_score("paris paris london", "paris paris") == pytest.approx(0.8)
+
+
+def test_trimming_a_tie_drops_a_word_on_the_left_first():
+    """Equal room on both sides of the answer: the left side loses a word first (then they alternate
+    by room), so the window of an odd budget leans right."""
+    from deftune.data.squad import _trim_words
+
+    context = "l3 l2 l1 ANSWER r1 r2 r3"
+    start = context.index("ANSWER")
+    a, b = _trim_words(context, 0, len(context), start, start + 6, budget=6, length=words)
+    assert context[a:b] == "l2 l1 ANSWER r1 r2 r3"
+    a, b = _trim_words(context, 0, len(context), start, start + 6, budget=4, length=words)
+    assert context[a:b] == "l1 ANSWER r1 r2"
+
+
+def test_window_sides_are_drawn_per_question():
+    """The random choice of which neighbouring sentence to add is seeded by (seed, question id): two
+    questions on one context get their own windows, and each is reproducible."""
+    sentences = [f"Sentence {i} is a filler." for i in range(30)]
+    sentences[15] = "The answer is Paris here."
+    context = " ".join(sentences)
+    start = context.index("Paris")
+    windows = {window_context(SquadExample(f"q{k}", "t", context, "q", ("Paris",), (start,)), 20, words, seed=0)[0]
+               for k in range(8)}
+    assert len(windows) > 1
+    ex = SquadExample("q0", "t", context, "q", ("Paris",), (start,))
+    assert window_context(ex, 20, words, seed=0) == window_context(ex, 20, words, seed=0)
