@@ -54,3 +54,22 @@ def test_trainer_warns_about_density_only_scales(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     with pytest.warns(UserWarning, match="only the density loss moves"):
         DeftTrainer(model=model, args=args, train_dataset=_Data(), density_config=DensityLossConfig(alpha=1.0))
+
+
+def test_trainer_logs_window_means_and_keeps_evaluation_out(tmp_path):
+    """Two steps a log: task and density losses are the means of the window (their α-sum matches the
+    Trainer's own averaged loss); evaluation adds no density term and no logged parts."""
+    model = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                             logging_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = DeftTrainer(model=model, args=args, train_dataset=_Data(), eval_dataset=_Data(4),
+                          density_config=DensityLossConfig(alpha=2.0))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "task_loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert h["loss"] == pytest.approx(h["task_loss"] + 2.0 * h["density_loss"], rel=1e-3, abs=1e-3)
+    with trainer.regularizer:
+        metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and trainer._parts_n == 0
