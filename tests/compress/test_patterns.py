@@ -68,3 +68,41 @@ def test_with_sparsity():
     assert with_sparsity(Block(2, 2, 0.5), 0.75) == Block(2, 2, 0.75)
     with pytest.raises(PatternError):
         with_sparsity(NM(2, 4), 0.3)
+
+
+def test_defaults_are_symmetric_per_output_channel():
+    p = parse_pattern("int8")
+    assert (p.granularity, p.axis, p.symmetric, p.clip) == ("channel", 0, True, "none")
+    assert str(p) == "int8:ch0:sym"
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("int4:p100", "needs a percentile below 100"),
+    ("int4:c0", "unknown token 'c0'"),
+    ("nm:2:4:junk", "expected nm:<n>:<m>"),
+    ("nm:0:4", "0 < n < m, got n=0, m=4"),
+])
+def test_more_bad_strings(bad, says):
+    with pytest.raises(PatternError, match=re.escape(says)):
+        parse_pattern(bad)
+
+
+def test_values_at_the_edges_of_their_ranges():
+    assert parse_pattern("threshold:0") == Threshold(0.0)  # zero only the exact zeros: allowed
+    with pytest.raises(PatternError, match="group_size=8 is only valid with granularity='group'"):
+        QuantPattern(4, "channel", group_size=8)
+    with pytest.raises(PatternError, match=r"shape \(6, 8\) is not divisible into 4x4 blocks"):
+        Block(4, 4, 0.5).check_shape((6, 8))
+    with pytest.raises(PatternError, match=r"shape \(8, 6\) is not divisible into 4x4 blocks"):
+        Block(4, 4, 0.5).check_shape((8, 6))
+
+
+def test_relative_error_of_a_zero_reference():
+    import math
+
+    import torch
+
+    from deftune.compress import relative_error
+
+    assert relative_error(torch.zeros(3), torch.ones(3)) == math.inf
+    assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
