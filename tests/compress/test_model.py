@@ -141,3 +141,62 @@ def test_peft_adapters_are_not_compressed(tiny_bert, tiny_batches):
     model(**batch).loss.backward()
     grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert grads and all("lora_" in n or "classifier" in n for n in grads)
+
+
+def test_default_filter_finds_llama_blocks():
+    """Blocks are found by their numbered container: BERT's ``layer.N`` above, LLaMA's ``layers.N``
+    here (the head excluded)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    names = list(select_linears(llama))
+    assert "model.layers.0.mlp.up_proj" in names and len(names) == 2 * 7 and "lm_head" not in names
+
+
+def test_report_numbers(tiny_bert):
+    import json
+
+    report = compress_(tiny_bert(), SparsityConfig("unstructured:0.0"))  # nothing pruned: SQNR infinite
+    assert all(lr.fp32_bytes == lr.shape[0] * lr.shape[1] * 4 for lr in report.layers)
+    text = report.to_json()
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    data = json.loads(text, parse_constant=refuse)  # no Infinity / NaN in the file
+    assert all(lr["weight_sqnr_db"] is None for lr in data["layers"])
+
+
+def test_reconstruction_needs_a_frozen_grid_and_zero_steps_is_round_to_nearest(tiny_bert, tiny_batches):
+    with pytest.raises(ValueError, match="reconstruction fixes the quantization grid: it needs freeze=True"):
+        QuantConfig("int4", reconstruct="mse", freeze=False)
+    calib = tiny_batches(2)
+    a, b = tiny_bert(), tiny_bert()
+    compress_(a, QuantConfig("int3:ch"), calibration=calib)
+    compress_(b, QuantConfig("int3:ch", reconstruct="mse", mse=MSEOptions(steps=0)), calibration=calib)
+    for (name, la), lb in zip(compressed_layers(a).items(), compressed_layers(b).values()):
+        assert torch.equal(la.compressed_weight(), lb.compressed_weight()), name
+
+
+def test_sequential_reconstruction_captures_each_block_after_the_earlier_ones(tiny_bert, tiny_batches, monkeypatch):
+    import deftune.compress.model as cm
+
+    calls = []
+    real = cm.capture_inputs
+    monkeypatch.setattr(cm, "capture_inputs", lambda model, layers, *a, **k: calls.append(sorted(layers)) or real(model, layers, *a, **k))
+    compress_(tiny_bert(), QuantConfig("int4:ch", reconstruct="gptq"), calibration=tiny_batches(2))
+    assert len(calls) == 2 and all(len(c) == 6 for c in calls)  # one capture per block
+    assert all(".layer.0." in n for n in calls[0]) and all(".layer.1." in n for n in calls[1])
+    calls.clear()
+    compress_(tiny_bert(), QuantConfig("int4:ch", reconstruct="gptq", sequential=False), calibration=tiny_batches(2))
+    assert len(calls) == 1 and len(calls[0]) == N_BLOCK_LINEARS
+
+
+def test_decompressing_without_materialising_shares_the_latent_weight(tiny_bert):
+    model = tiny_bert()
+    compress_(model, QuantConfig("int4:ch"))
+    layer = next(iter(compressed_layers(model).values()))
+    plain = layer.to_linear(materialize=False)
+    assert plain.weight is layer.weight and plain.bias is layer.bias
+    assert not torch.equal(layer.to_linear(materialize=True).weight, layer.weight)

@@ -9,6 +9,7 @@ from deftune.compress import (
     compress_,
     pack_,
     pack_int4,
+    parse_quant,
     quantize,
     unpack_int4,
 )
@@ -67,3 +68,35 @@ def test_int8_ratio(tiny_bert):
 
 def _packed(model):
     return [m for m in model.modules() if isinstance(m, PackedLinear)]
+
+
+def test_five_bits_and_more_go_in_a_byte():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 10)
+    from deftune.compress import fake_quantize
+
+    for text, container in (("int4:ch", 4), ("int5:ch", 8)):
+        params = choose_qparams(lin.weight, text)
+        packed = PackedLinear(quantize(lin.weight, params), params, lin.bias)
+        assert packed.container_bits == container
+        assert torch.equal(packed.dequantized_weight(), fake_quantize(lin.weight.detach(), params))
+
+
+def test_packing_keeps_a_mask_in_front_of_the_quantizer(tiny_bert, tiny_batches):
+    """A layer pruned then quantized: the packed weight is the quantized *masked* weight."""
+    from deftune.compress import SparsityConfig
+
+    model = tiny_bert()
+    batch = {k: v for k, v in tiny_batches(1)[0].items() if k != "labels"}
+    compress_(model, SparsityConfig("unstructured:0.5"))
+    from deftune.compress import compressed_layers
+    from deftune.compress.layer import QuantCompressor
+
+    for layer in compressed_layers(model).values():  # stack a quantizer behind each mask
+        q = QuantCompressor(parse_quant("int4:ch"), choose_qparams(layer.compressor(layer.weight), "int4:ch"))
+        layer.compressor = nn.Sequential(layer.compressor, q)
+    with torch.no_grad():
+        fake = model(**batch).logits
+    pack_(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, fake)
