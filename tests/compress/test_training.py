@@ -159,3 +159,54 @@ def test_qlora_style_peft_on_a_frozen_quantized_base(tiny_bert, tiny_batches):
             assert not p.requires_grad and torch.equal(p, base[n])  # frozen
     lora_b = query.lora_B["default"].weight
     assert lora_b.abs().sum() > 0  # the full-precision adapter trained
+
+
+def test_gradual_pruning_reaches_the_final_sparsity_off_the_update_grid(tiny_bert):
+    """end_step 10 is not a multiple of every 4: the last update still happens at end_step."""
+    model = tiny_bert()
+    gmp = GradualPruning(PruningSchedule("unstructured:0.5", start_step=0, end_step=10, every=4))
+    gmp.prepare(model)
+    for step in range(12):
+        gmp.update(step)
+    assert gmp.current == 0.5 and gmp.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_pruning_schedule_refuses_an_initial_sparsity_above_the_final():
+    with pytest.raises(ValueError, match=r"initial_sparsity 0.5 must be in \[0, final 0.3\]"):
+        PruningSchedule("unstructured:0.3", initial_sparsity=0.5)
+
+
+def test_rigl_drop_fraction_decays_by_cosine_from_alpha_to_zero():
+    ext = DynamicSparsity(DynamicSchedule("rigl", sparsity=0.5, drop_fraction=0.3, end_step=100))
+    assert ext.drop_fraction(0) == pytest.approx(0.3)
+    assert ext.drop_fraction(50) == pytest.approx(0.15)
+    assert ext.drop_fraction(100) == pytest.approx(0.0, abs=1e-12) and ext.drop_fraction(200) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_rigl_keeps_the_gradient_of_the_step_before_each_update(tiny_bert):
+    """every 3: updates at steps 3, 6, ...; the gradient kept is that of steps 2, 5, ..."""
+    model = tiny_bert()
+    ext = DynamicSparsity(DynamicSchedule("rigl", sparsity=0.5, every=3, end_step=100))
+    ext.prepare(model)
+    flags = []
+    for step in range(6):
+        ext._grads = {n: torch.zeros_like(m.weight) for n, m in compressed_layers(model).items()}
+        ext.extra_loss(model, step)
+        flags.append(ext._capture)
+    ext.close()
+    assert flags == [False, False, True, False, False, True]
+
+
+def test_rigl_close_zeroes_the_pruned_latent_weights(tiny_bert, tiny_batches):
+    model = tiny_bert()
+    ext = DynamicSparsity(DynamicSchedule("rigl", sparsity=0.6, every=2, end_step=10))
+    finetune(model, tiny_batches(2), FinetuneConfig(steps=4, lr=1e-2, warmup_steps=0), [ext])
+    for layer in compressed_layers(model).values():  # the last optimizer step moved them (dense STE grads)
+        assert torch.all(layer.weight[~layer.compressor.mask] == 0)
+
+
+def test_compression_extension_hands_its_calibration_to_reconstruction(tiny_bert, tiny_batches):
+    model = tiny_bert()
+    ext = CompressionExtension(QuantConfig("int4:ch", reconstruct="gptq"), calibration=tiny_batches(2))
+    ext.prepare(model)
+    assert ext.report is not None and len(ext.report.layers) == 12
