@@ -72,3 +72,31 @@ def test_results_merge_plot_and_table(tmp_path):
     assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
     other = merge_results(str(path), "quant", make_section([_qpoint(2, "rtn", 50.0)], run_dir="runs/other"), key=("pattern", "method"))
     assert len(other["quant"]["points"]) == 1  # another run replaces the section
+
+
+def test_quant_sweep_patterns_carry_their_suffixes():
+    from deftune.compress.sweep import QuantSweepConfig
+
+    assert QuantSweepConfig(bits=(4,), granularities=("ch",), asym=True).patterns() == ["int4:ch:asym"]
+    assert QuantSweepConfig(bits=(4, 8), granularities=("g128",), clip="mse").patterns() == ["int4:g128:mse",
+                                                                                           "int8:g128:mse"]
+
+
+def test_rigl_runs_on_unstructured_patterns_only():
+    from deftune.compress.sweep import SparsitySweepConfig
+
+    cfg = SparsitySweepConfig(levels=(0.5,), patterns=("unstructured", "block:4x4"), methods=("rigl", "gmp"),
+                              train_levels=(0.5,))
+    pts = [(str(p), m) for p, m in cfg.points()]
+    assert pts == [("unstructured:0.5", "rigl"), ("unstructured:0.5", "gmp"), ("block:4x4:0.5", "gmp")]
+
+
+def test_tables_show_measured_sparsity_and_packed_ratio():
+    from deftune.compress.results import markdown_table
+
+    quant = markdown_table(make_section([_qpoint(4, "rtn", 85.0)]))
+    assert "| `int4:ch0:sym` | rtn | 85.00 | -1.00 | 0.1000 | 0.130 | 1 |" in quant
+    sparse_point = {"pattern": "unstructured:0.5", "method": "oneshot", "level": 0.5, "sparsity": 0.4987,
+                    "metric": 80.0, "delta": -6.0, "mean_output_rel_error": 0.2, "seconds": 2.0}
+    sparse = markdown_table(make_section([sparse_point]))
+    assert "| `unstructured:0.5` | oneshot | 80.00 | -6.00 | 0.499 | 0.2000 | 2 |" in sparse
