@@ -75,8 +75,8 @@ def encode_example(
 
     The context first gets ``max_context_tokens`` (see :func:`deftune.data.squad.window_context`);
     if prompt + target (the prompt alone for ``seq2seq``: the answer is the decoder's) still exceed
-    ``max_length`` (long question or answer) the context budget shrinks by the overflow and the
-    window is cut again.
+    ``max_length`` (long question or answer) the context budget becomes the window's length less
+    the overflow and the window is cut again.
     """
 
     def n_tokens(text: str) -> int:
@@ -98,7 +98,9 @@ def encode_example(
         over = total - max_length
         if over <= 0:
             break
-        budget = max(1, budget - over)
+        # shrink from the window actually used: whole sentences often leave it well under the budget,
+        # and cutting the budget alone would take many rounds to reach it
+        budget = max(1, min(budget, n_tokens(context)) - over)
     else:
         raise DoesNotFit(f"question {example.id}: prompt and answer do not fit max_length={max_length}")
     return Encoded(example.id, prompt, target)

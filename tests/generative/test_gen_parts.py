@@ -1,0 +1,129 @@
+"""Generative parts against hand-written expectations: prompt styles and text, answer encoding,
+length budgets, seq2seq padding, the learning-rate schedule, configs, PEFT options, ReLU-fication."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gen_helpers import make_squad
+
+from deftune.data.squad import SquadExample, parse_squad
+from deftune.generative import GenConfig, relufy
+from deftune.generative.format import IGNORE_INDEX, encode_example, prompt_text, resolve_style, training_batch
+from deftune.generative.models import load_generative, tiny_tokenizer
+
+
+class _Chat:
+    chat_template = "{{ messages }}"
+
+
+def test_prompt_styles_resolve_from_the_tokenizer():
+    assert resolve_style("auto", tiny_tokenizer()) == "plain"
+    assert resolve_style("auto", _Chat()) == "chat"
+    with pytest.raises(ValueError, match="prompt_style='chat' needs a tokenizer with a chat template"):
+        resolve_style("chat", tiny_tokenizer())
+
+
+def test_plain_and_seq2seq_prompts_by_hand():
+    tok = tiny_tokenizer()
+    assert prompt_text("C", "Q", "plain", tok, seq2seq=False) == "Context: C\nQuestion: Q\nAnswer:"
+    assert prompt_text("C", "Q", "plain", tok, seq2seq=True) == "question: Q context: C"
+
+
+def test_a_causal_plain_answer_follows_the_colon_after_a_space():
+    tok = tiny_tokenizer()
+    ex = parse_squad(make_squad(1))[0]
+    item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=128, max_context_tokens=64)
+    assert item.target[:-1] == tok(" " + ex.answer, add_special_tokens=False)["input_ids"]
+    assert item.target[:-1] != tok(ex.answer, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("max_length", range(72, 100))
+def test_every_budget_is_kept_with_a_long_answer(max_length):
+    tok = tiny_tokenizer()
+    answer = "the quick brown fox jumps over the lazy dog again"
+    context = "Some filler sentence is here. " * 30 + f"It said {answer}. " + "More filler text follows. " * 30
+    ex = SquadExample("x", "t", context, "What did it say?", (answer,), (context.index(answer),))
+    item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=max_length, max_context_tokens=max_length // 2)
+    assert len(item.prompt) + len(item.target) <= max_length
+
+
+def test_seq2seq_labels_pad_with_ignore_index():
+    tok = tiny_tokenizer()
+    exs = parse_squad(make_squad(1))
+    items = [encode_example(e, tok, style="plain", seq2seq=True, max_length=128, max_context_tokens=64)
+             for e in (exs[0], exs[4])]  # "Paris" and "Denver Broncos": targets of different lengths
+    short, long = sorted(range(2), key=lambda i: len(items[i].target))
+    assert len(items[short].target) < len(items[long].target)
+    batch = training_batch(items, tok.pad_token_id, seq2seq=True)
+    n = len(items[short].target)
+    assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
+    assert int(batch["decoder_attention_mask"][short].sum()) == n
+
+
+def test_generative_lr_warms_up_then_cosine_decays_to_a_tenth():
+    from deftune.generative.train import _lr_lambda
+
+    fn = _lr_lambda(GenConfig(steps=10, lr_warmup_steps=0))
+    assert fn(0) == pytest.approx(1.0) and fn(5) == pytest.approx(0.55) and fn(10) == pytest.approx(0.1)
+    warm = _lr_lambda(GenConfig(steps=10, lr_warmup_steps=2))
+    assert warm(0) == pytest.approx(0.5) and warm(1) == pytest.approx(1.0) and warm(2) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
+    ({"max_length": 64, "max_context_tokens": 64}, r"max_context_tokens \(64\) must be below max_length"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be an integer >= 1"),
+    ({"lr": 0}, "lr and lora_alpha must be > 0"),
+])
+def test_gen_config_refuses_edge_values(kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        GenConfig(**kw)
+
+
+def test_gen_config_documented_defaults():
+    cfg = GenConfig()
+    assert (cfg.lr_warmup_steps, cfg.max_length, cfg.max_context_tokens) == (10, 256, 160)
+
+
+def test_peft_options_reach_the_peft_config():
+    from deftune.generative.peft_methods import apply_method
+
+    model, _ = load_generative("tiny-llama")
+    dora = apply_method(GenConfig(model="tiny-llama", method="dora"), model)
+    assert dora.peft_config["default"].use_dora
+    assert any("lora_magnitude_vector" in n for n, _ in dora.named_parameters())
+    model, _ = load_generative("tiny-llama")
+    loha = apply_method(GenConfig(model="tiny-llama", method="loha", lora_alpha=32), model)
+    assert loha.peft_config["default"].alpha == 32
+
+
+def test_relufy_passes_its_threshold_on():
+    model, _ = load_generative("tiny-llama")
+    relufy(model, "fatrelu", 0.3)
+    from deftune.generative.relufy import FATReLU
+
+    acts = [m for m in model.modules() if isinstance(m, FATReLU)]
+    assert acts and all(m.threshold == 0.3 for m in acts)
+
+
+def test_gradient_clipping_uses_the_configured_norm(examples, monkeypatch):
+    from deftune.generative.format import encode_example as enc
+    from deftune.generative.train import train_loop
+
+    model, tok = load_generative("tiny-llama")
+    from deftune.generative.peft_methods import apply_method
+
+    model = apply_method(GenConfig(model="tiny-llama"), model)
+    items = [enc(e, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48) for e in examples[:5]]
+    norms, widths = [], []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, n, *a, **k: norms.append(n) or real_clip(p, n, *a, **k))
+    import deftune.generative.train as gt
+
+    real_batch = gt.training_batch
+    monkeypatch.setattr(gt, "training_batch", lambda it, *a, **k: widths.append(len(it)) or real_batch(it, *a, **k))
+    train_loop(model, items, GenConfig(model="tiny-llama", steps=4, batch_size=2, max_grad_norm=0.5, log_every=1),
+               tok.pad_token_id)
+    assert norms == [0.5] * 4
+    assert widths == [2] * 4  # 5 items, batches of 2: a new epoch starts rather than a batch of 1
