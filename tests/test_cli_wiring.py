@@ -1,0 +1,143 @@
+"""Each command's flags reach the config it builds: the library function is replaced by a stub that
+records what it was given (the commands' own work is tested elsewhere)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+
+from deftune.cli import build_parser, main
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(monkeypatch, module, name):
+    """Replace ``module.name`` by a stub that records its arguments and stops the command."""
+    seen = {}
+
+    def stub(*args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        raise _Stop
+
+    monkeypatch.setattr(module, name, stub)
+    return seen
+
+
+def test_parse_mapping_keeps_integers_integers():
+    from deftune.cli._args import parse_mapping
+
+    out = parse_mapping("a=8,b=0.5,c=true,d=text")
+    assert out == {"a": 8, "b": 0.5, "c": True, "d": "text"} and type(out["a"]) is int
+
+
+def test_qa_train_maps_relufy_none_and_writes_its_summary(monkeypatch, tmp_path):
+    import deftune.generative as gen
+
+    seen = {}
+
+    class Result:
+        def summary(self):
+            return {"after": {"f1": 1.0}}
+
+    def stub(cfg):
+        seen["cfg"] = cfg
+        return Result()
+
+    monkeypatch.setattr(gen, "train_generative", stub)
+    out = tmp_path / "s.json"
+    assert main(["qa-train", "--model", "tiny-llama", "--relufy", "none", "--json", str(out)]) == 0
+    assert seen["cfg"].relufy is None
+    assert json.loads(out.read_text()) == {"after": {"f1": 1.0}}
+
+
+def test_qa_eval_passes_its_overrides(monkeypatch):
+    import deftune.generative.train as gt
+
+    seen = _capture(monkeypatch, gt, "evaluate_generative_run")
+    with pytest.raises(_Stop):
+        main(["qa-eval", "runs/x", "--data-dir", "d", "--eval-questions", "3", "--site", "product"])
+    assert seen["args"] == ("runs/x",)
+    assert seen["kwargs"] == {"data_dir": "d", "eval_questions": 3, "site": "product"}
+
+
+def test_train_squad_routes_warmup_and_weight_decay(monkeypatch):
+    import deftune.generative as gen
+
+    seen = _capture(monkeypatch, gen, "train_generative")
+    with pytest.raises(_Stop):
+        main(["train", "--task", "squad", "--warmup-steps", "7", "--weight-decay", "0.1"])
+    cfg = seen["args"][0]
+    assert cfg.alpha_warmup_steps == 7 and cfg.lr_warmup_steps == 10 and cfg.weight_decay == 0.1
+
+
+def test_measure_passes_count_padding(monkeypatch, tiny_setup):
+    import deftune.density as density
+
+    seen = _capture(monkeypatch, density, "measure_density")
+    model_dir, data_dir = tiny_setup
+    with pytest.raises(_Stop):
+        main(["measure", "--task", "sst2", "--model", str(model_dir), "--data-dir", str(data_dir), "--count-padding",
+              "--limit", "4"])
+    assert seen["kwargs"]["count_padding"] is True
+
+
+def test_skip_parses_stacks(monkeypatch):
+    import deftune.ada.pipeline as pipeline
+
+    seen = _capture(monkeypatch, pipeline, "skip_run")
+    with pytest.raises(_Stop):
+        main(["skip", "runs/x", "--stacks", "encoder", "--policy", "gate"])
+    assert seen["args"][0].skip.stacks == ("encoder",)
+
+
+def test_sweep_plot_none_means_no_plot(monkeypatch):
+    import deftune.compress.sweep as sweep
+
+    seen = _capture(monkeypatch, sweep, "quant_sweep")
+    with pytest.raises(_Stop):
+        main(["sweep", "quant", "--run-dir", "runs/x", "--plot", "none"])
+    assert seen["args"][0].plot is None
+
+
+@pytest.mark.parametrize("argv, key, default", [
+    (["calibrate", "--model", "minilm"], "refine_passes", 2),
+    (["compress", "runs/x", "--pattern", "int4"], "calib_size", 128),
+])
+def test_documented_defaults(argv, key, default):
+    assert getattr(build_parser().parse_args(argv), key) == default
+
+
+def test_calibrate_saves_the_first_models_thresholds(monkeypatch, tmp_path):
+    """With two models and --output, the file holds the first model's thresholds."""
+    import deftune.cli.calibrate as cal
+
+    saved = []
+
+    class Th:
+        def __init__(self, name):
+            self.name = name
+
+        def table(self):
+            return ""
+
+        def save(self, path):
+            saved.append(self.name)
+
+    setups = {}
+
+    def setup(job, model_name):
+        setups[model_name] = True
+        return types.SimpleNamespace(model=model_name, calib=[], skip_leading=0, evaluate=None, metric="m",
+                                     data_info={})
+
+    import deftune.sparse.calibrate as sc
+
+    monkeypatch.setattr(cal, "_setup", setup)
+    monkeypatch.setattr(sc, "collect_histograms", lambda *a, **k: None)
+    monkeypatch.setattr(sc, "calibrate_thresholds", lambda model, *a, **k: Th(model))
+    cal.run_calibration(cal.CalibrationJob(models=("m1", "m2"), output=str(tmp_path / "th.json")))
+    assert saved == ["m1"] and list(setups) == ["m1", "m2"]
