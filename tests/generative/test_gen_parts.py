@@ -127,3 +127,67 @@ def test_gradient_clipping_uses_the_configured_norm(examples, monkeypatch):
                tok.pad_token_id)
     assert norms == [0.5] * 4
     assert widths == [2] * 4  # 5 items, batches of 2: a new epoch starts rather than a batch of 1
+
+
+def test_batched_generation_equals_each_prompt_alone_with_absolute_positions():
+    """GPT-2 adds absolute position embeddings: a left-padded row must count its positions from its
+    first real token, or the batch would generate other tokens than the prompt alone."""
+    from deftune.generative.evaluate import greedy_generate
+    from deftune.generative.format import prompt_batch
+
+    model, tok = load_generative("tiny-gpt2")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    exs = parse_squad(make_squad(1))
+    items = [encode_example(e, tok, style="plain", seq2seq=False, max_length=128, max_context_tokens=64)
+             for e in (exs[0], exs[2], exs[4])]
+    assert len({len(i.prompt) for i in items}) > 1  # different lengths: some rows are padded
+
+    def run(chunk):
+        return greedy_generate(model, prompt_batch(chunk, tok.pad_token_id, seq2seq=False), eos_id=-1,
+                               pad_id=tok.pad_token_id, max_new_tokens=4)
+
+    assert run(items) == [run([i])[0] for i in items]
+
+
+def test_gradient_accumulation_averages_its_micro_batches(monkeypatch):
+    """Two micro-batches of the same questions give the gradient of one (the loss is divided by
+    grad_accum), so accumulation changes the batch, not the step size."""
+    from deftune.generative.peft_methods import apply_method
+    from deftune.generative.train import train_loop
+
+    ex = parse_squad(make_squad(1))[0]
+    grads, current = {}, {}
+    real_step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        p = next(p for g in self.param_groups for p in g["params"] if p.grad is not None and p.grad.abs().sum() > 0)
+        grads.setdefault(current["run"], p.grad.detach().clone())
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    for run, accum in (("one", 1), ("two", 2)):
+        current["run"] = run
+        model, tok = load_generative("tiny-llama")
+        model = apply_method(GenConfig(model="tiny-llama", lora_dropout=0.0), model)
+        with torch.no_grad():  # LoRA B starts at zero: give the A matrices a gradient too
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48)
+        train_loop(model, [item, item], GenConfig(model="tiny-llama", steps=1, batch_size=2, grad_accum=accum,
+                                                  max_grad_norm=0.0, log_every=1, lora_dropout=0.0), tok.pad_token_id)
+    torch.testing.assert_close(grads["two"], grads["one"], rtol=1e-4, atol=1e-7)
+
+
+def test_exact_match_and_f1_land_in_their_own_fields(monkeypatch):
+    import deftune.generative.evaluate as ev
+
+    model, tok = load_generative("tiny-llama")
+    exs = parse_squad(make_squad(1))[:1]  # answer "Paris"
+    items = [encode_example(e, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48) for e in exs]
+    monkeypatch.setattr(ev, "generate_answers", lambda *a, **k: ({exs[0].id: "Paris France"}, ev.GenerationOutput(tokens=[])))
+    report = ev.evaluate_generative(model, tok, exs, items, max_new_tokens=2, batch_size=1)
+    assert report.exact_match == 0.0 and report.f1 == pytest.approx(100 * 2 / 3)
