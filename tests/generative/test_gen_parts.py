@@ -191,3 +191,29 @@ def test_exact_match_and_f1_land_in_their_own_fields(monkeypatch):
     monkeypatch.setattr(ev, "generate_answers", lambda *a, **k: ({exs[0].id: "Paris France"}, ev.GenerationOutput(tokens=[])))
     report = ev.evaluate_generative(model, tok, exs, items, max_new_tokens=2, batch_size=1)
     assert report.exact_match == 0.0 and report.f1 == pytest.approx(100 * 2 / 3)
+
+
+def test_perplexity_cuts_each_text_to_max_length_with_its_bos():
+    import math
+
+    from deftune.generative.evaluate import perplexity
+
+    model, tok = load_generative("tiny-llama")
+    text = "Paris is the capital of France. It lies on the Seine. Many people live there."
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"][:7]  # 8 tokens in all
+    with torch.no_grad():
+        expected = math.exp(float(model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss))
+    assert perplexity(model, tok, [text], max_length=8, batch_size=1) == pytest.approx(expected, rel=1e-5)
+
+
+def test_held_out_questions_are_a_seeded_draw_from_held_out_articles(squad_file):
+    from deftune.generative.train import prepare_squad
+
+    cfg = GenConfig(model="tiny-llama", data_dir=str(squad_file), eval_articles=1, eval_questions=3,
+                    max_length=96, max_context_tokens=48, prompt_style="plain")
+    _, tok = load_generative("tiny-llama")
+    data = prepare_squad(cfg, tok, seq2seq=False)
+    article = {e.id.split("-")[0] for e in data.eval_examples}
+    assert len(article) == 1 and not article & {i.id.split("-")[0] for i in data.train}
+    held_ids = sorted(i for i in (f"{next(iter(article))}-f{f}-q{k}" for f in range(3) for k in range(2)))
+    assert [e.id for e in data.eval_examples] != held_ids[:3]  # a draw, not the first questions
