@@ -125,3 +125,47 @@ def test_register_custom_pattern_and_callable():
 def test_bad_site_kind():
     with pytest.raises(ValueError, match="product"):
         find_activation_sites(_Toy(), "gate")  # type: ignore[arg-type]
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in, out) of an nn.Linear or a GPT-2 Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.weight.shape[1]  # Conv1D stores (in, out)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_family_names_its_activation_down_and_up_projections(case):
+    """The hooked activation is the activation module (not a Linear), the down projection reads the
+    d_ff features, and the first ``act_input`` module (the gate of gated MLPs) writes them."""
+    from deftune.arch import arch_spec
+
+    config, auto, _, d_ff = CASES[case]
+    torch.manual_seed(0)
+    model = auto.from_config(config).eval()
+    spec = arch_spec(model)
+    for site in find_activation_sites(model, "act"):
+        module = model.get_submodule(site.module_path)
+        if site.hook == "output":
+            assert not hasattr(module, "weight"), f"{site.module_path} is not an activation module"
+        down = model.get_submodule(f"{site.mlp_path}.{spec.down_proj}")
+        assert _linear_dims(down)[0] == d_ff, (case, spec.down_proj)
+        mlp = model.get_submodule(site.mlp_path)
+        first = next(name for name in spec.act_input if hasattr(mlp, name) or "." in name)
+        up = model.get_submodule(f"{site.mlp_path}.{first}")
+        assert _linear_dims(up)[1] == d_ff, (case, first)
+        if case == "flan-t5-gated-gelu":
+            assert first == "wi_0"  # the gate, whose output is activated (wi_1 is the up projection)
+
+
+def test_gated_t5_product_site_is_the_input_of_wo():
+    config, auto, _, _ = CASES["flan-t5-gated-gelu"]
+    model = auto.from_config(config)
+    sites = find_activation_sites(model, "product")
+    assert all(s.module_path.endswith("DenseReluDense.wo") and s.hook == "input" for s in sites)
+
+
+def test_gemma2_is_registered():
+    model = T.Gemma2ForCausalLM(T.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               num_key_value_heads=1, intermediate_size=37, head_dim=16, **SMALL))
+    assert [s.name for s in find_activation_sites(model)] == ["decoder.0", "decoder.1"]
