@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from deftune.arch import ArchSpec, SitePattern, register_architecture
+from deftune.arch import ActivationSite, ArchSpec, SitePattern, register_architecture
 from deftune.density import ActivationRecorder, DensityResult, align_mask, measure_density, stack_masks
 
 register_architecture(
@@ -231,3 +231,45 @@ def test_thresholded_overall_weighs_layers_by_their_elements():
               "encoder.1": LayerDensity("encoder", 1.0, 0.5, {key: 0.8}, tokens=10, features=16)}  # 160 elements
     result = DensityResult(layers, {"encoder": 1.0}, 1.0, (0.01,), False, "float32", "act")
     assert result.thresholded_overall(0.01) == pytest.approx((0.2 * 40 + 0.8 * 160) / 200)  # 0.68, not 0.5
+
+
+def test_thresholded_counts_are_strictly_above_tau():
+    from deftune.density import SiteCounts
+
+    c = SiteCounts()
+    c.add(torch.tensor([[0.5, -0.5, 0.25, 1.0]]), None, [0.5])
+    assert c.above == [1] and c.nonzero == 4
+
+
+def test_align_mask_for_flat_activations_keeps_batch_major_order():
+    assert align_mask(torch.tensor([1, 0, 1, 1]), torch.zeros(4, 5)).tolist() == [True, False, True, True]
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])  # asymmetric: a transposed reading differs
+    assert align_mask(mask, torch.zeros(6, 5)).tolist() == [True, True, False, True, False, False]
+
+
+def test_leading_positions_of_a_flat_activation_follow_batch_major_order():
+    model = Toy()
+    rec = ActivationRecorder(model, skip_leading=1)
+    rec.set_masks(torch.ones(2, 3))
+    assert rec._after_leading(torch.zeros(6, 4)).tolist() == [False, True, True, False, True, True]
+
+
+def test_overall_density_weighs_stacks_by_their_elements():
+    from deftune.density import SiteCounts
+
+    sites = [ActivationSite("encoder.0", "encoder", 0, "layers.0.act", "output", "layers.0"),
+             ActivationSite("decoder.0", "decoder", 0, "layers.1.act", "output", "layers.1")]
+    rec = ActivationRecorder(Toy(), sites, thresholds=())
+    rec.counts = {"encoder.0": SiteCounts(elements=100, tokens=10, nonzero=10, positive=10),
+                  "decoder.0": SiteCounts(elements=10, tokens=1, nonzero=10, positive=10)}
+    result = rec.result()
+    assert result.per_stack == {"encoder": 0.1, "decoder": 1.0}
+    assert result.overall == pytest.approx(20 / 110)
+
+
+def test_a_threshold_of_zero_reads_the_exact_density():
+    model = Toy()
+    with ActivationRecorder(model, thresholds=(0.0,)) as rec:
+        model(A, attention_mask=MASK)
+    layer = rec.result().per_layer["encoder.0"]
+    assert layer.thresholded["0"] == layer.exact
