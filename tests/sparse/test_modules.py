@@ -197,3 +197,42 @@ def test_reference_threshold_compares_half_precision_in_float32():
     a = torch.tensor([0.10009765625, -0.10009765625, 0.099609375], dtype=torch.bfloat16)
     assert threshold_activation(a, 0.10001).tolist() == [0.10009765625, -0.10009765625, 0.0]
     assert threshold_activation(a.float(), 0.10001).tolist() == pytest.approx([0.10009765625, -0.10009765625, 0.0])
+
+
+def test_activation_names_cover_tanh_gelu():
+    from transformers.activations import ACT2FN
+
+    from deftune.sparse.modules import activation_name
+
+    assert activation_name(nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert activation_name(nn.GELU()) == "gelu"
+    assert activation_name(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"  # Gemma's
+    assert activation_name(nn.Tanh()) is None
+
+
+def test_an_unnamed_activation_is_kept_as_the_mlps_own():
+    """An activation without a kernel name runs as the module itself: at t = 0 the wrapped MLP is
+    the original one."""
+    model = _llama()
+    for layer in model.model.layers:
+        layer.mlp.act_fn = nn.Tanh()
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = _out(model, ids)
+    sparsify_mlps_(model, 0.0)
+    torch.testing.assert_close(_out(model, ids), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_subclassed_projection_is_refused_and_nothing_stays_wrapped():
+    """A Linear subclass (an adapter or quantized layer) would lose its own forward: refused, and a
+    failure on a later layer unwraps the earlier ones."""
+
+    class Adapted(nn.Linear):
+        pass
+
+    model = _llama()
+    old = model.model.layers[1].mlp.down_proj
+    new = Adapted(old.in_features, old.out_features, bias=False)
+    model.model.layers[1].mlp.down_proj = new
+    with pytest.raises(NotImplementedError, match="down_proj is a Adapted"):
+        sparsify_mlps_(model, 0.1)
+    assert not sparse_modules(model)
