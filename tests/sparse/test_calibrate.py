@@ -451,3 +451,34 @@ def test_energy_mode_breaks_a_tie_towards_the_denser_choice():
     lo, hi = levels[len(levels) // 2 - 1], levels[len(levels) // 2]
     th = hist.thresholds((lo + hi) / 2, mode="energy")
     assert th.overall_achieved == hi
+
+
+def test_refine_passes_leave_the_leading_positions_out_too():
+    """skip_leading (prompt tuning's virtual tokens) holds for every pass, not the first only."""
+    model = tiny_bert()
+    data = batches()
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.5, refine_passes=1), skip_leading=2)
+    assert th.refine_passes == 1
+    first = collect_histograms(model, data, CalibrationConfig(), skip_leading=2)
+    assert th.elements == {name: int(h.sum()) for name, h in first.counts.items()}
+
+
+def test_a_target_of_one_needs_no_refine_pass():
+    th = calibrate_thresholds(tiny_bert(), batches(), CalibrationConfig(target=1.0, refine_passes=2))
+    assert th.refine_passes == 0 and all(t == 0.0 for t in th.values.values())
+
+
+def test_merging_copies_counts_it_did_not_have():
+    a = MagnitudeHistogram.empty(CalibrationConfig())
+    b = MagnitudeHistogram.empty(CalibrationConfig())
+    b.add("encoder.0", torch.tensor([1.0, 2.0]))
+    before = b.counts["encoder.0"].clone()
+    a.merge(b)
+    a.add("encoder.0", torch.tensor([3.0]))
+    assert torch.equal(b.counts["encoder.0"], before)
+
+
+def test_collecting_histograms_gives_the_model_its_mode_back():
+    model = tiny_bert().train()
+    collect_histograms(model, batches(), CalibrationConfig())
+    assert model.training
