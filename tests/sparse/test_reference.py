@@ -230,3 +230,42 @@ def test_activation_table_against_its_formulas():
     for name, want in expected.items():
         torch.testing.assert_close(ACTIVATIONS[name](x), want, rtol=1e-12, atol=1e-12, msg=name)
     assert (ACTIVATIONS["gelu"](x) - ACTIVATIONS["gelu_tanh"](x)).abs().max() > 1e-5  # the two GELUs differ
+
+
+def test_auto_picks_and_explicit_choices_of_the_dispatch():
+    from deftune.sparse import SparseMLPConfig
+    from deftune.sparse.ops import _gate, use_triton
+
+    assert _gate(SparseMLPConfig(gate="cublas"), 4) == "cublas"
+    assert _gate(SparseMLPConfig(), 4) == "triton"
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(2, 4)
+    import deftune.sparse.ops as ops
+
+    with pytest.MonkeyPatch.context() as mp:  # as if the GPU case were supported
+        mp.setattr(ops.triton_mlp, "check_supported", lambda *a: None)
+        assert use_triton(x, SparseMLPConfig(backend="auto"), w) is False  # a weight wants gradients
+        with pytest.raises(NotImplementedError, match="inference-only"):
+            use_triton(x, SparseMLPConfig(backend="triton"), w)
+        with torch.no_grad():
+            assert use_triton(x, SparseMLPConfig(backend="auto"), w) is True
+
+
+def test_a_thresholded_activation_thresholds_the_density_view_too():
+    from torch import nn
+
+    from deftune.sparse.thresholds import ThresholdedActivation
+
+    class WithView(nn.Module):
+        def forward(self, x):
+            return x
+
+        def density_output(self, x, output):
+            return 2 * x  # another tensor than the output, as density-only scales give
+
+    wrapped = ThresholdedActivation(WithView(), 0.5)
+    x = torch.tensor([0.1, 0.4, 0.6, -0.3])
+    out = wrapped(x)
+    view = wrapped.density_output(x, out)
+    assert out.tolist() == pytest.approx([0.0, 0.0, 0.6, 0.0])
+    assert view.tolist() == pytest.approx([0.0, 0.8, 1.2, -0.6])  # 2x = [0.2, 0.8, 1.2, -0.6], |v| <= 0.5 -> 0
