@@ -93,3 +93,14 @@ def _tiny_glue_and_model(root):
 @pytest.fixture
 def tiny_setup(tmp_path):
     return _tiny_glue_and_model(tmp_path)
+
+
+def tiny_train_config(tiny_setup, tmp_path, **kw):
+    """A 4-step TrainConfig on the ``tiny_setup`` model and data, saving into ``tmp_path / "run"``."""
+    from deftune.train import TrainConfig
+
+    model_dir, data_dir = tiny_setup
+    base = dict(task="sst2", model=str(model_dir), data_dir=str(data_dir), steps=4, batch_size=4,
+                log_every=1, lr_warmup_steps=0, output_dir=str(tmp_path / "run"), eval_batch_size=8)
+    base.update(kw)
+    return TrainConfig(**base)

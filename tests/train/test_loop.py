@@ -8,22 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.conftest import tiny_train_config
 
 from deftune.runs import load_result
 from deftune.train import TrainConfig, evaluate_glue, load_run, train_glue
 from deftune.train.model import build_model
 
 
-def _config(tiny_setup, tmp_path, **kw):
-    model_dir, data_dir = tiny_setup
-    base = dict(task="sst2", model=str(model_dir), data_dir=str(data_dir), steps=4, batch_size=4,
-                log_every=1, lr_warmup_steps=0, output_dir=str(tmp_path / "run"), eval_batch_size=8)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def test_only_method_and_head_parameters_train(tiny_setup, tmp_path):
-    model, _ = build_model(_config(tiny_setup, tmp_path, method="lora"))
+    model, _ = build_model(tiny_train_config(tiny_setup, tmp_path, method="lora"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or "classifier" in n for n in trainable)
 
@@ -32,7 +25,7 @@ def test_only_method_and_head_parameters_train(tiny_setup, tmp_path):
 def test_train_save_reload_same_density(tiny_setup, tmp_path, alpha, options, monkeypatch):
     import deftune.train.loop as loop
 
-    cfg = _config(tiny_setup, tmp_path, alpha=alpha, method_options=options, scale_lr=0.5)
+    cfg = tiny_train_config(tiny_setup, tmp_path, alpha=alpha, method_options=options, scale_lr=0.5)
     trained = []  # the model train_glue builds and trains
 
     def capture(*args):
@@ -132,9 +125,9 @@ def test_threshold_route_trains_through_calibrated_zeros_and_reloads(tiny_setup,
     from deftune.sparse import Thresholds, threshold_holders
 
     options = {"num_virtual_tokens": 4} if method == "prompt" else {}  # virtual tokens: left out of calibration
-    dense = train_glue(_config(tiny_setup, tmp_path, method=method, method_options=options, alpha=0.0, output_dir=None),
+    dense = train_glue(tiny_train_config(tiny_setup, tmp_path, method=method, method_options=options, alpha=0.0, output_dir=None),
                        progress=False)
-    cfg = _config(tiny_setup, tmp_path, method=method, method_options=options, alpha=0.0, act_threshold_density=0.5,
+    cfg = tiny_train_config(tiny_setup, tmp_path, method=method, method_options=options, alpha=0.0, act_threshold_density=0.5,
                   act_threshold_batches=2)
     assert cfg.run_name == f"sst2-{method}-a0-t0.5"
     result = train_glue(cfg, progress=False)
@@ -155,8 +148,8 @@ def test_threshold_route_trains_through_calibrated_zeros_and_reloads(tiny_setup,
 
 def test_threshold_calibration_leaves_the_training_order_alone(tiny_setup, tmp_path):
     # density 1.0: thresholds of 0 change nothing, so the run must equal the dense one exactly
-    a = train_glue(_config(tiny_setup, tmp_path, alpha=0.0, output_dir=None), progress=False)
-    b = train_glue(_config(tiny_setup, tmp_path, alpha=0.0, output_dir=None, act_threshold_density=1.0), progress=False)
+    a = train_glue(tiny_train_config(tiny_setup, tmp_path, alpha=0.0, output_dir=None), progress=False)
+    b = train_glue(tiny_train_config(tiny_setup, tmp_path, alpha=0.0, output_dir=None, act_threshold_density=1.0), progress=False)
     assert b.metric == a.metric and b.density == a.density
 
 
@@ -167,8 +160,8 @@ def test_threshold_ramp_lets_the_zeros_in_step_by_step(tiny_setup, tmp_path):
     from deftune.sparse import Thresholds, threshold_holders
 
     kw = dict(alpha=0.0, act_threshold_density=0.3, act_threshold_batches=2, steps=6, log_every=1)
-    train_glue(_config(tiny_setup, tmp_path / "full", **kw), progress=False)
-    ramp = train_glue(_config(tiny_setup, tmp_path / "ramp", act_threshold_ramp=4, **kw), progress=False)
+    train_glue(tiny_train_config(tiny_setup, tmp_path / "full", **kw), progress=False)
+    ramp = train_glue(tiny_train_config(tiny_setup, tmp_path / "ramp", act_threshold_ramp=4, **kw), progress=False)
     logs = {name: [json.loads(x) for x in (tmp_path / name / "run" / "train_log.jsonl").read_text().splitlines()]
             for name in ("full", "ramp")}
     assert [r["threshold_factor"] for r in logs["ramp"]] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
@@ -238,14 +231,14 @@ def test_density_only_scales_make_the_dense_run_plain_peft(tiny_setup, tmp_path)
     from deftune.act_scale import scaled_activations
 
     density_only = {"act_scale": "layer", "act_scale_grad": "density"}
-    plain = train_glue(_config(tiny_setup, tmp_path / "plain", alpha=0.0), progress=False)
-    dense = train_glue(_config(tiny_setup, tmp_path / "dense", alpha=0.0, method_options=density_only,
+    plain = train_glue(tiny_train_config(tiny_setup, tmp_path / "plain", alpha=0.0), progress=False)
+    dense = train_glue(tiny_train_config(tiny_setup, tmp_path / "dense", alpha=0.0, method_options=density_only,
                                scale_lr=5.0), progress=False)
     assert dense.metric == plain.metric and dense.density == plain.density
     model, _, _ = load_run(tmp_path / "dense" / "run")
     assert all(not w.log_scale.any() for w in scaled_activations(model).values())  # θ never moved
 
-    deft = train_glue(_config(tiny_setup, tmp_path / "deft", alpha=1.0, method_options=density_only,
+    deft = train_glue(tiny_train_config(tiny_setup, tmp_path / "deft", alpha=1.0, method_options=density_only,
                               scale_lr=5.0), progress=False)
     model, _, _ = load_run(tmp_path / "deft" / "run")
     assert all((w.log_scale > 0).all() for w in scaled_activations(model).values())
@@ -257,21 +250,21 @@ def test_density_only_scales_step_by_sgd_at_scale_lr(tiny_setup, tmp_path):
     from deftune.train.loop import _param_groups, _scale_sgd
 
     options = {"act_scale": "layer", "act_scale_grad": "density"}
-    model, _ = build_model(_config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0))
+    model, _ = build_model(tiny_train_config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0))
     scales = {id(p) for p in density_only_scales(model)}
     assert len(scales) == 2
-    cfg = _config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0)
+    cfg = tiny_train_config(tiny_setup, tmp_path, method_options=options, scale_lr=2.0)
     assert not scales & {id(p) for g in _param_groups(model, cfg, []) for p in g["params"]}  # not AdamW's
     sgd = _scale_sgd(model, cfg)
     assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["lr"] == 2.0
     assert {id(p) for p in sgd.param_groups[0]["params"]} == scales
     with pytest.raises(ValueError, match=r"scale_lr, which is unset: pass scale_lr \(--scale-lr"):
-        _config(tiny_setup, tmp_path, method_options=options)  # refused where the config enters
+        tiny_train_config(tiny_setup, tmp_path, method_options=options)  # refused where the config enters
     with pytest.raises(ValueError, match="needs the density loss on the activation output"):
-        _config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="product")
-    assert _scale_sgd(build_model(_config(tiny_setup, tmp_path, method_options={"act_scale": "layer"}))[0], cfg) is None
+        tiny_train_config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="product")
+    assert _scale_sgd(build_model(tiny_train_config(tiny_setup, tmp_path, method_options={"act_scale": "layer"}))[0], cfg) is None
     with pytest.raises(ValueError, match="site must be one of"):  # a bad site is named as such first
-        _config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="nowhere")
+        tiny_train_config(tiny_setup, tmp_path, method_options=options, scale_lr=1.0, site="nowhere")
 
 
 def test_density_only_scales_refuse_fp16_before_any_work(tiny_setup, tmp_path, monkeypatch):
@@ -282,7 +275,7 @@ def test_density_only_scales_refuse_fp16_before_any_work(tiny_setup, tmp_path, m
 
     monkeypatch.setattr(accelerate, "Accelerator", Fp16)
     monkeypatch.setattr("deftune.train.loop.build_model", lambda *a: pytest.fail("built a model before refusing"))
-    cfg = _config(tiny_setup, tmp_path, method_options={"act_scale": "layer", "act_scale_grad": "density"}, scale_lr=1.0)
+    cfg = tiny_train_config(tiny_setup, tmp_path, method_options={"act_scale": "layer", "act_scale_grad": "density"}, scale_lr=1.0)
     with pytest.raises(ValueError, match="does not support fp16 mixed precision"):
         train_glue(cfg, progress=False)
 
@@ -326,7 +319,7 @@ def test_training_into_a_finished_folder_unmarks_it_until_saved(tiny_setup, tmp_
     a folder finished) beside the new, partly written adapter."""
     from deftune.runs import CONFIG_FILE, RESULTS_FILE
 
-    cfg = _config(tiny_setup, tmp_path)
+    cfg = tiny_train_config(tiny_setup, tmp_path)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True)
     (out / RESULTS_FILE).write_text('{"stale": true}')

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from tests.conftest import tiny_train_config
 from torch import nn
 
 from deftune.data.glue import EVAL_SUBSET_SEED, get_task
@@ -65,14 +66,6 @@ def test_the_batch_plan_splits_ranks_and_reshuffles_each_epoch():
     assert _step_batches(list(range(8)), 8, 0, 1, seed=0) != _step_batches(list(range(8)), 8, 0, 1, seed=1)
 
 
-def _config(tiny_setup, tmp_path, **kw):
-    model_dir, data_dir = tiny_setup
-    base = dict(task="sst2", model=str(model_dir), data_dir=str(data_dir), steps=4, batch_size=4,
-                log_every=1, lr_warmup_steps=0, output_dir=str(tmp_path / "run"), eval_batch_size=8)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
 def test_a_run_draws_its_subsets_and_lengths_as_documented(tiny_setup, tmp_path, monkeypatch):
     """Training examples: a draw by the run's seed; dev: one fixed draw for every seed (paired across
     a grid); the dev set is tokenised to at least 128 tokens, whatever the training length."""
@@ -83,14 +76,14 @@ def test_a_run_draws_its_subsets_and_lengths_as_documented(tiny_setup, tmp_path,
     monkeypatch.setattr(loop, "subsample", lambda ex, n, seed=0: draws.append((n, seed)) or real_subsample(ex, n, seed))
     monkeypatch.setattr(loop, "make_batches",
                         lambda ex, tok, **kw: lengths.append(kw["max_length"]) or real_batches(ex, tok, **kw))
-    train_glue(_config(tiny_setup, tmp_path, seed=3, train_subset=20, eval_subset=9, max_length=16), progress=False)
+    train_glue(tiny_train_config(tiny_setup, tmp_path, seed=3, train_subset=20, eval_subset=9, max_length=16), progress=False)
     assert draws == [(20, 3), (9, EVAL_SUBSET_SEED)]
     assert lengths == [16, 128]
 
 
 def test_logged_steps_are_every_log_every_and_the_last(tiny_setup, tmp_path):
     for steps, expected in ((5, [0, 2, 4]), (4, [0, 2, 3])):
-        cfg = _config(tiny_setup, tmp_path / str(steps), steps=steps, log_every=2)
+        cfg = tiny_train_config(tiny_setup, tmp_path / str(steps), steps=steps, log_every=2)
         train_glue(cfg, progress=False)
         lines = (tmp_path / str(steps) / "run" / "train_log.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == expected
@@ -105,7 +98,7 @@ def test_the_optimizer_steps_at_the_scheduled_rates(tiny_setup, tmp_path, monkey
         return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", spy)
-    train_glue(_config(tiny_setup, tmp_path, steps=4, lr=1e-3), progress=False)
+    train_glue(tiny_train_config(tiny_setup, tmp_path, steps=4, lr=1e-3), progress=False)
     assert seen == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
@@ -191,7 +184,7 @@ def test_evaluate_glue_scores_the_runs_dev_draw_at_its_thresholds(tiny_setup, tm
     import deftune.train.evaluate as ev
     from deftune.train import evaluate_glue, load_run
 
-    cfg = _config(tiny_setup, tmp_path, seed=4, eval_subset=9, thresholds=(0.02, 0.5))
+    cfg = tiny_train_config(tiny_setup, tmp_path, seed=4, eval_subset=9, thresholds=(0.02, 0.5))
     train_glue(cfg, progress=False)
     model, tokenizer, saved = load_run(tmp_path / "run")
     draws, taus = [], []
@@ -222,5 +215,5 @@ def test_a_regression_run_starts_its_head_at_the_mean_training_score(tiny_setup,
 
     monkeypatch.setattr(loop, "build_model", spy)
     with pytest.raises(Stop) as stopped:
-        train_glue(_config(tiny_setup, tmp_path, task="stsb"), progress=False)
+        train_glue(tiny_train_config(tiny_setup, tmp_path, task="stsb"), progress=False)
     assert stopped.value.args == (pytest.approx(2.5),)
