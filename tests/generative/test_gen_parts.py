@@ -217,3 +217,25 @@ def test_held_out_questions_are_a_seeded_draw_from_held_out_articles(squad_file)
     assert len(article) == 1 and not article & {i.id.split("-")[0] for i in data.train}
     held_ids = sorted(i for i in (f"{next(iter(article))}-f{f}-q{k}" for f in range(3) for k in range(2)))
     assert [e.id for e in data.eval_examples] != held_ids[:3]  # a draw, not the first questions
+
+
+def test_the_summary_reads_the_1e_3_density_weighted_by_elements():
+    from deftune.generative.evaluate import EvalReport
+
+    layers = {"decoder.0": {"tokens": 10, "features": 4, "thresholded": {"0.001": 0.5, "0.01": 0.2}},
+              "decoder.1": {"tokens": 10, "features": 12, "thresholded": {"0.001": 0.9, "0.01": 0.1}}}
+    report = EvalReport(1.0, 2.0, 3, {"overall": 0.95, "per_stack": {"decoder": 0.95}, "per_layer": layers},
+                        None, None, None)
+    assert report.summary()["density_teacher_forced_tau_1e-3"] == pytest.approx((0.5 * 40 + 0.9 * 120) / 160)
+
+
+def test_answers_decode_every_generated_token(monkeypatch):
+    import deftune.generative.evaluate as ev
+
+    model, tok = load_generative("tiny-llama")
+    ex = parse_squad(make_squad(1))[0]
+    item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48)
+    words = tok(" Paris France", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(ev, "greedy_generate", lambda *a, **k: [list(words)])
+    answers, _ = ev.generate_answers(model, tok, [item], max_new_tokens=8, batch_size=1, measure=False)
+    assert answers == {ex.id: "Paris France"}

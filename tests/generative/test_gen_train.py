@@ -317,3 +317,19 @@ def test_retraining_a_folder_clears_the_old_run(squad_file, tmp_path, monkeypatc
     assert not (run / "adapter").exists() and written[-1] == "results.json"
     with pytest.raises(ValueError, match="full fine-tuning run: it saves no weights"):
         load_generative_run(run)
+
+
+def test_a_saved_run_keeps_what_it_measured_and_its_relu_threshold(squad_file, tmp_path):
+    """FATReLU at 0.5 with gradient accumulation: the reload replays the threshold, results.json
+    carries the per-layer density, and the time per step is per optimizer step."""
+    from deftune.generative.train import load_generative_run
+
+    cfg = GenConfig(model="tiny-llama", relufy="fatrelu", relu_threshold=0.5, grad_accum=2, alpha=1.0,
+                    data_dir=str(squad_file), output_dir=str(tmp_path / "run"), eval_before=False, **TINY)
+    result = train_generative(cfg)
+    assert result.seconds_per_step == pytest.approx(result.train_seconds / cfg.steps)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["after_density_per_layer"] == result.after.density_teacher_forced["per_layer"]
+    model, _, _ = load_generative_run(tmp_path / "run")
+    acts = [m for m in model.modules() if isinstance(m, FATReLU)]
+    assert acts and all(m.threshold == 0.5 for m in acts)

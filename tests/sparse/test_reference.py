@@ -269,3 +269,14 @@ def test_a_thresholded_activation_thresholds_the_density_view_too():
     view = wrapped.density_output(x, out)
     assert out.tolist() == pytest.approx([0.0, 0.0, 0.6, 0.0])
     assert view.tolist() == pytest.approx([0.0, 0.8, 1.2, -0.6])  # 2x = [0.2, 0.8, 1.2, -0.6], |v| <= 0.5 -> 0
+
+
+def test_gated_weights_from_linears_keep_each_bias_with_its_projection():
+    from torch import nn
+
+    from deftune.sparse.reference import GatedMLPWeights
+
+    gate, up, down = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 4)
+    w = GatedMLPWeights.from_linears(gate, up, down)
+    assert w.b_gate is gate.bias and w.b_up is up.bias and w.b_down is down.bias
+    assert torch.equal(w.w_down_t, down.weight.t())
