@@ -63,15 +63,22 @@ def test_the_hessian_sums_every_batch_and_every_batch_gives_samples():
     assert per_batch == [2, 2, 2, 2]
 
 
+def _int3_layer(scale: float = 1.0):
+    """``(W (16, 32), correlated inputs X (512, 32), int3 per-row quantizer f of W)``."""
+    from deftune.compress import QuantCompressor, choose_qparams, parse_quant
+
+    g = torch.Generator().manual_seed(1)
+    w = scale * torch.randn(16, 32, generator=g)
+    x = torch.randn(512, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    return w, x, QuantCompressor(parse_quant("int3:ch"), choose_qparams(w, "int3:ch"))
+
+
 def test_mse_reconstruction_options_and_its_last_step():
-    from deftune.compress import MSEOptions, QuantCompressor, choose_qparams, parse_quant, reconstruct_mse
+    from deftune.compress import MSEOptions, reconstruct_mse
 
     with pytest.raises(ValueError, match="steps >= 0"):
         MSEOptions(steps=-1)
-    g = torch.Generator().manual_seed(1)
-    w = torch.randn(16, 32, generator=g)
-    x = torch.randn(512, 32, generator=g) @ torch.randn(32, 32, generator=g)
-    f = QuantCompressor(parse_quant("int3:ch"), choose_qparams(w, "int3:ch"))
+    w, x, f = _int3_layer()
     # 5 steps, checked only at the last one (eval_every 10): the result is that step's weight, not W
     out = reconstruct_mse(w, x, f, MSEOptions(steps=5, eval_every=10))
     assert not torch.equal(out, w)
@@ -80,13 +87,10 @@ def test_mse_reconstruction_options_and_its_last_step():
 @pytest.mark.parametrize("scale", [1.0, 1e-3])
 def test_mse_reconstruction_works_at_any_weight_scale(scale):
     """The step size follows the weight's spread (lr × std W): tiny weights improve as much."""
-    from deftune.compress import MSEOptions, QuantCompressor, choose_qparams, parse_quant, reconstruct_mse
+    from deftune.compress import MSEOptions, reconstruct_mse
     from deftune.compress.reconstruct import output_error
 
-    g = torch.Generator().manual_seed(1)
-    w = scale * torch.randn(16, 32, generator=g)
-    x = torch.randn(512, 32, generator=g) @ torch.randn(32, 32, generator=g)
-    f = QuantCompressor(parse_quant("int3:ch"), choose_qparams(w, "int3:ch"))
+    w, x, f = _int3_layer(scale)
     before = output_error(w, f(w), x)
     after = output_error(w, f(reconstruct_mse(w, x, f, MSEOptions(steps=30))), x)
     assert after < 0.9 * before  # 0.85 at both scales

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gen_helpers import make_squad
+from gen_helpers import encode_all
 
-from deftune.data.squad import SquadExample, parse_squad
+from deftune.data.squad import SquadExample
 from deftune.generative import GenConfig, relufy
-from deftune.generative.format import IGNORE_INDEX, encode_example, prompt_text, resolve_style, training_batch
+from deftune.generative.format import IGNORE_INDEX, prompt_text, resolve_style, training_batch
 from deftune.generative.models import load_generative, tiny_tokenizer
 
 
@@ -30,10 +30,10 @@ def test_plain_and_seq2seq_prompts_by_hand():
     assert prompt_text("C", "Q", "plain", tok, seq2seq=True) == "question: Q context: C"
 
 
-def test_a_causal_plain_answer_follows_the_colon_after_a_space():
+def test_a_causal_plain_answer_follows_the_colon_after_a_space(examples):
     tok = tiny_tokenizer()
-    ex = parse_squad(make_squad(1))[0]
-    item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=128, max_context_tokens=64)
+    ex = examples[0]
+    (item,) = encode_all([ex], tok, seq2seq=False)
     assert item.target[:-1] == tok(" " + ex.answer, add_special_tokens=False)["input_ids"]
     assert item.target[:-1] != tok(ex.answer, add_special_tokens=False)["input_ids"]
 
@@ -44,15 +44,14 @@ def test_every_budget_is_kept_with_a_long_answer(max_length):
     answer = "the quick brown fox jumps over the lazy dog again"
     context = "Some filler sentence is here. " * 30 + f"It said {answer}. " + "More filler text follows. " * 30
     ex = SquadExample("x", "t", context, "What did it say?", (answer,), (context.index(answer),))
-    item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=max_length, max_context_tokens=max_length // 2)
+    (item,) = encode_all([ex], tok, seq2seq=False, max_length=max_length)
     assert len(item.prompt) + len(item.target) <= max_length
 
 
-def test_seq2seq_labels_pad_with_ignore_index():
+def test_seq2seq_labels_pad_with_ignore_index(examples):
     tok = tiny_tokenizer()
-    exs = parse_squad(make_squad(1))
-    items = [encode_example(e, tok, style="plain", seq2seq=True, max_length=128, max_context_tokens=64)
-             for e in (exs[0], exs[4])]  # "Paris" and "Denver Broncos": targets of different lengths
+    # "Paris" and "Denver Broncos": targets of different lengths
+    items = encode_all([examples[0], examples[4]], tok, seq2seq=True)
     short, long = sorted(range(2), key=lambda i: len(items[i].target))
     assert len(items[short].target) < len(items[long].target)
     batch = training_batch(items, tok.pad_token_id, seq2seq=True)
@@ -108,14 +107,13 @@ def test_relufy_passes_its_threshold_on():
 
 
 def test_gradient_clipping_uses_the_configured_norm(examples, monkeypatch):
-    from deftune.generative.format import encode_example as enc
     from deftune.generative.train import train_loop
 
     model, tok = load_generative("tiny-llama")
     from deftune.generative.peft_methods import apply_method
 
     model = apply_method(GenConfig(model="tiny-llama"), model)
-    items = [enc(e, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48) for e in examples[:5]]
+    items = encode_all(examples[:5], tok, seq2seq=False, max_length=96)
     norms, widths = [], []
     real_clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, n, *a, **k: norms.append(n) or real_clip(p, n, *a, **k))
@@ -129,7 +127,7 @@ def test_gradient_clipping_uses_the_configured_norm(examples, monkeypatch):
     assert widths == [2] * 4  # 5 items, batches of 2: a new epoch starts rather than a batch of 1
 
 
-def test_batched_generation_equals_each_prompt_alone_with_absolute_positions():
+def test_batched_generation_equals_each_prompt_alone_with_absolute_positions(examples):
     """GPT-2 adds absolute position embeddings: a left-padded row must count its positions from its
     first real token, or the batch would generate other tokens than the prompt alone."""
     from deftune.generative.evaluate import greedy_generate
@@ -140,9 +138,7 @@ def test_batched_generation_equals_each_prompt_alone_with_absolute_positions():
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    exs = parse_squad(make_squad(1))
-    items = [encode_example(e, tok, style="plain", seq2seq=False, max_length=128, max_context_tokens=64)
-             for e in (exs[0], exs[2], exs[4])]
+    items = encode_all([examples[0], examples[2], examples[4]], tok, seq2seq=False)
     assert len({len(i.prompt) for i in items}) > 1  # different lengths: some rows are padded
 
     def run(chunk):
@@ -152,13 +148,13 @@ def test_batched_generation_equals_each_prompt_alone_with_absolute_positions():
     assert run(items) == [run([i])[0] for i in items]
 
 
-def test_gradient_accumulation_averages_its_micro_batches(monkeypatch):
+def test_gradient_accumulation_averages_its_micro_batches(examples, monkeypatch):
     """Two micro-batches of the same questions give the gradient of one (the loss is divided by
     grad_accum), so accumulation changes the batch, not the step size."""
     from deftune.generative.peft_methods import apply_method
     from deftune.generative.train import train_loop
 
-    ex = parse_squad(make_squad(1))[0]
+    ex = examples[0]
     grads, current = {}, {}
     real_step = torch.optim.AdamW.step
 
@@ -176,18 +172,18 @@ def test_gradient_accumulation_averages_its_micro_batches(monkeypatch):
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
-        item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48)
+        (item,) = encode_all([ex], tok, seq2seq=False, max_length=96)
         train_loop(model, [item, item], GenConfig(model="tiny-llama", steps=1, batch_size=2, grad_accum=accum,
                                                   max_grad_norm=0.0, log_every=1, lora_dropout=0.0), tok.pad_token_id)
     torch.testing.assert_close(grads["two"], grads["one"], rtol=1e-4, atol=1e-7)
 
 
-def test_exact_match_and_f1_land_in_their_own_fields(monkeypatch):
+def test_exact_match_and_f1_land_in_their_own_fields(examples, monkeypatch):
     import deftune.generative.evaluate as ev
 
     model, tok = load_generative("tiny-llama")
-    exs = parse_squad(make_squad(1))[:1]  # answer "Paris"
-    items = [encode_example(e, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48) for e in exs]
+    exs = examples[:1]  # answer "Paris"
+    items = encode_all(exs, tok, seq2seq=False, max_length=96)
     monkeypatch.setattr(ev, "generate_answers", lambda *a, **k: ({exs[0].id: "Paris France"}, ev.GenerationOutput(tokens=[])))
     report = ev.evaluate_generative(model, tok, exs, items, max_new_tokens=2, batch_size=1)
     assert report.exact_match == 0.0 and report.f1 == pytest.approx(100 * 2 / 3)
@@ -229,12 +225,12 @@ def test_the_summary_reads_the_1e_3_density_weighted_by_elements():
     assert report.summary()["density_teacher_forced_tau_1e-3"] == pytest.approx((0.5 * 40 + 0.9 * 120) / 160)
 
 
-def test_answers_decode_every_generated_token(monkeypatch):
+def test_answers_decode_every_generated_token(examples, monkeypatch):
     import deftune.generative.evaluate as ev
 
     model, tok = load_generative("tiny-llama")
-    ex = parse_squad(make_squad(1))[0]
-    item = encode_example(ex, tok, style="plain", seq2seq=False, max_length=96, max_context_tokens=48)
+    ex = examples[0]
+    (item,) = encode_all([ex], tok, seq2seq=False, max_length=96)
     words = tok(" Paris France", add_special_tokens=False)["input_ids"]
     monkeypatch.setattr(ev, "greedy_generate", lambda *a, **k: [list(words)])
     answers, _ = ev.generate_answers(model, tok, [item], max_new_tokens=8, batch_size=1, measure=False)
