@@ -289,7 +289,8 @@ class ActivationRecorder:
         try:
             root = _innermost_hf_model(self.model)
             self._handles.append(root.register_forward_pre_hook(self._capture_masks, with_kwargs=True))
-            # peft's prefix tuning calls the backbone (model.bert) directly, bypassing the task model
+            # peft's own SEQ_CLS prefix path (a user's get_peft_model, transformers < 5.24) calls the
+            # backbone (model.bert) directly, bypassing the task model
             backbone = getattr(root, "base_model", root)
             if backbone is not root and not getattr(root.config, "is_encoder_decoder", False):
                 self._handles.append(backbone.register_forward_pre_hook(self._capture_masks, with_kwargs=True))

@@ -15,11 +15,10 @@ MethodConfig)``; apply / save / load / merge are the same peft calls for all of 
 
 With ``task_type="SEQ_CLS"`` peft adds the classification head (``classifier`` / ``score``) to
 ``modules_to_save``, so it trains and is saved with the adapter — also for the prompt methods.
-For BERT sequence classification, peft 0.21 runs prefix tuning by calling the backbone
-(``model.bert``) itself with ``past_key_values`` and applying the pooler-dropout-classifier
-head on its output (``BertForSequenceClassification.forward`` takes no ``past_key_values``); the
-real tokens' absolute positions then start at ``num_virtual_tokens`` (``transformers`` offsets
-``position_ids`` by the cache length).
+Prefix tuning with a task head (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``) is a plain
+``PeftModel`` whose prefix deftune feeds to the backbone itself (:mod:`deftune.methods.prefix_cache`:
+peft's own path there needs the argument name ``past_key_values``, which transformers 5.24
+renamed); the head is then listed in ``modules_to_save`` here, as peft would add it.
 """
 
 from __future__ import annotations
@@ -44,10 +43,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deftune.methods.config import MethodConfig
+from deftune.methods.prefix_cache import PREFIX_BY_HOOK, feed_prefix
 from deftune.methods.registry import Method, register_method
 from deftune.methods.targets import (
     family_targets,
     freeze_all,
+    head_module_names,
     infer_task_type,
     matches,
     mlp_output_paths,
@@ -110,11 +111,16 @@ def _ia3(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, Me
 
 def _prefix(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, MethodConfig]:
     extra = {"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}
+    if task in PREFIX_BY_HOOK:  # deftune feeds the prefix (prefix_cache); the head trains as peft's would
+        heads = head_module_names(model, task, cfg.modules_to_save)
+        peft_task, to_save = None, list(heads) or None
+    else:
+        peft_task, to_save = task, _extra_modules(cfg)
     peft_config = PrefixTuningConfig(
-        task_type=task,
+        task_type=peft_task,
         num_virtual_tokens=cfg.num_virtual_tokens,
         prefix_projection=cfg.prefix_projection,
-        modules_to_save=_extra_modules(cfg),
+        modules_to_save=to_save,
         **extra,
     )
     return peft_config, cfg.replace(task_type=task)
@@ -156,6 +162,8 @@ def _apply(builder: Builder) -> Callable[[nn.Module, MethodConfig], tuple[nn.Mod
     def apply(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, MethodConfig]:
         task = cfg.task_type or infer_task_type(model)
         peft_config, resolved = builder(model, cfg, task)
+        if peft_config.task_type is None:  # prefix tuning with a task head: deftune feeds the prefix
+            return feed_prefix(PeftModel(model, peft_config)), resolved
         return get_peft_model(model, peft_config), resolved
 
     return apply
@@ -180,9 +188,15 @@ def _loader(builder: Builder) -> Callable[[nn.Module, Path, MethodConfig, bool],
 
     def load(model: nn.Module, directory: Path, cfg: MethodConfig, trainable: bool) -> nn.Module:
         if not trainable:
-            loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False)
+            config = PeftConfig.from_pretrained(str(directory))
+            hooked = config.peft_type == PeftType.PREFIX_TUNING and (
+                config.task_type is None or config.task_type in PREFIX_BY_HOOK
+            )
+            if hooked:  # also runs saved with peft's own SEQ_CLS path (task_type kept in the file)
+                config.task_type = None
+            loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False, config=config)
             freeze_all(loaded)  # peft 0.21 leaves prompt-learning encoders trainable in inference mode
-            return loaded
+            return feed_prefix(loaded) if hooked else loaded
         if cfg.name not in _PROMPT_LEARNING:
             return PeftModel.from_pretrained(model, str(directory), is_trainable=True)
         # peft refuses is_trainable=True for prompt learning: re-apply, then load head and encoder
