@@ -100,3 +100,18 @@ def test_tables_show_measured_sparsity_and_packed_ratio():
                     "metric": 80.0, "delta": -6.0, "mean_output_rel_error": 0.2, "seconds": 2.0}
     sparse = markdown_table(make_section([sparse_point]))
     assert "| `unstructured:0.5` | oneshot | 80.00 | -6.00 | 0.499 | 0.2000 | 2 |" in sparse
+
+
+def test_a_quant_point_averages_the_layers_weight_sqnr():
+    from deftune.compress.model import CompressReport, LayerReport
+    from deftune.compress.patterns import parse_quant
+    from deftune.compress.sweep import quant_point
+
+    def layer(sqnr, out):
+        return LayerReport("l", (4, 4), "int4:g128", 0.1, sqnr, out, 0.0, 64)
+
+    report = CompressReport("int4:g128", [layer(10.0, 0.2), layer(20.0, None), layer(40.0, 0.4)])
+    point = quant_point(parse_quant("int4:g128"), "gptq", 84.0, 86.5, report)
+    assert point["mean_weight_sqnr_db"] == pytest.approx(70 / 3)
+    assert point["mean_output_rel_error"] == pytest.approx(0.3)  # layers without an output error left out
+    assert (point["bits"], point["granularity"], point["delta"], point["layers"]) == (4, "g128", -2.5, 3)

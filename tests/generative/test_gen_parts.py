@@ -235,3 +235,26 @@ def test_answers_decode_every_generated_token(examples, monkeypatch):
     monkeypatch.setattr(ev, "greedy_generate", lambda *a, **k: [list(words)])
     answers, _ = ev.generate_answers(model, tok, [item], max_new_tokens=8, batch_size=1, measure=False)
     assert answers == {ex.id: "Paris France"}
+
+
+def test_questions_that_do_not_fit_are_counted_as_skipped_in_both_parts(squad_file, monkeypatch):
+    import deftune.generative.train as gen_train
+    from deftune.data.squad import load_squad
+    from deftune.generative.format import DoesNotFit
+
+    real = gen_train.encode_example
+
+    def second_questions_do_not_fit(example, *args, **kwargs):
+        if example.id.endswith("-q1"):
+            raise DoesNotFit(example.id)
+        return real(example, *args, **kwargs)
+
+    monkeypatch.setattr(gen_train, "encode_example", second_questions_do_not_fit)
+    everything = load_squad("dev", str(squad_file))
+    cfg = GenConfig(model="tiny-llama", data_dir=str(squad_file), eval_articles=1, eval_questions=len(everything),
+                    max_length=96, max_context_tokens=48, prompt_style="plain")
+    _, tok = load_generative("tiny-llama")
+    data = gen_train.prepare_squad(cfg, tok, seq2seq=False)
+    assert data.skipped == sum(e.id.endswith("-q1") for e in everything) > 0
+    assert [e.id for e in data.eval_examples] == [i.id for i in data.eval_items]  # kept ones, in step
+    assert not any(i.id.endswith("-q1") for i in data.train + data.eval_items)

@@ -11,7 +11,7 @@ import torch
 from sparse_tiny import batches, tiny_bert, tiny_llama
 
 from deftune.arch import find_activation_sites
-from deftune.density import measure_density
+from deftune.density import ActivationRecorder, measure_density
 from deftune.sparse.calibrate import (
     CalibrationConfig,
     MagnitudeHistogram,
@@ -394,6 +394,40 @@ def test_sweep_leaves_virtual_tokens_out():
 
     points = sweep_targets(model, data, [0.5], evaluate, CalibrationConfig(refine_passes=0), skip_leading=skip)
     assert points[0].eval_density == pytest.approx(0.5, abs=0.05)
+    config = CalibrationConfig(refine_passes=0, target=0.5)
+    real_only, with_virtual = (_sweep_density(model, data, config, evaluate, skip_leading=skip, measure_skip=n)
+                               for n in (skip, 0))
+    assert points[0].eval_density == pytest.approx(real_only, abs=1e-12)
+    assert abs(real_only - with_virtual) > 1e-3  # the check can tell them apart
+
+
+def _sweep_density(model, data, config, evaluate, *, skip_leading=0, measure_skip=None, count_padding=None):
+    """The density a sweep point should report: its thresholds, ``evaluate`` under a recorder (which
+    counts as ``measure_skip`` / ``count_padding`` say, by default as the calibration did)."""
+    th = calibrate_thresholds(model, data, config, skip_leading=skip_leading)
+    pad = config.count_padding if count_padding is None else count_padding
+    skip = skip_leading if measure_skip is None else measure_skip
+    with thresholded(model, th), ActivationRecorder(model, site=config.site, thresholds=(), count_padding=pad,
+                                                    skip_leading=skip) as rec:
+        evaluate(model)
+        return rec.result().overall
+
+
+def test_sweep_counts_padding_when_asked():
+    model = tiny_bert().eval()
+    data = batches(n=1)
+    assert int(data[0]["attention_mask"].sum()) < data[0]["attention_mask"].numel()  # there is padding
+
+    def evaluate(m):
+        with torch.no_grad():
+            m(**data[0])
+        return {}
+
+    config = CalibrationConfig(refine_passes=0, target=0.3, count_padding=True)
+    points = sweep_targets(model, data, [0.3], evaluate, config)
+    padded = _sweep_density(model, data, config, evaluate)
+    assert points[0].eval_density == pytest.approx(padded, abs=1e-12)
+    assert abs(padded - _sweep_density(model, data, config, evaluate, count_padding=False)) > 1e-3
 
 
 # ---- the edge choice, on coarse bins where the two neighbouring edges are far apart -------------

@@ -299,6 +299,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         err = float((y.double() - ref).norm() / ref.norm())
         assert torch.isfinite(y).all() and err < 4e-3, (rows, scheme, fuse, err)
     check_activation_errors(activation_errors("cpu"), 4e-3)
+    # a callable activation: the gate is activated outside the kernel and read back (identity inside)
+    from deftune.sparse import SparseMLPConfig, sparse_gated_mlp
+    twice_silu = lambda t: 2 * torch.nn.functional.silu(t)
+    x = torch.randn(2, 40, dtype=torch.float16)
+    w = [(torch.randn(70, 40) / 7).half() for _ in range(3)]
+    y = sparse_gated_mlp(x, GatedMLPWeights(*w), 0.2, twice_silu, SparseMLPConfig(backend="triton"))
+    ref = gated_mlp_reference(x.double(), GatedMLPWeights(*[m.double() for m in w]), 0.2, twice_silu)
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < 4e-3, ("callable", err)
     """
 )
 

@@ -172,6 +172,10 @@ def test_weight_validation_names_shapes():
         MLPWeights(torch.zeros(4, 3), torch.zeros(4, 3), b_down=torch.zeros(4))
     with pytest.raises(ValueError, match="activation"):
         gated_mlp_reference(torch.zeros(1, 3), GatedMLPWeights(*[torch.zeros(4, 3)] * 3), 0.0, "swish")
+    with pytest.raises(ValueError, match=r"a \(\.\.\., 5\) does not match w_down_t \(6, 4\) \(I, H\)"):
+        sparse_down_proj(torch.zeros(2, 5), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match=r"does not match w_down_t \(6,\)"):
+        sparse_down_proj(torch.zeros(2, 6), torch.zeros(6))
 
 
 def test_triton_module_imports_without_triton():

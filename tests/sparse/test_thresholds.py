@@ -11,7 +11,7 @@ from sparse_tiny import batches, tiny_bert, tiny_llama
 from torch import nn
 
 from deftune.arch import find_activation_sites
-from deftune.density import measure_density
+from deftune.density import ActivationRecorder, measure_density
 from deftune.sparse.calibrate import CalibrationConfig, MagnitudeHistogram, calibrate_thresholds
 from deftune.sparse.thresholds import (
     InputThreshold,
@@ -136,6 +136,19 @@ def test_product_site_thresholds_hook_the_down_projection_and_come_off():
     with thresholded(model, th):  # the context manager takes its hooks off again
         assert len(threshold_holders(model)) == 2
     assert not threshold_holders(model)
+
+
+def test_input_thresholds_run_ahead_of_a_recorder_attached_before_them():
+    """A recorder attached first still measures the thresholded input (the hook is prepended)."""
+    model = tiny_llama()
+    data = batches(n=1)
+    th = calibrate_thresholds(model, data, CalibrationConfig(target=0.4, site="product", refine_passes=1))
+    with ActivationRecorder(model, site="product", thresholds=()) as rec:
+        with thresholded(model, th), torch.no_grad():
+            model(**data[0])
+        density = rec.result()
+    for name, value in density.exact_per_layer.items():
+        assert value == pytest.approx(th.achieved[name], abs=1e-9), name
 
 
 def test_product_site_thresholds_sit_on_a_lora_adapted_down_projection():

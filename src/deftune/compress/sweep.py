@@ -176,12 +176,7 @@ def quant_sweep(config: QuantSweepConfig) -> dict:
                 recon = {"rtn": "none"}.get(method, method)
                 report = compress_(model, QuantConfig(pattern, reconstruct=recon), calibration=data.calibration)
             metric = evaluate(model, data)
-            point = {
-                "pattern": str(pattern), "method": method, "bits": pattern.bits, "granularity": _gran(pattern),
-                "metric": metric, "delta": metric - baseline, "mean_output_rel_error": report.mean_output_error,
-                "mean_weight_sqnr_db": sum(lr.weight_sqnr_db for lr in report.layers) / len(report.layers),
-                "layers": len(report.layers),
-            }
+            point = quant_point(pattern, method, metric, baseline, report)
             if config.pack:
                 point["packed"] = _pack_check(model, data)
             point["seconds"] = time.perf_counter() - t0
@@ -193,6 +188,17 @@ def quant_sweep(config: QuantSweepConfig) -> dict:
     if config.plot:
         plot_quant(merged["quant"], config.plot)
     return merged["quant"]
+
+
+def quant_point(pattern, method: str, metric: float, baseline: float, report) -> dict:
+    """One sweep point's row: the metric against the baseline, and the compression report's means
+    (output relative error; weight SQNR in dB averaged over the quantized layers)."""
+    layers = report.layers
+    return {
+        "pattern": str(pattern), "method": method, "bits": pattern.bits, "granularity": _gran(pattern),
+        "metric": metric, "delta": metric - baseline, "mean_output_rel_error": report.mean_output_error,
+        "mean_weight_sqnr_db": sum(lr.weight_sqnr_db for lr in layers) / len(layers), "layers": len(layers),
+    }
 
 
 def _qat(model: nn.Module, pattern, data: SweepData, cfg: QuantSweepConfig):
