@@ -108,6 +108,9 @@ class CompareConfig:
             and the seed come from this grid, the rest from ``GenConfig``'s defaults. A results
             file is keyed by (task, method, α, steps, seed) only: runs with other options (here or
             in the GLUE fields) need a results file of their own.
+        deterministic: train the GLUE runs with torch's deterministic algorithms
+            (``TrainConfig.deterministic``), so that a GPU run repeats bit for bit; not part of the
+            recipe (it changes only the run-to-run rounding, not what is computed).
     """
 
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
@@ -142,6 +145,7 @@ class CompareConfig:
     select_tolerance: float = 1.0
     threshold_densities: tuple[float, ...] = ()
     threshold_ramp: int = 0
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         from deftune.data.glue import get_task
@@ -250,7 +254,7 @@ class CompareConfig:
             train_subset=self.train_subset, eval_subset=self.eval_subset, holdout=self.holdout,
             schedule=self.schedule, warmup_steps=self.warmup_steps, data_dir=self.data_dir,
             act_threshold_density=density, act_threshold_ramp=self.threshold_ramp if density is not None else 0,
-            density_target=self.density_target if alpha > 0 else None, seed=seed,
+            density_target=self.density_target if alpha > 0 else None, seed=seed, deterministic=self.deterministic,
         )
         # the run's own name (task-method-α[-t<density>]), made unique within the grid
         name = config.run_name + (f"-s{seed}" if seed else "") + (f"-h{self.holdout}" if self.holdout else "")

@@ -70,6 +70,9 @@ class TrainConfig:
             lets it). Needs ``act_threshold_density``. Evaluation and the saved run use the full ``t_l``.
         seed: random seed (model head init, data order).
         log_every: log (and measure training density) every this many steps.
+        deterministic: use torch's deterministic algorithms for the run (deftune.train.determinism):
+            GPU runs of one command then repeat bit for bit, at some speed cost (the CPU repeats
+            without it).
         name: run name used in results tables (default: ``{task}-{method}-a{alpha}``).
     """
 
@@ -110,6 +113,7 @@ class TrainConfig:
     output_dir: str | None = None
     seed: int = 0
     log_every: int = 25
+    deterministic: bool = False
     name: str | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +150,8 @@ class TrainConfig:
 
         check_threshold_options(self.act_threshold_density, self.act_threshold_mode, self.act_threshold_batches)
         check_threshold_ramp(self.act_threshold_ramp, self.steps)
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
         self.density_config()  # validates alpha, eps, loss name, schedule, site (before the checks that read them)
         if self.method_options.get("act_scale_grad") == "density":
             if self.scale_lr is None:

@@ -48,6 +48,7 @@ from deftune.sparse import (
     ramped_thresholds,
 )
 from deftune.train.config import TrainConfig
+from deftune.train.determinism import deterministic_algorithms
 from deftune.train.evaluate import EvalResult, evaluate_batches
 from deftune.train.model import build_model, count_trainable
 
@@ -144,8 +145,14 @@ def train_glue(
     """Fine-tune ``config.model`` on ``config.task`` with ``config.method`` (+ DEFT when α > 0).
 
     Evaluates on the dev set (task metric, exact density, thresholded density), saves the run
-    directory when ``config.output_dir`` is set, and returns the :class:`RunResult`.
+    directory when ``config.output_dir`` is set, and returns the :class:`RunResult`. With
+    ``config.deterministic`` the whole run uses torch's deterministic algorithms.
     """
+    with deterministic_algorithms(config.deterministic):
+        return _train_glue(config, extensions, progress)
+
+
+def _train_glue(config: TrainConfig, extensions: Sequence[TrainExtension], progress: bool) -> RunResult:
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
