@@ -108,9 +108,10 @@ class CompareConfig:
             and the seed come from this grid, the rest from ``GenConfig``'s defaults. A results
             file is keyed by (task, method, α, steps, seed) only: runs with other options (here or
             in the GLUE fields) need a results file of their own.
-        deterministic: train the GLUE runs with torch's deterministic algorithms
-            (``TrainConfig.deterministic``), so that a GPU run repeats bit for bit; not part of the
-            recipe (it changes only the run-to-run rounding, not what is computed).
+        deterministic: train every run with torch's deterministic algorithms
+            (``TrainConfig.deterministic``, ``GenConfig.deterministic``), so that a GPU run repeats
+            bit for bit; not part of the recipe (it changes only the run-to-run rounding, not what
+            is computed).
     """
 
     tasks: tuple[str, ...] = ("sst2", "mrpc", "rte", "stsb")
@@ -243,6 +244,7 @@ class CompareConfig:
             **self.generative_options, "model": self.generative_model, "method": method, "alpha": alpha,
             "seed": seed, "steps": self.steps, "data_dir": self.generative_options.get("data_dir", self.squad_dir),
             "output_dir": str(self.run_root / name),
+            "deterministic": self.deterministic or bool(self.generative_options.get("deterministic", False)),
         })
 
     def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:

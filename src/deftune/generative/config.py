@@ -86,6 +86,8 @@ class GenConfig:
         threads: ``torch.set_num_threads`` (0: leave as is).
         device: ``cpu``, ``cuda`` or ``auto``.
         log_every: steps between log lines.
+        deterministic: use torch's deterministic algorithms for the run (deftune.determinism):
+            GPU runs then repeat bit for bit, at some speed cost.
     """
 
     model: str = "smollm2"
@@ -130,10 +132,14 @@ class GenConfig:
     threads: int = 0
     device: str = "auto"
     log_every: int = 10
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         from deftune.generative.peft_methods import PEFT_METHODS
         from deftune.generative.relufy import ACTIVATIONS
+
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
 
         if self.method != "full" and self.method not in PEFT_METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(PEFT_METHODS) + ['full']}")

@@ -34,6 +34,7 @@ from torch import nn
 
 from deftune.data.glue import DataError
 from deftune.data.squad import SquadExample, load_squad, split_by_article
+from deftune.determinism import deterministic_algorithms
 from deftune.generative.config import GenConfig
 from deftune.generative.evaluate import EvalReport, evaluate_generative, is_seq2seq
 from deftune.generative.format import DoesNotFit, Encoded, encode_example, resolve_style, training_batch
@@ -216,7 +217,13 @@ def train_loop(model: nn.Module, items: list[Encoded], cfg: GenConfig, pad_id: i
 
 
 def train_generative(cfg: GenConfig) -> GenRunResult:
-    """Run one generative DEFT experiment (see the module docstring) and return what it measured."""
+    """Run one generative DEFT experiment (see the module docstring) and return what it measured
+    (with ``cfg.deterministic``, under torch's deterministic algorithms)."""
+    with deterministic_algorithms(cfg.deterministic):
+        return _train_generative(cfg)
+
+
+def _train_generative(cfg: GenConfig) -> GenRunResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -70,7 +70,7 @@ class TrainConfig:
             lets it). Needs ``act_threshold_density``. Evaluation and the saved run use the full ``t_l``.
         seed: random seed (model head init, data order).
         log_every: log (and measure training density) every this many steps.
-        deterministic: use torch's deterministic algorithms for the run (deftune.train.determinism):
+        deterministic: use torch's deterministic algorithms for the run (deftune.determinism):
             GPU runs of one command then repeat bit for bit, at some speed cost (the CPU repeats
             without it).
         name: run name used in results tables (default: ``{task}-{method}-a{alpha}``).

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
 from deftune.act_scale import density_only_scales, scale_medians
 from deftune.data.glue import EVAL_SUBSET_SEED, get_task, load_split, make_batches, subsample
+from deftune.determinism import deterministic_algorithms
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
 from deftune.runs import (
@@ -48,7 +49,6 @@ from deftune.sparse import (
     ramped_thresholds,
 )
 from deftune.train.config import TrainConfig
-from deftune.train.determinism import deterministic_algorithms
 from deftune.train.evaluate import EvalResult, evaluate_batches
 from deftune.train.model import build_model, count_trainable
 

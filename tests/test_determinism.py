@@ -1,5 +1,6 @@
 """Deterministic runs: the context switches torch's deterministic algorithms on for one run and
-restores every setting; the option reaches the run from TrainConfig, CompareConfig and the CLI."""
+restores every setting; the option reaches the run from TrainConfig, GenConfig, CompareConfig and
+the CLI."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 from tests.conftest import tiny_train_config
 
+from deftune.determinism import CUBLAS_ENV, CUBLAS_VALUE, deterministic_algorithms
 from deftune.train import TrainConfig, train_glue
-from deftune.train.determinism import CUBLAS_ENV, CUBLAS_VALUE, deterministic_algorithms
 
 
 def _settings() -> tuple:
@@ -97,3 +98,19 @@ def test_the_cli_flag_reaches_the_config(monkeypatch):
     with pytest.raises(SystemExit):
         main(["train", "--task", "sst2", "--deterministic", "true"])
     assert seen["config"].deterministic is True
+
+
+def test_generative_runs_take_the_flag_too(clean, monkeypatch):
+    import deftune.generative.train as gen_train
+    from deftune.compare.grid import CompareConfig
+    from deftune.generative import GenConfig
+
+    with pytest.raises(ValueError, match="deterministic must be True or False, got 1"):
+        GenConfig(model="tiny-llama", deterministic=1)
+    seen = []
+    monkeypatch.setattr(gen_train, "_train_generative", lambda cfg: seen.append(torch.are_deterministic_algorithms_enabled()))
+    gen_train.train_generative(GenConfig(model="tiny-llama", deterministic=True))
+    gen_train.train_generative(GenConfig(model="tiny-llama"))
+    assert seen == [True, False]
+    grid = CompareConfig(tasks=("squad",), methods=("lora",), generative_model="tiny-llama", deterministic=True)
+    assert grid._squad_config("lora", 0.0, 0, "x").deterministic is True
