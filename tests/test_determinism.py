@@ -114,3 +114,6 @@ def test_generative_runs_take_the_flag_too(clean, monkeypatch):
     assert seen == [True, False]
     grid = CompareConfig(tasks=("squad",), methods=("lora",), generative_model="tiny-llama", deterministic=True)
     assert grid._squad_config("lora", 0.0, 0, "x").deterministic is True
+    with pytest.raises(ValueError, match="deterministic must be True or False, got 'no'"):
+        CompareConfig(tasks=("squad",), methods=("lora",), generative_model="tiny-llama",
+                      generative_options={"deterministic": "no"})

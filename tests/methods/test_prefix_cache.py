@@ -8,6 +8,8 @@ same outputs from the same parameters.
 from __future__ import annotations
 
 import json
+import warnings
+from copy import deepcopy
 
 import pytest
 import torch
@@ -93,6 +95,112 @@ def test_same_outputs_as_peft_path(kind, masked, training):
             grads.append(model.prompt_encoder["default"].embedding.weight.grad)
         assert grads[0] is not None and grads[0].abs().sum() > 0
         torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+
+
+def _filled(model: nn.Module) -> nn.Module:
+    """Every parameter drawn from a seeded generator (independent of any library's initialisation)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+# peft's own path on transformers 5.23 (peft 0.21.2) for _filled(SEQ_CLS prefix model), tiny_batch("bert"):
+# the logits, and the sum and absolute sum of the prefix's gradient of sum(logits²). Recorded so that
+# the versions where peft's path cannot run (>= 5.24) are checked against it too.
+GOLDEN_LOGITS = [[-0.14104877412319183, -0.258608877658844], [-0.13983909785747528, -0.2757975459098816]]
+GOLDEN_GRAD = (0.01833033561706543, 0.9145552515983582)
+
+
+def test_logits_and_prefix_gradient_equal_peft_path_recorded_on_5_23():
+    native = _filled(get_peft_model(tiny_bert(), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N)))
+    fed = _fed("bert", native.state_dict())
+    logits = fed(**_inputs("bert", masked=True)).logits
+    torch.testing.assert_close(logits, torch.tensor(GOLDEN_LOGITS), rtol=0, atol=2e-6)
+    logits.square().sum().backward()
+    grad = fed.prompt_encoder["default"].embedding.weight.grad
+    assert (float(grad.sum()), float(grad.abs().sum())) == pytest.approx(GOLDEN_GRAD, rel=1e-4)
+
+
+def test_a_deep_copy_feeds_its_own_prefix():
+    fed = _fed("bert", _native("bert").state_dict())
+    copy = deepcopy(fed)
+    inputs = _inputs("bert", masked=True)
+    with torch.no_grad():
+        copy.prompt_encoder["default"].embedding.weight.zero_()
+        assert (copy(**inputs).logits - fed(**inputs).logits).abs().max() > 1e-3
+    copy.prompt_encoder["default"].embedding.weight.requires_grad_(True)
+    copy(**inputs).logits.sum().backward()
+    assert copy.prompt_encoder["default"].embedding.weight.grad is not None
+    assert fed.prompt_encoder["default"].embedding.weight.grad is None
+
+
+def test_given_position_ids_are_offset_past_the_prefix():
+    fed = _fed("bert", _native("bert").state_dict())
+    inputs = _inputs("bert", masked=True)
+    positions = torch.arange(inputs["input_ids"].shape[1]).expand_as(inputs["input_ids"])
+    with torch.no_grad():  # transformers numbers the tokens after a cache from its length on, as here
+        torch.testing.assert_close(fed(**inputs, position_ids=positions).logits, fed(**inputs).logits,
+                                   rtol=0, atol=1e-6)
+
+
+def test_arguments_are_found_by_name_whatever_their_position():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    gpt2 = GPT2ForSequenceClassification(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                                    pad_token_id=0)).eval()
+    fed = apply_method(gpt2, MethodConfig(name="prefix", num_virtual_tokens=N)).eval()
+    inputs = _inputs("llama", masked=True)
+    backbone = fed.get_base_model().transformer  # forward(input_ids, cache / past_key_values, attention_mask, ...)
+    with torch.no_grad():
+        by_name = backbone(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        by_position = backbone(inputs["input_ids"], None, inputs["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(by_position, by_name, rtol=0, atol=0)
+
+
+def test_encoder_decoder_classifiers_are_refused_clearly():
+    from transformers import T5Config, T5ForSequenceClassification
+
+    t5 = T5ForSequenceClassification(T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                              num_heads=4, decoder_start_token_id=0, pad_token_id=0))
+    with pytest.raises(ValueError, match="not supported for encoder-decoder models .*T5ForSequenceClassification"):
+        apply_method(t5, MethodConfig(name="prefix", num_virtual_tokens=N))
+
+
+def test_a_projected_prefix_reloads_trainable(tmp_path):
+    from deftune.methods import save_adapter
+
+    model = apply_method(tiny_bert(), MethodConfig(name="prefix", num_virtual_tokens=N, prefix_projection=True,
+                                                   encoder_hidden_size=16))
+    _randomised(model).eval()
+    save_adapter(model, tmp_path)
+    again = load_adapter(tiny_bert(), tmp_path, trainable=True).eval()
+    inputs = _inputs("bert", masked=True)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert any(p.requires_grad for n, p in again.named_parameters() if "prompt_encoder" in n)
+
+
+@pytest.mark.parametrize(("transformers_version", "peft_version", "drops"),
+                         [("5.24.0", "0.21.2", True), ("5.23.0", "0.21.2", False), ("5.24.0", "0.22.0", False)])
+def test_the_generate_warning_follows_the_versions(monkeypatch, transformers_version, peft_version, drops):
+    import peft
+    import transformers
+    from methods_tiny import tiny_llama
+
+    from deftune.methods.prefix_cache import generate_drops_prefix
+
+    monkeypatch.setattr(transformers, "__version__", transformers_version)
+    monkeypatch.setattr(peft, "__version__", peft_version)
+    assert generate_drops_prefix() is drops
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_method(tiny_llama(), MethodConfig(name="prefix", num_virtual_tokens=N))
+        apply_method(tiny_bert(), MethodConfig(name="prefix", num_virtual_tokens=N))  # classifiers: never
+    texts = [str(w.message) for w in caught if "generate() ignores the prefix" in str(w.message)]
+    assert len(texts) == (1 if drops else 0)
 
 
 def test_the_prefix_changes_the_output():

@@ -244,7 +244,7 @@ class CompareConfig:
             **self.generative_options, "model": self.generative_model, "method": method, "alpha": alpha,
             "seed": seed, "steps": self.steps, "data_dir": self.generative_options.get("data_dir", self.squad_dir),
             "output_dir": str(self.run_root / name),
-            "deterministic": self.deterministic or bool(self.generative_options.get("deterministic", False)),
+            "deterministic": self.deterministic or self.generative_options.get("deterministic", False),
         })
 
     def _glue_config(self, task: str, method: str, alpha: float, seed: int, density: float | None) -> TrainConfig:

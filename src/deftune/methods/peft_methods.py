@@ -43,7 +43,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deftune.methods.config import MethodConfig
-from deftune.methods.prefix_cache import PREFIX_BY_HOOK, feed_prefix
+from deftune.methods.prefix_cache import PREFIX_BY_HOOK, feed_prefix, warn_if_generate_drops_prefix
 from deftune.methods.registry import Method, register_method
 from deftune.methods.targets import (
     family_targets,
@@ -111,6 +111,7 @@ def _ia3(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, Me
 
 def _prefix(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, MethodConfig]:
     extra = {"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}
+    warn_if_generate_drops_prefix(task)
     if task in PREFIX_BY_HOOK:  # deftune feeds the prefix (prefix_cache); the head trains as peft's would
         heads = head_module_names(model, task, cfg.modules_to_save)
         peft_task, to_save = None, list(heads) or None
@@ -194,16 +195,23 @@ def _loader(builder: Builder) -> Callable[[nn.Module, Path, MethodConfig, bool],
             )
             if hooked:  # also runs saved with peft's own SEQ_CLS path (task_type kept in the file)
                 config.task_type = None
+            elif config.peft_type == PeftType.PREFIX_TUNING:
+                warn_if_generate_drops_prefix(str(config.task_type))
             loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False, config=config)
             freeze_all(loaded)  # peft 0.21 leaves prompt-learning encoders trainable in inference mode
             return feed_prefix(loaded) if hooked else loaded
         if cfg.name not in _PROMPT_LEARNING:
             return PeftModel.from_pretrained(model, str(directory), is_trainable=True)
-        # peft refuses is_trainable=True for prompt learning: re-apply, then load head and encoder
+        # peft refuses is_trainable=True for prompt learning: re-apply, then load head and encoder.
+        # The saved "prompt_embeddings" are the *computed* tokens (after a prefix projection or
+        # P-tuning's MLP, of another shape than the encoder's input embedding): the encoder file
+        # below restores the encoder itself, so the head is loaded with the embedding left as it is.
         peft_model, _ = apply(model, cfg)
         device = str(next(model.parameters()).device)
-        set_peft_model_state_dict(peft_model, load_peft_weights(str(directory), device=device))
         encoder = peft_model.prompt_encoder[peft_model.active_adapter]
+        weights = load_peft_weights(str(directory), device=device)
+        weights["prompt_embeddings"] = encoder.embedding.weight.detach()
+        set_peft_model_state_dict(peft_model, weights)
         encoder.load_state_dict(load_file(str(directory / PROMPT_ENCODER_FILE), device=device))
         return peft_model
 

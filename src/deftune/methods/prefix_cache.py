@@ -17,12 +17,16 @@ This is the call peft makes, moved one module down, so it computes the same func
 ``tests/methods/test_prefix_cache.py`` checks equal outputs against peft's own path (where the
 installed transformers still allows it) and a saved peft-format run loading into it. As in peft,
 the real tokens' absolute positions start at ``num_virtual_tokens`` (transformers offsets
-``position_ids`` by the cache length). Causal-LM and seq2seq prefix tuning stay on peft's path.
+``position_ids`` by the cache length, and the hook offsets ``position_ids`` a caller passes, as
+peft does). Causal-LM and seq2seq prefix tuning stay on peft's path; its ``generate()`` drops the
+prefix on transformers >= 5.24 (:func:`generate_drops_prefix`; deftune warns when such a model is
+built). Encoder–decoder models with a classification head are refused.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from peft import PeftModel
@@ -33,8 +37,38 @@ PREFIX_BY_HOOK: tuple[str, ...] = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _HANDLE = "_deftune_prefix_hook"
 
 
+def generate_drops_prefix() -> bool:
+    """Whether peft's causal-LM ``generate()`` silently drops the prefix with the installed versions.
+
+    transformers 5.24's ``generate`` keeps its cache under ``cache``; peft 0.21's
+    ``prepare_inputs_for_generation`` adds the prefix under ``past_key_values``, and the (empty)
+    ``cache`` wins: the tokens are those of the model without the prefix. The forward pass, and so
+    training and teacher-forced evaluation, is unaffected. Checked with peft 0.21.2.
+    """
+    import peft
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version("5.24") and Version(peft.__version__) < Version("0.22")
+
+
+def warn_if_generate_drops_prefix(task: str) -> None:
+    if task == "CAUSAL_LM" and generate_drops_prefix():
+        warnings.warn(
+            "prefix tuning of a causal LM: with transformers >= 5.24, peft 0.21's generate() ignores the "
+            "prefix (forward passes and training use it). Generate with transformers < 5.24, or decode "
+            "greedily through model(...) calls",
+            stacklevel=3,
+        )
+
+
 def _backbone(peft_model: PeftModel) -> nn.Module:
     task_model = peft_model.get_base_model()
+    if getattr(task_model.config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"prefix tuning with a task head is not supported for encoder-decoder models "
+            f"({type(task_model).__name__}); use a seq2seq task type (SEQ_2_SEQ_LM) or another method"
+        )
     backbone = getattr(task_model, "base_model", task_model)
     if backbone is task_model:
         raise TypeError(
@@ -56,36 +90,45 @@ def cache_argument(module: nn.Module) -> str:
     )
 
 
-def feed_prefix(peft_model: PeftModel) -> PeftModel:
-    """Install the prefix pre-hook on ``peft_model``'s backbone (once); returns ``peft_model``."""
-    if getattr(peft_model, _HANDLE, None) is not None:
-        return peft_model
-    backbone = _backbone(peft_model)
-    name = cache_argument(backbone)
-    n_virtual = int(peft_model.active_peft_config.num_virtual_tokens)
+class PrefixFeeder:
+    """The backbone pre-hook: adds the active adapter's prefix cache and widens the mask.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+    A hook object rather than a closure, so that ``copy.deepcopy`` of the model gives a copy that
+    feeds its *own* prefix (deepcopy copies objects through its memo; functions it shares).
+    """
+
+    def __init__(self, peft_model: PeftModel, backbone: nn.Module) -> None:
+        self.peft_model = peft_model
+        self.signature = inspect.signature(backbone.forward)
+        self.cache_name = cache_argument(backbone)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        # every argument by name: a positional one (e.g. BERT's attention_mask) is then found
+        named = dict(self.signature.bind_partial(*args, **kwargs).arguments)
+        named.update(named.pop("kwargs", None) or {})  # a **kwargs parameter arrives as one dict
+        if named.get("cache") is not None or named.get("past_key_values") is not None:
             raise ValueError("prefix tuning supplies the key/value cache itself; do not pass one")
-        inputs = args[0] if args else kwargs.get("input_ids")
-        if inputs is None:
-            inputs = kwargs["inputs_embeds"]
-        batch = inputs.shape[0]
-        args, kwargs = list(args), dict(kwargs)
-        mask_in_args = len(args) > 1
-        mask = args[1] if mask_in_args else kwargs.get("attention_mask")
+        inputs = named.get("input_ids")
+        batch = (inputs if inputs is not None else named["inputs_embeds"]).shape[0]
+        n_virtual = int(self.peft_model.active_peft_config.num_virtual_tokens)
+        mask = named.get("attention_mask")
         if mask is not None:
             if mask.dim() != 2:
                 raise ValueError(
                     f"prefix tuning extends a 2-D attention_mask (batch, tokens); got shape {tuple(mask.shape)}"
                 )
-            mask = torch.cat([mask.new_ones(batch, n_virtual), mask], dim=1)  # (B, P + T)
-            if mask_in_args:
-                args[1] = mask
-            else:
-                kwargs["attention_mask"] = mask
-        kwargs[name] = peft_model.get_prompt(batch_size=batch)
-        return tuple(args), kwargs
+            named["attention_mask"] = torch.cat([mask.new_ones(batch, n_virtual), mask], dim=1)  # (B, P + T)
+        if named.get("position_ids") is not None:  # the real tokens follow the prefix, as peft offsets them
+            named["position_ids"] = named["position_ids"] + n_virtual
+        named[self.cache_name] = self.peft_model.get_prompt(batch_size=batch)
+        return (), named
 
-    setattr(peft_model, _HANDLE, backbone.register_forward_pre_hook(hook, with_kwargs=True))
+
+def feed_prefix(peft_model: PeftModel) -> PeftModel:
+    """Install the prefix pre-hook on ``peft_model``'s backbone (once); returns ``peft_model``."""
+    if getattr(peft_model, _HANDLE, None) is not None:
+        return peft_model
+    backbone = _backbone(peft_model)
+    feeder = PrefixFeeder(peft_model, backbone)
+    setattr(peft_model, _HANDLE, backbone.register_forward_pre_hook(feeder, with_kwargs=True))
     return peft_model
