@@ -1,6 +1,6 @@
 """Bitwise-repeatable training runs on a GPU: torch's deterministic algorithms, for one run.
 
-On CPU the training loop already repeats bit for bit. On a GPU some kernels accumulate with
+On CPU the training loop repeated bit for bit in every check. On a GPU some kernels accumulate with
 atomic adds in an order that changes from run to run, so two runs of one command can differ in
 the last bits and, through training, in the metric (prefix-tuning runs on the H100:
 ``docs/results_log.md``, fifteenth session). :func:`deterministic_algorithms` switches torch to its

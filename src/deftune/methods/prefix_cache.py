@@ -14,8 +14,9 @@ format (a plain :class:`peft.PeftModel` with ``task_type=None``; the head trains
 * ``num_virtual_tokens`` leading ones to a 2-D ``attention_mask``, so every token sees the prefix.
 
 This is the call peft makes, moved one module down, so it computes the same function:
-``tests/methods/test_prefix_cache.py`` checks equal outputs against peft's own path (where the
-installed transformers still allows it) and a saved peft-format run loading into it. As in peft,
+``tests/methods/test_prefix_cache.py`` checks equal outputs and gradients against peft's own path
+where the installed transformers still runs it, against outputs recorded from that path on every
+version, and a saved peft-format run loading into it. As in peft,
 the real tokens' absolute positions start at ``num_virtual_tokens`` (transformers offsets
 ``position_ids`` by the cache length, and the hook offsets ``position_ids`` a caller passes, as
 peft does). Causal-LM and seq2seq prefix tuning stay on peft's path; its ``generate()`` drops the
@@ -100,12 +101,14 @@ class PrefixFeeder:
     def __init__(self, peft_model: PeftModel, backbone: nn.Module) -> None:
         self.peft_model = peft_model
         self.signature = inspect.signature(backbone.forward)
+        self.var_keyword = next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
         self.cache_name = cache_argument(backbone)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         # every argument by name: a positional one (e.g. BERT's attention_mask) is then found
         named = dict(self.signature.bind_partial(*args, **kwargs).arguments)
-        named.update(named.pop("kwargs", None) or {})  # a **kwargs parameter arrives as one dict
+        if self.var_keyword is not None:  # a **kwargs parameter arrives as one dict
+            named.update(named.pop(self.var_keyword, None) or {})
         if named.get("cache") is not None or named.get("past_key_values") is not None:
             raise ValueError("prefix tuning supplies the key/value cache itself; do not pass one")
         inputs = named.get("input_ids")
