@@ -43,10 +43,11 @@ def main() -> None:
     cells = grid.runs()
     rows = []
     for config in cells:
+        config.output_dir = None  # nothing saved: only the results are compared
         results: dict[bool, list] = {False: [], True: []}
         for _ in range(args.repeats):
             for deterministic in (False, True):  # alternating
-                config.deterministic, config.output_dir = deterministic, None
+                config.deterministic = deterministic
                 results[deterministic].append(train_glue(config, progress=False))
         for deterministic, runs in results.items():
             outcomes = {(r.metric["value"], r.density["exact"]) for r in runs}
