@@ -8,7 +8,6 @@ same outputs from the same parameters.
 from __future__ import annotations
 
 import json
-import warnings
 from copy import deepcopy
 
 import pytest
@@ -181,26 +180,6 @@ def test_a_projected_prefix_reloads_trainable(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     assert any(p.requires_grad for n, p in again.named_parameters() if "prompt_encoder" in n)
-
-
-@pytest.mark.parametrize(("transformers_version", "peft_version", "drops"),
-                         [("5.24.0", "0.21.2", True), ("5.23.0", "0.21.2", False), ("5.24.0", "0.22.0", False)])
-def test_the_generate_warning_follows_the_versions(monkeypatch, transformers_version, peft_version, drops):
-    import peft
-    import transformers
-    from methods_tiny import tiny_llama
-
-    from deftune.methods.prefix_cache import generate_drops_prefix
-
-    monkeypatch.setattr(transformers, "__version__", transformers_version)
-    monkeypatch.setattr(peft, "__version__", peft_version)
-    assert generate_drops_prefix() is drops
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        apply_method(tiny_llama(), MethodConfig(name="prefix", num_virtual_tokens=N))
-        apply_method(tiny_bert(), MethodConfig(name="prefix", num_virtual_tokens=N))  # classifiers: never
-    texts = [str(w.message) for w in caught if "generate() ignores the prefix" in str(w.message)]
-    assert len(texts) == (1 if drops else 0)
 
 
 def test_the_prefix_changes_the_output():

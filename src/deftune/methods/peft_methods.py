@@ -18,7 +18,9 @@ With ``task_type="SEQ_CLS"`` peft adds the classification head (``classifier`` /
 Prefix tuning with a task head (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``) is a plain
 ``PeftModel`` whose prefix deftune feeds to the backbone itself (:mod:`deftune.methods.prefix_cache`:
 peft's own path there needs the argument name ``past_key_values``, which transformers 5.24
-renamed); the head is then listed in ``modules_to_save`` here, as peft would add it.
+renamed); the head is then listed in ``modules_to_save`` here, as peft would add it. Causal-LM
+and seq2seq prompt-learning models get :func:`~deftune.methods.prompt_generate.mend_generate`,
+without which peft 0.21's ``generate()`` misreads transformers 5.24's generation cache.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deftune.methods.config import MethodConfig
-from deftune.methods.prefix_cache import PREFIX_BY_HOOK, feed_prefix, warn_if_generate_drops_prefix
+from deftune.methods.prefix_cache import PREFIX_BY_HOOK, feed_prefix
+from deftune.methods.prompt_generate import mend_generate
 from deftune.methods.registry import Method, register_method
 from deftune.methods.targets import (
     family_targets,
@@ -111,7 +114,6 @@ def _ia3(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, Me
 
 def _prefix(model: nn.Module, cfg: MethodConfig, task: str) -> tuple[PeftConfig, MethodConfig]:
     extra = {"encoder_hidden_size": cfg.encoder_hidden_size} if cfg.encoder_hidden_size else {}
-    warn_if_generate_drops_prefix(task)
     if task in PREFIX_BY_HOOK:  # deftune feeds the prefix (prefix_cache); the head trains as peft's would
         heads = head_module_names(model, task, cfg.modules_to_save)
         peft_task, to_save = None, list(heads) or None
@@ -165,7 +167,7 @@ def _apply(builder: Builder) -> Callable[[nn.Module, MethodConfig], tuple[nn.Mod
         peft_config, resolved = builder(model, cfg, task)
         if peft_config.task_type is None:  # prefix tuning with a task head: deftune feeds the prefix
             return feed_prefix(PeftModel(model, peft_config)), resolved
-        return get_peft_model(model, peft_config), resolved
+        return mend_generate(get_peft_model(model, peft_config)), resolved
 
     return apply
 
@@ -195,11 +197,9 @@ def _loader(builder: Builder) -> Callable[[nn.Module, Path, MethodConfig, bool],
             )
             if hooked:  # also runs saved with peft's own SEQ_CLS path (task_type kept in the file)
                 config.task_type = None
-            elif config.peft_type == PeftType.PREFIX_TUNING:
-                warn_if_generate_drops_prefix(str(config.task_type))
             loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False, config=config)
             freeze_all(loaded)  # peft 0.21 leaves prompt-learning encoders trainable in inference mode
-            return feed_prefix(loaded) if hooked else loaded
+            return feed_prefix(loaded) if hooked else mend_generate(loaded)
         if cfg.name not in _PROMPT_LEARNING:
             return PeftModel.from_pretrained(model, str(directory), is_trainable=True)
         # peft refuses is_trainable=True for prompt learning: re-apply, then load head and encoder.

@@ -19,15 +19,14 @@ where the installed transformers still runs it, against outputs recorded from th
 version, and a saved peft-format run loading into it. As in peft,
 the real tokens' absolute positions start at ``num_virtual_tokens`` (transformers offsets
 ``position_ids`` by the cache length, and the hook offsets ``position_ids`` a caller passes, as
-peft does). Causal-LM and seq2seq prefix tuning stay on peft's path; its ``generate()`` drops the
-prefix on transformers >= 5.24 (:func:`generate_drops_prefix`; deftune warns when such a model is
-built). Encoder–decoder models with a classification head are refused.
+peft does). Causal-LM and seq2seq prefix tuning stay on peft's path (its ``generate()`` needs
+:mod:`deftune.methods.prompt_generate` on transformers >= 5.24). Encoder–decoder models with a
+classification head are refused.
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
 
 import torch
 from peft import PeftModel
@@ -36,31 +35,6 @@ from torch import nn
 # peft task types whose models call ``_prefix_tuning_forward`` (the signature check above)
 PREFIX_BY_HOOK: tuple[str, ...] = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _HANDLE = "_deftune_prefix_hook"
-
-
-def generate_drops_prefix() -> bool:
-    """Whether peft's causal-LM ``generate()`` silently drops the prefix with the installed versions.
-
-    transformers 5.24's ``generate`` keeps its cache under ``cache``; peft 0.21's
-    ``prepare_inputs_for_generation`` adds the prefix under ``past_key_values``, and the (empty)
-    ``cache`` wins: the tokens are those of the model without the prefix. The forward pass, and so
-    training and teacher-forced evaluation, is unaffected. Checked with peft 0.21.2.
-    """
-    import peft
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__) >= Version("5.24") and Version(peft.__version__) < Version("0.22")
-
-
-def warn_if_generate_drops_prefix(task: str) -> None:
-    if task == "CAUSAL_LM" and generate_drops_prefix():
-        warnings.warn(
-            "prefix tuning of a causal LM: with transformers >= 5.24, peft 0.21's generate() ignores the "
-            "prefix (forward passes and training use it). Generate with transformers < 5.24, or decode "
-            "greedily through model(...) calls",
-            stacklevel=3,
-        )
 
 
 def _backbone(peft_model: PeftModel) -> nn.Module:
