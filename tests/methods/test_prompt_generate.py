@@ -2,13 +2,17 @@
 
 The reference is greedy decoding through forward passes, which re-runs the whole sequence at
 every step and so needs no generation cache: ``generate()`` must give the same tokens. Without the
-mend, peft 0.21 on transformers >= 5.24 fails all the causal-LM cases here and seq2seq prefix
-tuning (the tokens are the base model's, or drift from the prompt's).
+mend, peft 0.21 on transformers >= 5.24 fails every causal-LM comparison of tokens here and
+seq2seq prefix tuning (the tokens are the base model's, or drift from the prompt's); seq2seq
+prompt and P-tuning never read the cache and guard against regressions only.
 """
 
 from __future__ import annotations
 
+import inspect
+import io
 import json
+import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -19,7 +23,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from deftune.methods import MethodConfig, apply_method, load_adapter, save_adapter
-from deftune.methods.prompt_generate import CacheUnderOldName, mend_generate
+from deftune.methods.prompt_generate import CacheUnderOldName, PrepareWithOldCacheName, mend_generate
 
 N = 4
 NEW = 6
@@ -122,7 +126,12 @@ def test_a_loaded_prefix_generates_as_the_saved_one(tmp_path, arch, trainable):
     expected = _greedy_by_forward(model, ids, seq2seq=arch == "t5")
     save_adapter(model, tmp_path)
     loaded = load_adapter(BUILD[arch](), tmp_path, trainable=trainable).eval()
+    assert _mended(loaded)
     assert _generate(loaded, ids, mask) == expected
+
+
+def _mended(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get("prepare_inputs_for_generation"), PrepareWithOldCacheName)
 
 
 def test_a_deep_copy_generates_with_its_own_prompt():
@@ -130,32 +139,70 @@ def test_a_deep_copy_generates_with_its_own_prompt():
     ids, mask = _prompt()
     before = _generate(model, ids, mask)
     copy = _randomise(deepcopy(model), seed=11)
+    assert copy.prepare_inputs_for_generation.peft_model is copy
     assert _generate(copy, ids, mask) == _greedy_by_forward(copy, ids, seq2seq=False) != before
     assert _generate(model, ids, mask) == before
 
 
-def test_generate_leaves_the_base_model_generating_as_before():
-    """peft puts the (wrapped) base ``prepare_inputs_for_generation`` back on the base model after
-    ``generate()``: the bare base model must still generate its own tokens."""
-    ids, mask = _prompt()
-    plain = _generate(tiny_llama(), ids, mask)
+def test_a_pickled_model_generates_with_its_prompt():
     model = _built("llama", "prompt")
+    ids, mask = _prompt()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert again.prepare_inputs_for_generation.peft_model is again
+    assert _generate(again, ids, mask) == _greedy_by_forward(model, ids, seq2seq=False)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_leaves_the_base_model_as_it_was(method):
+    """peft hands the base model's ``prepare_inputs_for_generation`` over and back during
+    ``generate()``; afterwards the bare base model generates as a fresh one, from ids or
+    embeddings (transformers reads that method's signature), and without a deprecation warning."""
+    ids, mask = _prompt()
+    fresh = tiny_llama()
+    embeds = fresh.get_input_embeddings()(ids).detach()
+    by_embeds = fresh.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    model = _built("llama", method)
     _generate(model, ids, mask)
-    assert _generate(model.get_base_model(), ids, mask) == plain
+    base = model.get_base_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _generate(base, ids, mask) == _generate(fresh, ids, mask)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+    got = base.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    assert got.tolist() == by_embeds.tolist()
 
 
 def test_mend_applies_to_prompt_learning_once_and_on_old_peft_only(monkeypatch):
     import peft
 
     model = _built("llama", "prefix")
-    wrapper = model.base_model_prepare_inputs_for_generation
-    assert isinstance(wrapper, CacheUnderOldName)
-    assert mend_generate(model).base_model_prepare_inputs_for_generation is wrapper  # idempotent
+    wrapper = model.prepare_inputs_for_generation
+    assert _mended(model) and mend_generate(model).prepare_inputs_for_generation is wrapper  # idempotent
+    peft_method = type(model).prepare_inputs_for_generation.__get__(model)
+    assert inspect.signature(wrapper) == inspect.signature(peft_method)
     lora = apply_method(tiny_llama(), MethodConfig(name="lora", target_modules=("q_proj", "v_proj")))
-    assert not isinstance(lora.base_model_prepare_inputs_for_generation, CacheUnderOldName)
+    assert not _mended(lora)
     monkeypatch.setattr(peft, "__version__", "0.22.0")
-    fresh = apply_method(tiny_llama(), _config("prefix"))
-    assert not isinstance(fresh.base_model_prepare_inputs_for_generation, CacheUnderOldName)
+    assert not _mended(apply_method(tiny_llama(), _config("prefix")))
+
+
+def test_the_rename_is_scoped_to_peft_own_call(monkeypatch):
+    model = _built("llama", "prefix")
+    base_prepare = model.base_model_prepare_inputs_for_generation
+    seen = []
+
+    def peft_prepare(self, *args, **kwargs):  # stands in for peft's method: what does it call?
+        seen.append(self.base_model_prepare_inputs_for_generation)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(type(model), "prepare_inputs_for_generation", peft_prepare)
+    with pytest.raises(RuntimeError, match="stop"):
+        model.prepare_inputs_for_generation(torch.zeros(1, 1, dtype=torch.long))
+    assert isinstance(seen[0], CacheUnderOldName) and seen[0].prepare == base_prepare
+    assert model.base_model_prepare_inputs_for_generation == base_prepare  # put back after an error too
 
 
 def test_the_wrapper_renames_only_a_lone_cache():
@@ -163,6 +210,11 @@ def test_the_wrapper_renames_only_a_lone_cache():
     both = {"cache": 1, "past_key_values": 3}
     assert CacheUnderOldName(lambda: dict(both))() == both
     assert CacheUnderOldName(lambda x: {"past_key_values": x})(5) == {"past_key_values": 5}
+
+    def prepare(input_ids, cache=None, inputs_embeds=None, **kwargs):
+        return {}
+
+    assert inspect.signature(CacheUnderOldName(prepare)) == inspect.signature(prepare)
 
 
 @pytest.mark.slow

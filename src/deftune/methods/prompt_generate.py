@@ -10,28 +10,37 @@ they take every decoding step for the first one. Measured on tiny LLaMA and T5 m
 * prefix tuning (causal LM and seq2seq): the prefix is handed over under the old name beside the
   generation cache, which wins: the tokens are those of the model without the prefix;
 * prompt tuning and P-tuning (causal LM): the virtual tokens are prepended again at every step,
-  so the tokens drift from greedy decoding through ``model(...)`` calls.
+  so the tokens drift from greedy decoding through ``model(...)`` calls. (Seq2seq prompt and
+  P-tuning prepend to the encoder input once and are unaffected.)
 
 The forward pass, and so training and teacher-forced evaluation, is unaffected. The mend is one
-renaming: peft keeps the base model's ``prepare_inputs_for_generation`` as the attribute
-``base_model_prepare_inputs_for_generation`` and calls it first; :class:`CacheUnderOldName` wraps
-that call and hands the cache back under ``past_key_values``, the name peft reads and the model
-still accepts. On transformers < 5.24 the dict already uses that name and the wrapper changes
-nothing. It is installed for peft < 0.22 only, the versions known to read the old name.
+renaming, scoped to peft's own call: peft's ``prepare_inputs_for_generation`` first calls the base
+model's, which it keeps as the attribute ``base_model_prepare_inputs_for_generation``.
+:class:`PrepareWithOldCacheName` takes the place of peft's method on the model; for the length of
+each call it puts a :class:`CacheUnderOldName` wrapper in that attribute, which hands the cache
+back under ``past_key_values`` (the name peft reads and the model still accepts; transformers
+warns that it is deprecated), and puts the base method back in a ``finally``. The base model
+itself is never changed. On transformers < 5.24 the dict already uses the old name and nothing
+is renamed.
+
+Installed for peft < 0.22: 0.21 is the release checked. A later peft is trusted to read the new
+name; the tests above compare ``generate()`` with greedy decoding on whichever peft is installed,
+so a peft that still misreads the cache fails them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import inspect
+from typing import Any, TypeVar
 
 from torch import nn
 
-_WRAPPED = "base_model_prepare_inputs_for_generation"
+_BASE_PREPARE = "base_model_prepare_inputs_for_generation"  # the attribute peft calls first
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 
 def peft_reads_old_cache_name() -> bool:
-    """Whether the installed peft looks for the generation cache under ``past_key_values`` only."""
+    """Whether the installed peft is one known to look for the cache under ``past_key_values`` only."""
     import peft
     from packaging.version import Version
 
@@ -39,15 +48,11 @@ def peft_reads_old_cache_name() -> bool:
 
 
 class CacheUnderOldName:
-    """Calls the base model's ``prepare_inputs_for_generation``; returns its cache as ``past_key_values``.
+    """Calls a ``prepare_inputs_for_generation``; returns its lone ``cache`` as ``past_key_values``."""
 
-    An object holding the bound method, not a closure, so that ``copy.deepcopy`` of the model
-    gives a copy whose wrapper calls the *copied* base model (deepcopy copies bound methods
-    through its memo; functions it shares).
-    """
-
-    def __init__(self, prepare: Callable[..., dict[str, Any]]) -> None:
+    def __init__(self, prepare: Any) -> None:
         self.prepare = prepare
+        self.__wrapped__ = prepare  # inspect.signature (which transformers reads) sees prepare's
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         inputs = self.prepare(*args, **kwargs)
@@ -56,16 +61,40 @@ class CacheUnderOldName:
         return inputs
 
 
-def mend_generate(model: nn.Module) -> nn.Module:
-    """Make a peft prompt-learning model's ``generate()`` see its cache; returns ``model``.
+class PrepareWithOldCacheName:
+    """peft's ``prepare_inputs_for_generation``, run with the base model's output renamed.
 
-    A no-op for other models (adapters, classifiers, peft >= 0.22) and when already mended.
+    Holds the model, not a bound method or a closure, so that ``copy.deepcopy`` and pickling give
+    a copy whose generate() prepares with the copy's own base model and prompt.
     """
-    prepare = getattr(model, _WRAPPED, None)
+
+    def __init__(self, peft_model: nn.Module) -> None:
+        self.peft_model = peft_model
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # transformers reads it: peft's method's
+        return inspect.signature(type(self.peft_model).prepare_inputs_for_generation.__get__(self.peft_model))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        model = self.peft_model
+        base_prepare = getattr(model, _BASE_PREPARE)
+        setattr(model, _BASE_PREPARE, CacheUnderOldName(base_prepare))
+        try:
+            return type(model).prepare_inputs_for_generation(model, *args, **kwargs)
+        finally:
+            setattr(model, _BASE_PREPARE, base_prepare)
+
+
+def mend_generate(model: ModelT) -> ModelT:
+    """Make a peft prompt-learning model's ``generate()`` read transformers' cache; returns ``model``.
+
+    A no-op for other models (adapters, classifiers), for peft >= 0.22, and when already mended.
+    """
     config = getattr(model, "active_peft_config", None)
-    if prepare is None or config is None or not config.is_prompt_learning:
+    if not hasattr(model, _BASE_PREPARE) or config is None or not config.is_prompt_learning:
         return model
-    if isinstance(prepare, CacheUnderOldName) or not peft_reads_old_cache_name():
+    if isinstance(model.__dict__.get("prepare_inputs_for_generation"), PrepareWithOldCacheName):
         return model
-    setattr(model, _WRAPPED, CacheUnderOldName(prepare))
+    if peft_reads_old_cache_name():
+        model.prepare_inputs_for_generation = PrepareWithOldCacheName(model)
     return model
