@@ -20,7 +20,10 @@ Prefix tuning with a task head (``SEQ_CLS``, ``TOKEN_CLS``, ``QUESTION_ANS``) is
 peft's own path there needs the argument name ``past_key_values``, which transformers 5.24
 renamed); the head is then listed in ``modules_to_save`` here, as peft would add it. Causal-LM
 and seq2seq prompt-learning models get :func:`~deftune.methods.prompt_generate.mend_generate`,
-without which peft 0.21's ``generate()`` misreads transformers 5.24's generation cache.
+without which peft 0.21's ``generate()`` misreads transformers 5.24's generation cache; prompt /
+P-tuning with a per-token head (token classification, extractive QA) gets
+:func:`~deftune.methods.virtual_positions.align_virtual_positions`, without which peft 0.21 leaves
+its targets and outputs on the wrong positions.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from deftune.methods.targets import (
     mlp_output_paths,
     resolve_modules,
 )
+from deftune.methods.virtual_positions import align_virtual_positions
 from deftune.runs import write_safetensors_atomic
 
 Builder = Callable[[nn.Module, MethodConfig, str], tuple[PeftConfig, MethodConfig]]
@@ -161,13 +165,18 @@ def _peft_model(model: nn.Module) -> PeftModel:
     return model
 
 
+def _mended(peft_model: PeftModel) -> PeftModel:
+    """peft's model with deftune's mends of peft 0.21 (each a no-op where it does not apply)."""
+    return align_virtual_positions(mend_generate(peft_model))
+
+
 def _apply(builder: Builder) -> Callable[[nn.Module, MethodConfig], tuple[nn.Module, MethodConfig]]:
     def apply(model: nn.Module, cfg: MethodConfig) -> tuple[nn.Module, MethodConfig]:
         task = cfg.task_type or infer_task_type(model)
         peft_config, resolved = builder(model, cfg, task)
         if peft_config.task_type is None:  # prefix tuning with a task head: deftune feeds the prefix
             return feed_prefix(PeftModel(model, peft_config)), resolved
-        return mend_generate(get_peft_model(model, peft_config)), resolved
+        return _mended(get_peft_model(model, peft_config)), resolved
 
     return apply
 
@@ -199,7 +208,7 @@ def _loader(builder: Builder) -> Callable[[nn.Module, Path, MethodConfig, bool],
                 config.task_type = None
             loaded = PeftModel.from_pretrained(model, str(directory), is_trainable=False, config=config)
             freeze_all(loaded)  # peft 0.21 leaves prompt-learning encoders trainable in inference mode
-            return feed_prefix(loaded) if hooked else mend_generate(loaded)
+            return feed_prefix(loaded) if hooked else _mended(loaded)
         if cfg.name not in _PROMPT_LEARNING:
             return PeftModel.from_pretrained(model, str(directory), is_trainable=True)
         # peft refuses is_trainable=True for prompt learning: re-apply, then load head and encoder.
