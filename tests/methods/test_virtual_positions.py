@@ -138,12 +138,66 @@ def test_tuple_outputs_are_refused_clearly():
     model = _built("token", "prompt")
     with pytest.raises(ValueError, match="return_dict=True"):
         model(**_inputs("token"), return_dict=False)
+    model.get_base_model().config.return_dict = False
+    with pytest.raises(ValueError, match="return_dict=True"):
+        model(**_inputs("token"))
+
+
+def test_positional_arguments_and_token_type_ids_are_found():
+    model = _built("token", "prompt")
+    inputs = _inputs("token")
+    segments = (torch.arange(T) >= 4).long().expand(B, T)  # (B, T)
+    with torch.no_grad():
+        by_position = model(inputs["input_ids"], inputs["attention_mask"], None, inputs["labels"])
+        with_segments = model(**inputs, token_type_ids=segments)
+        ref = _by_hand(model, inputs, token_type_ids=torch.cat([torch.zeros(B, N, dtype=torch.long), segments], 1))
+    torch.testing.assert_close(by_position.logits, model(**inputs).logits, rtol=0, atol=0)
+    torch.testing.assert_close(by_position.loss, model(**inputs).loss, rtol=0, atol=0)
+    torch.testing.assert_close(with_segments.logits, ref.logits[:, N:], rtol=0, atol=0)
+    assert (with_segments.logits - by_position.logits).abs().max() > 1e-4  # the segments reached the model
+
+
+def test_the_active_adapter_sets_the_shift():
+    from peft import PromptTuningConfig
+
+    model = _built("token", "prompt")
+    model.add_adapter("five", PromptTuningConfig(task_type="TOKEN_CLS", num_virtual_tokens=5))
+    model.set_adapter("five")
+    inputs = _inputs("token")
+    with torch.no_grad():
+        out = model(**inputs)
+        embeds = model.get_base_model().get_input_embeddings()(inputs["input_ids"])
+        prompt = model.get_prompt(batch_size=B)
+        mask = torch.cat([torch.ones(B, 5, dtype=torch.long), inputs["attention_mask"]], dim=1)
+        ref = model.get_base_model()(inputs_embeds=torch.cat([prompt, embeds], 1), attention_mask=mask).logits
+    assert out.logits.shape == (B, T, LABELS)
+    torch.testing.assert_close(out.logits, ref[:, 5:], rtol=0, atol=0)
+
+
+def test_answer_positions_out_of_range_behave_as_in_transformers():
+    """At or past the end: ignored; below 0: the first real token (transformers clamps at 0)."""
+    model = _built("qa", "prompt")
+    inputs = _inputs("qa")
+    past_end = torch.tensor([T, int(inputs["start_positions"][1])])  # row 0's start ignored
+    with torch.no_grad():
+        got = model(**{**inputs, "start_positions": past_end}).loss
+        ref = _by_hand(model, inputs, start_positions=torch.tensor([N + T, past_end[1] + N]),  # N + T: ignored
+                       end_positions=inputs["end_positions"] + N).loss
+        below = model(**{**inputs, "start_positions": torch.tensor([-1, -5])}).loss
+        at_zero = model(**{**inputs, "start_positions": torch.tensor([0, 0])}).loss
+    torch.testing.assert_close(got, ref)
+    with torch.no_grad():  # and row 0 really was left out
+        assert (got - model(**{**inputs, "start_positions": torch.tensor([T - 1, past_end[1]])}).loss).abs() > 1e-4
+    torch.testing.assert_close(below, at_zero, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("task", "name", "hooked"),
                          [("token", "prompt", True), ("token", "prefix", False), ("token", "lora", False),
                           ("qa", "ptuning", True), ("qa", "bitfit", False)])
-def test_hooks_only_where_positions_are_added(task, name, hooked):
+def test_hooks_only_where_positions_are_added(monkeypatch, task, name, hooked):
+    import peft
+
+    monkeypatch.setattr(peft, "__version__", "0.21.2")
     cfg = _config(name) if name in ("prompt", "ptuning", "prefix") else MethodConfig(name=name)
     model = apply_method(tiny(task), cfg)
     assert (getattr(model, "_deftune_virtual_position_hooks", None) is not None) is hooked
@@ -155,3 +209,11 @@ def test_hooks_only_where_positions_are_added(task, name, hooked):
 
         align_virtual_positions(model)  # idempotent
         assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+
+
+def test_hooks_left_to_a_later_peft(monkeypatch):
+    import peft
+
+    monkeypatch.setattr(peft, "__version__", "0.22.0")
+    model = apply_method(tiny("token"), _config("prompt"))
+    assert getattr(model, "_deftune_virtual_position_hooks", None) is None

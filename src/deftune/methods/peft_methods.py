@@ -60,7 +60,7 @@ from deftune.methods.targets import (
     mlp_output_paths,
     resolve_modules,
 )
-from deftune.methods.virtual_positions import align_virtual_positions
+from deftune.methods.virtual_positions import added_positions, align_virtual_positions
 from deftune.runs import write_safetensors_atomic
 
 Builder = Callable[[nn.Module, MethodConfig, str], tuple[PeftConfig, MethodConfig]]
@@ -236,10 +236,7 @@ def _unmerge(model: nn.Module) -> None:
 
 
 def _prompt_positions(model: nn.Module) -> int:
-    config = _peft_model(model).active_peft_config
-    if config.peft_type in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
-        return int(config.num_virtual_tokens)
-    return 0
+    return added_positions(_peft_model(model))
 
 
 _PROMPT_LEARNING = ("prefix", "prompt", "ptuning")

@@ -32,6 +32,8 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from deftune.methods.call_args import CallArguments
+
 # peft task types whose models call ``_prefix_tuning_forward`` (the signature check above)
 PREFIX_BY_HOOK: tuple[str, ...] = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 _HANDLE = "_deftune_prefix_hook"
@@ -74,15 +76,12 @@ class PrefixFeeder:
 
     def __init__(self, peft_model: PeftModel, backbone: nn.Module) -> None:
         self.peft_model = peft_model
-        self.signature = inspect.signature(backbone.forward)
-        self.var_keyword = next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), None)
+        self.arguments = CallArguments(backbone.forward)
         self.cache_name = cache_argument(backbone)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         # every argument by name: a positional one (e.g. BERT's attention_mask) is then found
-        named = dict(self.signature.bind_partial(*args, **kwargs).arguments)
-        if self.var_keyword is not None:  # a **kwargs parameter arrives as one dict
-            named.update(named.pop(self.var_keyword, None) or {})
+        named = self.arguments.bind(args, kwargs)
         if named.get("cache") is not None or named.get("past_key_values") is not None:
             raise ValueError("prefix tuning supplies the key/value cache itself; do not pass one")
         inputs = named.get("input_ids")
