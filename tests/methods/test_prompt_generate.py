@@ -23,11 +23,11 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from deftune.methods import MethodConfig, apply_method, load_adapter, save_adapter
+from deftune.methods.peft_compat import peft_needs_mends
 from deftune.methods.prompt_generate import (
     CacheUnderOldName,
     PrepareWithOldCacheName,
     mend_generate,
-    peft_reads_old_cache_name,
 )
 
 N = 4
@@ -136,7 +136,7 @@ def test_a_loaded_prefix_generates_as_the_saved_one(tmp_path, arch, trainable):
     expected = _greedy_by_forward(model, ids, seq2seq=arch == "t5")
     save_adapter(model, tmp_path)
     loaded = load_adapter(BUILD[arch](), tmp_path, trainable=trainable).eval()
-    assert _mended(loaded) is peft_reads_old_cache_name()
+    assert _mended(loaded) is peft_needs_mends()
     assert _generate(loaded, ids, mask) == expected
 
 

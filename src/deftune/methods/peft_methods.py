@@ -23,7 +23,9 @@ and seq2seq prompt-learning models get :func:`~deftune.methods.prompt_generate.m
 without which peft 0.21's ``generate()`` misreads transformers 5.24's generation cache; prompt /
 P-tuning with a per-token head (token classification, extractive QA) gets
 :func:`~deftune.methods.virtual_positions.align_virtual_positions`, without which peft 0.21 leaves
-its targets and outputs on the wrong positions.
+its targets and outputs on the wrong positions; extractive-QA models get
+:func:`~deftune.methods.qa_inputs.carry_qa_inputs`, without which peft 0.21 drops
+``token_type_ids`` and ``position_ids``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from transformers.pytorch_utils import Conv1D
 from deftune.methods.config import MethodConfig
 from deftune.methods.prefix_cache import PREFIX_BY_HOOK, feed_prefix
 from deftune.methods.prompt_generate import mend_generate
+from deftune.methods.qa_inputs import carry_qa_inputs
 from deftune.methods.registry import Method, register_method
 from deftune.methods.targets import (
     family_targets,
@@ -167,7 +170,7 @@ def _peft_model(model: nn.Module) -> PeftModel:
 
 def _mended(peft_model: PeftModel) -> PeftModel:
     """peft's model with deftune's mends of peft 0.21 (each a no-op where it does not apply)."""
-    return align_virtual_positions(mend_generate(peft_model))
+    return carry_qa_inputs(align_virtual_positions(mend_generate(peft_model)))
 
 
 def _apply(builder: Builder) -> Callable[[nn.Module, MethodConfig], tuple[nn.Module, MethodConfig]]:

@@ -31,20 +31,13 @@ so a peft that still misreads the cache fails them.
 from __future__ import annotations
 
 import inspect
-from typing import Any, TypeVar
+from typing import Any
 
 from torch import nn
 
+from deftune.methods.peft_compat import ModelT, peft_needs_mends
+
 _BASE_PREPARE = "base_model_prepare_inputs_for_generation"  # the attribute peft calls first
-ModelT = TypeVar("ModelT", bound=nn.Module)
-
-
-def peft_reads_old_cache_name() -> bool:
-    """Whether the installed peft is one known to look for the cache under ``past_key_values`` only."""
-    import peft
-    from packaging.version import Version
-
-    return Version(peft.__version__) < Version("0.22")
 
 
 class CacheUnderOldName:
@@ -95,6 +88,6 @@ def mend_generate(model: ModelT) -> ModelT:
         return model
     if isinstance(model.__dict__.get("prepare_inputs_for_generation"), PrepareWithOldCacheName):
         return model
-    if peft_reads_old_cache_name():
+    if peft_needs_mends():
         model.prepare_inputs_for_generation = PrepareWithOldCacheName(model)
     return model

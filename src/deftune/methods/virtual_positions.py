@@ -35,19 +35,11 @@ from torch.utils.hooks import RemovableHandle
 from transformers.utils import ModelOutput
 
 from deftune.methods.call_args import CallArguments
-from deftune.methods.prompt_generate import ModelT
+from deftune.methods.peft_compat import ModelT, peft_needs_mends
 
 PER_TOKEN_TASKS: tuple[str, ...] = ("TOKEN_CLS", "QUESTION_ANS")
 _OUTPUTS = ("logits", "start_logits", "end_logits")
 _HANDLES = "_deftune_virtual_position_hooks"
-
-
-def peft_leaves_targets() -> bool:
-    """Whether the installed peft is one known to leave per-token targets unshifted (0.21)."""
-    import peft
-    from packaging.version import Version
-
-    return Version(peft.__version__) < Version("0.22")
 
 
 def added_positions(peft_model: nn.Module) -> int:
@@ -111,7 +103,7 @@ def align_virtual_positions(model: ModelT) -> ModelT:
     config = getattr(model, "active_peft_config", None)
     if config is None or config.task_type not in PER_TOKEN_TASKS or added_positions(model) == 0:
         return model
-    if getattr(model, _HANDLES, None) is not None or not peft_leaves_targets():
+    if getattr(model, _HANDLES, None) is not None or not peft_needs_mends():
         return model
     hooks = VirtualPositions(model)
     handles: tuple[RemovableHandle, RemovableHandle] = (
