@@ -10,9 +10,10 @@ from peft import LoraConfig, get_peft_model
 from test_virtual_positions import B, N, T, _by_hand, _config, _inputs, tiny
 
 from deftune.methods import MethodConfig, apply_method, load_adapter, save_adapter
+from deftune.methods.qa_inputs import QAInputs
 
 SEGMENTS = (torch.arange(T) >= 4).long().expand(B, T)  # question | context
-PEFT_METHODS = ("lora", "ia3", "prompt", "ptuning")
+PEFT_METHODS = ("lora", "dora", "ia3", "prompt", "ptuning")
 
 
 def _built(name: str) -> torch.nn.Module:
@@ -34,6 +35,11 @@ def _reference(model: torch.nn.Module, inputs: dict, **extra: torch.Tensor):
         return out.start_logits[:, N:], out.end_logits[:, N:]
     out = model.get_base_model()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
     return out.start_logits, out.end_logits
+
+
+def _hook_object(model: torch.nn.Module) -> QAInputs:
+    (hooks,) = {h.__self__ for h in model._forward_pre_hooks.values() if isinstance(getattr(h, "__self__", None), QAInputs)}
+    return hooks
 
 
 @pytest.mark.parametrize("name", PEFT_METHODS)
@@ -64,14 +70,19 @@ def test_position_ids_reach_an_adapter_model_and_are_ignored_with_a_prompt():
     torch.testing.assert_close(ignored, prompt(**inputs).start_logits, rtol=0, atol=0)
 
 
-def test_nothing_is_left_over_after_a_failed_call():
+@pytest.mark.parametrize("name", ["prompt", "lora"])
+def test_nothing_is_left_over_after_a_failed_call(name):
     """A call that fails inside peft, before the task model runs, must not leave its segments
     for the next direct call of the task model."""
-    model = _built("prompt")
+    model = _built(name)
     inputs = _inputs("qa")
-    bad_mask = torch.ones(B + 1, T, dtype=torch.long)  # peft fails widening it
-    with pytest.raises(RuntimeError):
-        model(**{**inputs, "attention_mask": bad_mask}, token_type_ids=SEGMENTS)
+    if name == "prompt":
+        bad = {"attention_mask": torch.ones(B + 1, T, dtype=torch.long)}  # peft fails widening it
+    else:
+        bad = {"adapter_names": ["no-such-adapter"] * B}  # peft refuses it before the task model
+    with pytest.raises((RuntimeError, ValueError)):
+        model(**{**inputs, **bad}, token_type_ids=SEGMENTS)
+    assert _hook_object(model).pending == {}
     task_model = model.get_base_model()
     with torch.no_grad():
         direct = task_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).start_logits
@@ -90,17 +101,19 @@ def test_peft_alone_still_drops_them():
 
 
 @pytest.mark.parametrize("trainable", [False, True])
-def test_loaded_and_copied_models_carry_them(tmp_path, trainable):
-    model = _built("prompt")
+@pytest.mark.parametrize("name", PEFT_METHODS)
+def test_loaded_and_copied_models_carry_them(tmp_path, name, trainable):
+    model = _built(name)
     inputs = _inputs("qa")
     with torch.no_grad():
         expected = model(**inputs, token_type_ids=SEGMENTS).start_logits
     save_adapter(model, tmp_path)
     loaded = load_adapter(tiny("qa"), tmp_path, trainable=trainable).eval()
+    copy = deepcopy(model)
+    assert _hook_object(copy) is not _hook_object(model)  # its own stash
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs, token_type_ids=SEGMENTS).start_logits, expected, rtol=0, atol=0)
-        torch.testing.assert_close(deepcopy(model)(**inputs, token_type_ids=SEGMENTS).start_logits, expected,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(copy(**inputs, token_type_ids=SEGMENTS).start_logits, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("task", "name", "version", "hooked"),

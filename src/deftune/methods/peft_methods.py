@@ -213,7 +213,7 @@ def _loader(builder: Builder) -> Callable[[nn.Module, Path, MethodConfig, bool],
             freeze_all(loaded)  # peft 0.21 leaves prompt-learning encoders trainable in inference mode
             return feed_prefix(loaded) if hooked else _mended(loaded)
         if cfg.name not in _PROMPT_LEARNING:
-            return PeftModel.from_pretrained(model, str(directory), is_trainable=True)
+            return _mended(PeftModel.from_pretrained(model, str(directory), is_trainable=True))
         # peft refuses is_trainable=True for prompt learning: re-apply, then load head and encoder.
         # The saved "prompt_embeddings" are the *computed* tokens (after a prefix projection or
         # P-tuning's MLP, of another shape than the encoder's input embedding): the encoder file

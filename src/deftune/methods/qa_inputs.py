@@ -2,14 +2,14 @@
 
 ``PeftModelForQuestionAnswering.forward`` (peft 0.21) names ``token_type_ids`` and
 ``position_ids`` as parameters and never passes them on, for every peft method: a BERT question
-answerer then sees every token as segment 0, whatever the tokenizer said (measured in
-``tests/methods/test_qa_inputs.py``: the outputs do not change with them; on the bare model they
-do). deftune's own methods (bottleneck adapters, BitFit) and its prefix tuning (a plain
+answerer then sees every token as segment 0, whatever the tokenizer said
+(``tests/methods/test_qa_inputs.py`` checks that peft's outputs do not change with them). deftune's own methods (bottleneck adapters, BitFit) and its prefix tuning (a plain
 ``PeftModel``) pass them on already.
 
 :class:`QAInputs` carries them around peft's forward: a pre-hook on the peft model takes them out
 of the call, a pre-hook on the task model inside puts them back, and a hook that runs after
-peft's forward (also when it raises) drops whatever was not delivered. With prompt / P-tuning
+peft's forward (also when it raises an ``Exception``; torch skips it on ``KeyboardInterrupt``, and
+the next call through peft overwrites what was left) drops whatever was not delivered. With prompt / P-tuning
 the task model reads n virtual tokens first: ``token_type_ids`` get n leading zeros (what peft
 does for the other task heads), and ``position_ids`` are dropped with peft's own warning, as peft
 drops them for prompt learning elsewhere.
@@ -32,18 +32,19 @@ _HANDLES = "_deftune_qa_input_hooks"
 
 
 class QAInputs:
-    """The three hooks; ``pending`` holds one call's carried inputs between the first two."""
+    """The three hooks; ``pending`` holds one call's carried inputs between the first two, and
+    ``virtual`` the number of virtual tokens the task model will read before the real ones."""
 
     def __init__(self, peft_model: nn.Module) -> None:
         self.outer = CallArguments(peft_model.forward)
         self.inner = CallArguments(peft_model.get_base_model().forward)
         self.pending: dict[str, Any] = {}
+        self.virtual = 0
 
     def take(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
         named = self.outer.bind(args, kwargs)
         self.pending = {key: named.pop(key) for key in CARRIED if named.get(key) is not None}
-        if self.pending:
-            self.pending["n"] = added_positions(module)
+        self.virtual = added_positions(module)
         return (), named
 
     def give(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict] | None:
@@ -51,7 +52,7 @@ class QAInputs:
             return None
         carried, self.pending = self.pending, {}
         named = self.inner.bind(args, kwargs)
-        n = carried.pop("n")
+        n = self.virtual
         segments = carried.get("token_type_ids")
         if segments is not None:  # (B, T) -> (B, n + T): the virtual tokens are segment 0
             named["token_type_ids"] = torch.cat([segments.new_zeros(segments.shape[0], n), segments], dim=1)
