@@ -12,7 +12,8 @@ peft's forward (also when it raises an ``Exception``; torch skips it on ``Keyboa
 the next call through peft overwrites what was left) drops whatever was not delivered. With prompt / P-tuning
 the task model reads n virtual tokens first: ``token_type_ids`` get n leading zeros (what peft
 does for the other task heads), and ``position_ids`` are dropped with peft's own warning, as peft
-drops them for prompt learning elsewhere.
+drops them for prompt learning elsewhere. ``merge_and_unload()`` returns the task model with
+its pre-hook still on; with nothing left to carry, it passes every call through unchanged.
 """
 
 from __future__ import annotations
