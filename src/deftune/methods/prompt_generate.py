@@ -45,7 +45,7 @@ class CacheUnderOldName:
 
     def __init__(self, prepare: Any) -> None:
         self.prepare = prepare
-        self.__wrapped__ = prepare  # inspect.signature (which transformers reads) sees prepare's
+        self.__wrapped__ = prepare  # inspect.signature of the wrapper gives prepare's
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         inputs = self.prepare(*args, **kwargs)

@@ -9,9 +9,8 @@ sees n + T positions. peft 0.21 extends the attention mask but leaves the target
   tokens but are read as positions of the longer sequence, so training silently points the
   head n tokens early, and the span logits (B, n + T) no longer line up with the input.
 
-:class:`VirtualPositions` is a pre- and post-hook pair on the peft model that does what peft does
-for causal LMs (whose labels it pads with -100): the labels get n leading ``-100`` (ignored by the
-loss), the QA positions are clamped at 0 and shifted by n (a position at or past the end stays
+:class:`VirtualPositions` is a pre- and post-hook pair on the peft model: the labels get n leading
+``-100`` (ignored by the loss), the QA positions are clamped at 0 and shifted by n (a position at or past the end stays
 ignored, as transformers clamps it to the ignored index), and the outputs lose their first n
 positions, so ``logits`` / ``start_logits`` / ``end_logits`` are (B, T, ...) again, aligned with
 the input. (peft pads causal-LM labels the same way but leaves their logits at n + T.) The QA
