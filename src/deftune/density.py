@@ -481,6 +481,7 @@ def measure_density(
     site: SiteKind = "act",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     count_padding: bool = False,
+    count_virtual_tokens: bool = False,
     progress: bool = False,
     description: str = "measuring density",
 ) -> DensityResult:
@@ -488,15 +489,20 @@ def measure_density(
 
     The model is put in eval mode for the measurement and restored afterwards. Density is the
     fraction of activations that are exactly non-zero, counted over real tokens (see
-    :class:`ActivationRecorder`). Run the model in fp32 for the paper's metric: bf16 rounds
-    small GELU/SiLU outputs to zero and changes the count.
+    :class:`ActivationRecorder`): not padding (``count_padding`` counts it) and not the virtual
+    tokens of prompt / P-tuning (``count_virtual_tokens`` counts them; the official DEFT code
+    counts both). Activations are counted in the dtype the model runs in: run it in fp32 for the
+    paper's metric (bf16 rounds small GELU/SiLU outputs to zero and changes the count).
     """
+    from deftune.methods import virtual_token_count
+
     device = next(model.parameters()).device
     was_training = model.training
+    skip = 0 if count_virtual_tokens else virtual_token_count(model)
     model.eval()
     try:
         with ActivationRecorder(
-            model, sites, site=site, thresholds=thresholds, count_padding=count_padding
+            model, sites, site=site, thresholds=thresholds, count_padding=count_padding, skip_leading=skip
         ) as rec:
             iterator = batches
             if progress:

@@ -106,7 +106,9 @@ def read_json(path: str | os.PathLike) -> Any:
 @dataclass
 class RunResult:
     """What one run measured. ``metric`` is the task's headline metric on the dev set (0–100);
-    ``density`` holds the exact (fp32, real-token) density overall and per layer."""
+    ``density`` holds the exact real-token density overall and per layer (in the dtype the model
+    ran in), and for prompt / P-tuning ``virtual_tokens`` and ``exact_with_virtual``, the overall
+    density counting the virtual tokens too (the official DEFT code's convention)."""
 
     name: str
     task: str

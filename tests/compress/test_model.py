@@ -115,6 +115,37 @@ def test_a_pattern_that_fits_no_later_layer_changes_nothing(config):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+
+def test_a_tied_weight_is_refused_and_nothing_changes():
+    """GPT-2's lm_head is the input embedding's weight: compressing it in place would prune the
+    embedding as well, so compress_ refuses and names the alias."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    before = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'lm_head' shares its weight with \['transformer\.wte\.weight'\].*no layer"):
+        compress_(model, SparsityConfig("unstructured:0.5"), filter_fn=lambda m, n: n == "lm_head")
+    assert compressed_layers(model) == {} and torch.equal(model.transformer.wte.weight, before)
+
+
+def test_non_finite_weights_are_refused_before_any_change(tiny_bert):
+    model = tiny_bert()
+    names = list(select_linears(model))
+    with torch.no_grad():
+        model.get_submodule(names[-1]).weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=rf"{names[-1]}.*non-finite.*no layer was changed"):
+        compress_(model, QuantConfig("int4"))
+    assert compressed_layers(model) == {}
+
+
+def test_a_model_without_linear_layers_names_conv1d():
+    from transformers import GPT2Config, GPT2Model
+
+    with pytest.raises(ValueError, match="Conv1D"):
+        compress_(GPT2Model(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16)), QuantConfig("int4"))
+
 def test_filter_and_decompress(tiny_bert, tiny_batches):
     model = tiny_bert()
     report = compress_(model, QuantConfig("int4:ch"), filter_fn=lambda m, n: n.endswith("output.dense"))

@@ -37,6 +37,21 @@ def test_decoder_layers_are_masked_by_the_decoder_tokens():
     assert (seen["enc_wi"].n_tokens, seen["dec_wi"].n_tokens) == (12, 7)
 
 
+
+def test_a_seq2seq_batch_with_labels_only_feeds_the_decoder_and_masks_it_by_the_labels():
+    """T5 builds its decoder input from ``labels`` (shifted right): calibration must keep them in the
+    call, and count the decoder's tokens by ``labels != -100`` (8 - 1 = 7 here)."""
+    model = _t5()
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(1, 64, (2, 4), generator=torch.Generator().manual_seed(1))
+    labels[0, 3:] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    seen = capture_inputs(model, _layers(model), [batch], hessian=False)
+    assert (seen["enc_wi"].n_tokens, seen["dec_wi"].n_tokens) == (14, 7)
+    shifted = model._shift_right(labels)  # what the decoder's layers must have seen
+    direct = capture_inputs(model, _layers(model), [{**batch, "decoder_input_ids": shifted}], hessian=False)
+    torch.testing.assert_close(seen["dec_wi"].samples.sort(0).values, direct["dec_wi"].samples.sort(0).values)
+
 def _linear_model():
     class M(torch.nn.Module):
         def __init__(self):

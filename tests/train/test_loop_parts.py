@@ -217,3 +217,41 @@ def test_a_regression_run_starts_its_head_at_the_mean_training_score(tiny_setup,
     with pytest.raises(Stop) as stopped:
         train_glue(tiny_train_config(tiny_setup, tmp_path, task="stsb"), progress=False)
     assert stopped.value.args == (pytest.approx(2.5),)
+
+
+def test_prompt_tuning_density_counts_real_tokens_and_records_the_virtual_ones_apart():
+    """60 virtual tokens would outnumber a short sentence's real ones: the dev density leaves them
+    out (as training and calibration do); the official convention is recorded beside it."""
+    from tests.conftest import batch, tiny_bert
+
+    from deftune.density import ActivationRecorder, measure_density
+    from deftune.methods import MethodConfig, apply_method
+    from deftune.train import evaluate_batches
+
+    torch.manual_seed(0)
+    model = apply_method(tiny_bert(hidden_act="relu"), MethodConfig("prompt", num_virtual_tokens=9)).eval()
+    b = {**batch(b=4, t=6, pad_last=2, seed=3), "labels": torch.tensor([0, 1, 0, 1])}
+    real = int(b["attention_mask"].sum())
+    inputs = {k: v for k, v in b.items() if k != "labels"}
+    with torch.no_grad(), ActivationRecorder(model, skip_leading=9) as by_hand_real, \
+            ActivationRecorder(model) as by_hand_all:
+        model(**inputs)
+    ev = evaluate_batches(model, [b], get_task("sst2"), zeroed=False)
+    assert ev.virtual_tokens == 9
+    assert {c.tokens for c in ev.density.per_layer.values()} == {real}
+    assert {c.tokens for c in ev.density_with_virtual.per_layer.values()} == {real + 4 * 9}
+    assert ev.density.overall == by_hand_real.result().overall
+    assert ev.density_with_virtual.overall == by_hand_all.result().overall != ev.density.overall
+    assert measure_density(model, [inputs]).overall == ev.density.overall
+    assert measure_density(model, [inputs], count_virtual_tokens=True).overall == ev.density_with_virtual.overall
+
+
+def test_methods_without_virtual_tokens_record_one_density(tiny_setup):
+    from tests.conftest import batch, tiny_bert
+
+    from deftune.methods import MethodConfig, apply_method
+    from deftune.train import evaluate_batches
+
+    model = apply_method(tiny_bert(), MethodConfig("lora"))
+    ev = evaluate_batches(model, [{**batch(b=2), "labels": torch.tensor([0, 1])}], get_task("sst2"), zeroed=False)
+    assert ev.virtual_tokens == 0 and ev.density_with_virtual is None

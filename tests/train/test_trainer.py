@@ -73,3 +73,66 @@ def test_trainer_logs_window_means_and_keeps_evaluation_out(tmp_path):
     with trainer.regularizer:
         metrics = trainer.evaluate()
     assert "eval_loss" in metrics and trainer._parts_n == 0
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=4,
+                                        intermediate_size=64, num_hidden_layers=2, vocab_size=100))
+
+
+def _one_sgd_step(trainer_cls, model, tmp_path, *, ga, bs, data, **kwargs):
+    """The parameter change of one optimizer step (SGD, constant lr: linear in the gradient)."""
+    import transformers
+
+    before = [p.detach().clone() for p in model.parameters()]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                             max_steps=1, learning_rate=0.1, optim="sgd", lr_scheduler_type="constant",
+                             weight_decay=0.0, max_grad_norm=0.0, report_to=[], use_cpu=True, save_strategy="no",
+                             logging_strategy="no", disable_tqdm=True, seed=0,
+                             label_smoothing_factor=kwargs.pop("label_smoothing_factor", 0.0))
+    transformers.logging.set_verbosity_error()
+    trainer_cls(model=model, args=args, train_dataset=data, **kwargs).train()
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path, alpha):
+    """A causal LM normalises its loss by the accumulated batch's token count (the Trainer then does
+    not divide by GA): the density term must be divided instead, so that GA = 2 x 2 examples takes
+    the step of 1 x 4 (equal-length rows: every micro-batch mean weighs the same)."""
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(2, 100, (8,), generator=g)), "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": ids} for _ in range(4)]
+    config = DensityLossConfig(alpha=alpha)
+    whole = _one_sgd_step(DeftTrainer, _llama(), tmp_path, ga=1, bs=4, data=data, density_config=config)
+    accumulated = _one_sgd_step(DeftTrainer, _llama(), tmp_path, ga=2, bs=2, data=data, density_config=config)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
+    if alpha == 0.0:  # and it is the plain Trainer's step
+        from transformers import Trainer
+
+        plain = _one_sgd_step(Trainer, _llama(), tmp_path, ga=2, bs=2, data=data)
+        torch.testing.assert_close(accumulated, plain, rtol=1e-5, atol=1e-8)
+
+
+def test_the_task_loss_is_the_trainers_own_label_smoothing_included(tmp_path):
+    from transformers import Trainer
+
+    def step(cls, **kw):
+        torch.manual_seed(0)
+        model = tiny_bert()
+        return _one_sgd_step(cls, model, tmp_path, ga=1, bs=4, data=_Data(4), label_smoothing_factor=0.3, **kw)
+
+    deft = step(DeftTrainer, density_config=DensityLossConfig(alpha=0.0))
+    torch.testing.assert_close(deft, step(Trainer))
+
+
+def test_prompt_tuning_virtual_tokens_are_left_out_by_default(tmp_path):
+    from deftune.methods import MethodConfig, apply_method
+
+    model = apply_method(tiny_bert(), MethodConfig("prompt", num_virtual_tokens=5))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    assert DeftTrainer(model=model, args=args, train_dataset=_Data()).regularizer.recorder.skip_leading == 5
+    assert DeftTrainer(model=model, args=args, train_dataset=_Data(), skip_leading=0).regularizer.recorder.skip_leading == 0

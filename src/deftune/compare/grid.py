@@ -374,6 +374,8 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
         **({"density_target": config.density_target} if config.density_target is not None else {}),
         "metric": d["metric"], "metrics": d["metrics"],
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
+        **({"virtual_tokens": d["density"]["virtual_tokens"],  # prompt / P-tuning: density is real tokens only
+            "density_with_virtual_tokens": d["density"]["exact_with_virtual"]} if "virtual_tokens" in d["density"] else {}),
         "trainable_parameters": d["trainable_parameters"], "train_seconds": d["train_seconds"],
     }
 

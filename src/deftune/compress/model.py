@@ -35,7 +35,7 @@ from deftune.compress.reconstruct import (
     output_error,
     reconstruct_mse,
 )
-from deftune.compress.sparsity import ALLOCATIONS, Allocation, allocate, compute_mask, sparsity_of
+from deftune.compress.sparsity import Allocation, allocate, check_allocation, compute_mask, sparsity_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 HEAD_NAMES = ("classifier", "score", "lm_head", "qa_outputs")
@@ -98,8 +98,7 @@ class SparsityConfig:
         self.pattern = parse_pattern(self.pattern)
         if isinstance(self.pattern, QuantPattern):
             raise ValueError(f"SparsityConfig needs a sparsity pattern such as nm:2:4, got {self.pattern}")
-        if self.allocation not in ALLOCATIONS:
-            raise ValueError(f"allocation {self.allocation!r} is not one of {list(ALLOCATIONS)}")
+        check_allocation(self.pattern, self.allocation)
         if self.reconstruct not in ("none", "mse"):
             raise ValueError(
                 f"reconstruct {self.reconstruct!r} is not one of ['none', 'mse'] for sparsity "
@@ -247,6 +246,23 @@ def select_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[
     }
 
 
+def _refuse_shared_weights(model: nn.Module, targets: Mapping[str, nn.Linear]) -> None:
+    """Compression rewrites a layer's weight in place: a weight tied to another module (an ``lm_head``
+    tied to the input embedding) would change that module too, so it is refused before any change."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, linear in targets.items():
+        names = owners.get(id(linear.weight), [])
+        if len(names) > 1:
+            others = [n for n in names if n != f"{name}.weight"]
+            raise ValueError(
+                f"layer {name!r} shares its weight with {others}: compressing it would change those too "
+                "(no layer was changed). Exclude it with filter_fn, or untie the weights first "
+                "(e.g. config.tie_word_embeddings=False and a cloned lm_head weight)"
+            )
+
+
 def _stages(names: Sequence[str], sequential: bool) -> list[list[str]]:
     if not sequential:
         return [list(names)]
@@ -255,6 +271,37 @@ def _stages(names: Sequence[str], sequential: bool) -> list[list[str]]:
         m = _BLOCK_RE.search(f".{n}.")
         stages.setdefault(f".{n}."[: m.end()] if m else n, []).append(n)  # e.g. ".bert.encoder.layer.3."
     return list(stages.values())
+
+
+def _checked_plan(
+    model: nn.Module, config: CompressConfig, filter_fn: FilterFn | None
+) -> tuple[Method, dict[str, nn.Linear], dict[str, Pattern]]:
+    method = METHODS.get(type(config))
+    if method is None:
+        raise TypeError(f"no compression method for {type(config).__name__}; registered: {[t.__name__ for t in METHODS]}")
+    targets = select_linears(model, filter_fn)
+    if not targets:
+        raise ValueError(
+            "the filter selected no nn.Linear layer to compress (GPT-2's Conv1D layers are not nn.Linear "
+            "and are not supported)"
+        )
+    _refuse_shared_weights(model, targets)
+    plan = method.plan(config, {n: m.weight for n, m in targets.items()})
+    for name, linear in targets.items():
+        try:
+            plan[name].check_shape(linear.weight.shape)
+        except PatternError as err:
+            raise PatternError(f"layer {name!r}: {err} (no layer was changed)") from None
+        if not bool(torch.isfinite(linear.weight).all()):
+            raise ValueError(f"layer {name!r} has non-finite weights (NaN or inf): nothing to compress (no layer was changed)")
+    return method, targets, plan
+
+
+def check_compressible(model: nn.Module, config: CompressConfig, filter_fn: FilterFn | None = None) -> None:
+    """Raise, changing nothing, where :func:`compress_` would refuse ``config`` on ``model``: no layer
+    selected, a weight shared with another module, a shape the pattern does not fit (naming the
+    layer), non-finite weights. Sweeps call it for every point before they run the first."""
+    _checked_plan(model, config, filter_fn)
 
 
 def compress_(
@@ -280,20 +327,9 @@ def compress_(
     import time
 
     start = time.perf_counter()
-    method = METHODS.get(type(config))
-    if method is None:
-        raise TypeError(f"no compression method for {type(config).__name__}; registered: {[t.__name__ for t in METHODS]}")
-    targets = select_linears(model, filter_fn)
-    if not targets:
-        raise ValueError("the filter selected no nn.Linear layer to compress")
     if config.reconstruct != "none" and calibration is None:
         raise ValueError(f"reconstruct={config.reconstruct!r} needs calibration batches")
-    plan = method.plan(config, {n: m.weight for n, m in targets.items()})
-    for name, linear in targets.items():  # every shape is checked before the first layer changes
-        try:
-            plan[name].check_shape(linear.weight.shape)
-        except PatternError as err:
-            raise PatternError(f"layer {name!r}: {err} (no layer was changed)") from None
+    method, targets, plan = _checked_plan(model, config, filter_fn)
     need_hessian = config.reconstruct == "gptq"
     layers: list[LayerReport] = []
     sequential = config.sequential and config.reconstruct != "none"  # RTN needs inputs only for the report

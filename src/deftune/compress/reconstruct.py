@@ -105,7 +105,7 @@ def capture_inputs(
         for batch in batches:
             moved = {k: v.to(device) for k, v in batch.items()}  # once: the masks and the forward share it
             masks = stack_masks(moved, enc_dec)
-            model(**{k: v for k, v in moved.items() if k != "labels"})
+            model(**_forward_inputs(moved, enc_dec))
     finally:
         for h in handles:
             h.remove()
@@ -117,6 +117,14 @@ def capture_inputs(
         h = 2.0 * sums[name] / counts[name] if hessian else None
         out[name] = LayerCalibration(h, torch.cat(samples[name])[:max_samples], counts[name])
     return out
+
+
+def _forward_inputs(batch: dict[str, Tensor], enc_dec: bool) -> dict[str, Tensor]:
+    """The batch without ``labels``, except where an encoder–decoder model builds its decoder input
+    from them (no ``decoder_input_ids``: T5 shifts the labels right)."""
+    if enc_dec and "decoder_input_ids" not in batch and "decoder_inputs_embeds" not in batch:
+        return batch
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def reconstruct_mse(

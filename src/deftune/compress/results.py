@@ -13,7 +13,9 @@ def command_line() -> str:
     return " ".join(["deftune" if sys.argv[0].endswith("deftune") else sys.argv[0], *sys.argv[1:]])
 
 
-def make_section(config, data, baseline: float, points: list, start: float) -> dict:
+def make_section(config, data, baseline: float, points: list, start: float, *, finished: bool = True) -> dict:
+    """A results section; ``finished=False`` for a partial save (the invocation is recorded once, when
+    the sweep ends)."""
     from deftune.hardware import describe_line
 
     invocation = {
@@ -25,24 +27,26 @@ def make_section(config, data, baseline: float, points: list, start: float) -> d
     return {
         "run_dir": data.run_dir, "task": data.task.name, "metric_name": data.task.metrics[0],
         "dev_examples": sum(len(b["input_ids"]) for b in data.dev), "baseline": baseline,
-        "hardware": describe_line(), "invocations": [invocation], "points": points,
+        "hardware": describe_line(), "invocations": [invocation] if finished else [], "points": points,
     }
 
 
 def merge_results(path: str, name: str, section: dict, key: tuple[str, ...]) -> dict:
     """Merge ``section`` into the JSON at ``path`` under ``name``: points with the same ``key`` fields
     are replaced, others kept, invocations appended (so several sweeps of the same run add up)."""
-    from deftune.runs import read_json, write_json_atomic
+    from deftune.runs import file_lock, read_json, write_json_atomic
 
-    data = read_json(path) if Path(path).is_file() else {}
-    old = data.get(name, {})
-    if old and old.get("run_dir") == section["run_dir"]:
-        new_keys = {tuple(p[f] for f in key) for p in section["points"]}
-        kept = [p for p in old.get("points", []) if tuple(p[f] for f in key) not in new_keys]
-        section = {**section, "points": kept + section["points"],
-                   "invocations": old.get("invocations", []) + section["invocations"]}
-    data[name] = section
-    write_json_atomic(path, data)
+    target = Path(path)
+    with file_lock(target.with_name(f".{target.name}.lock")):  # read-merge-write of concurrent sweeps
+        data = read_json(path) if target.is_file() else {}
+        old = data.get(name, {})
+        if old and old.get("run_dir") == section["run_dir"]:
+            new_keys = {tuple(p.get(f) for f in key) for p in section["points"]}
+            kept = [p for p in old.get("points", []) if tuple(p.get(f) for f in key) not in new_keys]
+            section = {**section, "points": kept + section["points"],
+                       "invocations": old.get("invocations", []) + section["invocations"]}
+        data[name] = section
+        write_json_atomic(path, data)
     return data
 
 

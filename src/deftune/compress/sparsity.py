@@ -139,6 +139,19 @@ def erk_densities(shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dic
         dense.update(over)
 
 
+def check_allocation(pattern: SparsityPattern, allocation: str) -> None:
+    """Raise ``ValueError`` unless ``allocation`` can spread ``pattern`` over layers: ``uniform`` takes
+    any pattern, ``erk`` a fraction-based one, ``global`` an unstructured one."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation {allocation!r} is not one of {list(ALLOCATIONS)}")
+    if allocation != "uniform" and not isinstance(pattern, FRACTIONAL):
+        raise ValueError(
+            f"{allocation!r} allocation needs a fraction-based pattern (unstructured, block, channel), got {pattern}"
+        )
+    if allocation == "global" and not isinstance(pattern, Unstructured):
+        raise ValueError(f"global allocation ranks single weights; it supports unstructured patterns, got {pattern}")
+
+
 def allocate(
     weights: Mapping[str, Tensor], pattern: SparsityPattern | str, allocation: Allocation = "uniform"
 ) -> dict[str, SparsityPattern]:
@@ -149,15 +162,10 @@ def allocate(
     sparsities from :func:`erk_densities` (fraction-based patterns).
     """
     p = parse_sparsity(pattern) if isinstance(pattern, str) else pattern
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation {allocation!r} is not one of {list(ALLOCATIONS)}")
+    check_allocation(p, allocation)
     if allocation == "uniform":
         return {name: p for name in weights}
-    if not isinstance(p, FRACTIONAL):
-        raise ValueError(f"{allocation!r} allocation needs a fraction-based pattern (unstructured, block, channel), got {p}")
     if allocation == "global":
-        if not isinstance(p, Unstructured):
-            raise ValueError(f"global allocation ranks single weights; it supports unstructured patterns, got {p}")
         mags = torch.cat([w.detach().abs().reshape(-1).float() for w in weights.values()])
         n_prune = round(p.sparsity * mags.numel())
         if n_prune == 0:

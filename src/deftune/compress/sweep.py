@@ -12,6 +12,7 @@ fixed mask, ``gmp`` gradual magnitude pruning, ``rigl``). Results are merged int
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deftune.compress.model import QuantConfig, SparsityConfig, compress_
+from deftune.compress.model import QuantConfig, SparsityConfig, check_compressible, compress_
 from deftune.compress.packed import pack_
 from deftune.compress.patterns import FRACTIONAL, PatternError, parse_quant, parse_sparsity
 from deftune.compress.results import command_line, make_section, merge_results, plot_quant, plot_sparsity
@@ -35,6 +36,8 @@ from deftune.compress.training import (
 
 QUANT_METHODS = ("rtn", "gptq", "mse", "qat")
 SPARSITY_METHODS = ("oneshot", "mse", "recovery", "gmp", "rigl")
+QUANT_KEY = ("pattern", "method")  # a point replaces an earlier one with the same fields
+SPARSITY_KEY = ("pattern", "method", "allocation")
 
 
 @dataclass
@@ -163,6 +166,8 @@ def quant_sweep(config: QuantSweepConfig) -> dict:
     n_train = config.steps * config.batch_size if "qat" in config.methods else 0
     data = load_sweep_data(config.run_dir, config.data_dir, config.calib_size, config.seed, config.eval_subset,
                            n_train, config.batch_size)
+    for text in config.patterns():  # every point's pattern fits the model before the first runs
+        check_compressible(data.model, QuantConfig(text))
     baseline = evaluate(data.model, data)
     points = []
     for text in config.patterns():
@@ -182,9 +187,12 @@ def quant_sweep(config: QuantSweepConfig) -> dict:
             point["seconds"] = time.perf_counter() - t0
             point["command"] = command_line()
             points.append(point)
+            # merged at once, so an interrupted or failing sweep keeps what it ran; the invocation at the end
+            merge_results(config.output, "quant", make_section(config, data, baseline, [point], start, finished=False),
+                          key=QUANT_KEY)
             print(f"{text:18s} {method:5s} {data.task.metrics[0]} {metric:6.2f} ({metric - baseline:+.2f})", flush=True)
     section = make_section(config, data, baseline, points, start)
-    merged = merge_results(config.output, "quant", section, key=("pattern", "method"))
+    merged = merge_results(config.output, "quant", section, key=QUANT_KEY)
     if config.plot:
         plot_quant(merged["quant"], config.plot)
     return merged["quant"]
@@ -193,11 +201,13 @@ def quant_sweep(config: QuantSweepConfig) -> dict:
 def quant_point(pattern, method: str, metric: float, baseline: float, report) -> dict:
     """One sweep point's row: the metric against the baseline, and the compression report's means
     (output relative error; weight SQNR in dB averaged over the quantized layers)."""
-    layers = report.layers
+    finite = [lr.weight_sqnr_db for lr in report.layers if math.isfinite(lr.weight_sqnr_db)]
     return {
         "pattern": str(pattern), "method": method, "bits": pattern.bits, "granularity": _gran(pattern),
         "metric": metric, "delta": metric - baseline, "mean_output_rel_error": report.mean_output_error,
-        "mean_weight_sqnr_db": sum(lr.weight_sqnr_db for lr in layers) / len(layers), "layers": len(layers),
+        # layers reproduced exactly (infinite SQNR) are left out of the mean: JSON has no infinity
+        "mean_weight_sqnr_db": sum(finite) / len(finite) if finite else None,
+        "exact_layers": len(report.layers) - len(finite), "layers": len(report.layers),
     }
 
 
@@ -258,9 +268,10 @@ class SparsitySweepConfig:
         bad = [m for m in self.methods if m not in SPARSITY_METHODS]
         if bad:
             raise ValueError(f"unknown sparsity method(s) {bad}; choose from {list(SPARSITY_METHODS)}")
-        SparsityConfig(expand_pattern(self.patterns[0], 0.5), self.allocation)  # validates allocation
         for t in self.patterns:
             expand_pattern(t, 0.5)
+        for pattern, _ in self.points():  # every pattern with the allocation, before any point runs
+            SparsityConfig(pattern, self.allocation)
 
     def points(self) -> list[tuple[object, str]]:
         """``(pattern, method)`` pairs to run."""
@@ -365,6 +376,8 @@ def sparsity_sweep(config: SparsitySweepConfig) -> dict:
     n_train = config.steps * config.batch_size if training else 0  # one pass, no example seen twice
     data = load_sweep_data(config.run_dir, config.data_dir, config.calib_size, config.seed, config.eval_subset,
                            n_train, config.batch_size)
+    for pattern in dict.fromkeys(p for p, _ in config.points()):  # every shape fits before the first point
+        check_compressible(data.model, SparsityConfig(pattern, config.allocation))
     baseline = evaluate(data.model, data)
     points = []
     for pattern, method in config.points():
@@ -375,14 +388,18 @@ def sparsity_sweep(config: SparsitySweepConfig) -> dict:
         weights = torch.cat([m.compressed_weight().detach().reshape(-1) for m in layers.values()])
         metric = evaluate(model, data)
         level = getattr(pattern, "sparsity", None)
-        points.append({
-            "pattern": str(pattern), "method": method, "structure": str(pattern).split(":")[0], "level": level,
-            "sparsity": sparsity_of(weights), "metric": metric, "delta": metric - baseline, "layers": len(layers),
+        point = {
+            "pattern": str(pattern), "method": method, "allocation": config.allocation,
+            "structure": str(pattern).split(":")[0], "level": level, "sparsity": sparsity_of(weights),
+            "metric": metric, "delta": metric - baseline, "layers": len(layers),
             **extra, "seconds": time.perf_counter() - t0, "command": command_line(),
-        })
+        }
+        points.append(point)
+        merge_results(config.output, "sparsity", make_section(config, data, baseline, [point], start, finished=False),
+                      key=SPARSITY_KEY)  # at once, as in the quantization sweep
         print(f"{str(pattern):22s} {method:8s} {data.task.metrics[0]} {metric:6.2f} ({metric - baseline:+.2f})", flush=True)
     section = make_section(config, data, baseline, points, start)
-    merged = merge_results(config.output, "sparsity", section, key=("pattern", "method"))
+    merged = merge_results(config.output, "sparsity", section, key=SPARSITY_KEY)
     if config.plot:
         plot_sparsity(merged["sparsity"], config.plot)
     return merged["sparsity"]

@@ -193,7 +193,17 @@ def virtual_token_count(model: nn.Module) -> int:
     Pass it to ``ActivationRecorder(..., skip_leading=n)`` / ``DensityRegularizer(...,
     skip_leading=n)`` so density is measured over real tokens only. Prefix tuning adds keys and
     values but no positions: 0. For encoder–decoder models the virtual tokens lead the encoder
-    input only.
+    input only. A peft model built without deftune (``get_peft_model``) is read from its active
+    adapter's config.
     """
     inner, cfg = _adapted(model)
-    return 0 if cfg is None else METHODS[cfg.name].virtual_tokens(inner)
+    if cfg is not None:
+        return METHODS[cfg.name].virtual_tokens(inner)
+    wrapped: nn.Module | None = model
+    while wrapped is not None:
+        if getattr(type(wrapped), "active_peft_config", None) is not None:  # a PeftModel
+            from deftune.methods.virtual_positions import added_positions
+
+            return added_positions(wrapped)
+        wrapped = getattr(wrapped, "module", None) or getattr(wrapped, "_orig_mod", None)
+    return 0

@@ -4,7 +4,7 @@ activations with |a| <= τ are really set to zero."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +19,14 @@ from deftune.progress import track
 
 @dataclass
 class EvalResult:
+    """Metrics and density; ``density_with_virtual`` counts the virtual tokens of prompt / P-tuning
+    as well (the official DEFT code's convention), None for methods without them."""
+
     metrics: dict[str, float]
     density: DensityResult
     zeroed_metrics: dict[str, float] = field(default_factory=dict)  # str(τ) -> headline metric
+    virtual_tokens: int = 0
+    density_with_virtual: DensityResult | None = None
 
 
 @contextmanager
@@ -73,14 +78,26 @@ def evaluate_batches(
     count_padding: bool = False,
     progress: bool = False,
 ) -> EvalResult:
-    """Metrics and density of ``model`` on ``batches`` (eval mode; restores the mode after)."""
+    """Metrics and density of ``model`` on ``batches`` (eval mode; restores the mode after).
+
+    Density counts real tokens: the virtual tokens of prompt / P-tuning are left out, and measured
+    with them in the same pass as ``density_with_virtual``.
+    """
+    from deftune.methods import virtual_token_count
+
     was_training = model.training
+    n_virtual = virtual_token_count(model)
     model.eval()
     try:
-        with ActivationRecorder(model, thresholds=thresholds, count_padding=count_padding) as rec:
+        recorders = [ActivationRecorder(model, thresholds=thresholds, count_padding=count_padding, skip_leading=skip)
+                     for skip in ((n_virtual, 0) if n_virtual else (0,))]  # real tokens; with the virtual ones
+        with ExitStack() as stack:
+            for rec in recorders:
+                stack.enter_context(rec)
             preds, refs = predict(model, batches, task, progress)
+        for rec in recorders:
             rec.all_reduce()
-            density = rec.result()
+        density, with_virtual = recorders[0].result(), recorders[-1].result() if n_virtual else None
         metrics = compute_metrics(task.metrics, preds, refs)
         zeroed_metrics: dict[str, float] = {}
         if zeroed:
@@ -88,7 +105,7 @@ def evaluate_batches(
                 with zero_small_activations(model, tau):
                     p, r = predict(model, batches, task)
                 zeroed_metrics[f"{tau:g}"] = compute_metrics(task.metrics[:1], p, r)[task.metrics[0]]
-        return EvalResult(metrics, density, zeroed_metrics)
+        return EvalResult(metrics, density, zeroed_metrics, n_virtual, with_virtual)
     finally:
         model.train(was_training)
 

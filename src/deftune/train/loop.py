@@ -297,7 +297,9 @@ def _make_result(config: TrainConfig, ev: EvalResult, seconds: float, n_trainabl
         method=config.method,
         alpha=config.alpha,
         metric={"name": headline, "value": ev.metrics[headline]},
-        density={"exact": ev.density.overall, "per_layer": ev.density.exact_per_layer},
+        density={"exact": ev.density.overall, "per_layer": ev.density.exact_per_layer,
+                 **({"virtual_tokens": ev.virtual_tokens, "exact_with_virtual": ev.density_with_virtual.overall}
+                    if ev.density_with_virtual is not None else {})},
         train_seconds=seconds,
         metrics=ev.metrics,
         thresholded={

@@ -9,7 +9,9 @@
                           density_config=DensityLossConfig(alpha=1.0))
     trainer.train()
 
-With ``alpha=0`` it is plain PEFT with the same hooks and logs.
+With ``alpha=0`` it is plain PEFT with the same hooks and logs: the task loss is the ``Trainer``'s own
+(label smoothing, ``compute_loss_func`` and token-count normalisation included), and under gradient
+accumulation the density term adds α times its mean over the accumulated micro-batches.
 """
 
 from __future__ import annotations
@@ -26,8 +28,15 @@ from deftune.regularizer import DensityRegularizer
 class DeftTrainer(Trainer):
     """A ``Trainer`` that adds the DEFT density loss and logs density."""
 
-    def __init__(self, *args, density_config: DensityLossConfig | None = None, skip_leading: int = 0, **kwargs):
+    def __init__(self, *args, density_config: DensityLossConfig | None = None, skip_leading: int | None = None,
+                 **kwargs):
+        """``skip_leading``: leading positions left out of the density (None: the model's virtual
+        tokens, :func:`deftune.methods.virtual_token_count`)."""
         super().__init__(*args, **kwargs)
+        if skip_leading is None:
+            from deftune.methods import virtual_token_count
+
+            skip_leading = virtual_token_count(self.model)
         if density_only_scales(self.model):
             warnings.warn(
                 "this model has activation scales that only the density loss moves (act_scale_grad='density'); "
@@ -44,16 +53,27 @@ class DeftTrainer(Trainer):
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                  num_items_in_batch=num_items_in_batch)
         if not model.training:
             return (task_loss, outputs) if return_outputs else task_loss
-        loss, parts = self.regularizer.total_loss(task_loss, self.state.global_step)
+        loss, parts = self.regularizer.total_loss(task_loss, self.state.global_step,
+                                                  density_scale=self._density_scale(num_items_in_batch))
         self._parts_sum["task_loss"] += parts.task
         self._parts_sum["density_loss"] += parts.density
         self._parts_n += 1
         self._last_alpha = parts.alpha
         return (loss, outputs) if return_outputs else loss
+
+    def _density_scale(self, num_items_in_batch) -> float:
+        """1, or 1/GA where the ``Trainer`` will not divide this micro-batch's loss by the number of
+        accumulation steps (it takes the task loss as normalised over the accumulated batch): the
+        density term's own mean must then be divided here."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        return 1.0 / steps if scaled else 1.0
 
     def evaluate(self, *args, **kwargs):
         recorder = self.regularizer.recorder
