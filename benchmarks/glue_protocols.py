@@ -38,6 +38,9 @@ R = "docs/results/"  # results files, relative to the repository root
 # the baseline of the table's last column; its file also holds the no-scale threshold runs
 PLAIN = R + "glue_plain_peft.json"
 GLANCE, INDENT = "* **At a glance**", "  "  # the table in docs/results.md: under this bullet, indented
+# prompt tuning re-run with its density on real tokens (seventeenth session): the ramped route at
+# 250 and 750 steps (plain PEFT twins included) and the density loss with learned scales
+REAL_PROMPT = tuple(R + f"glue_prompt_real_{x}.json" for x in ("ramp200", "ramp_long", "alpha"))
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,25 @@ PROTOCOLS = (
     Protocol("cpu-thr-ramp200", "0 + thresholds 0.55 ramped in over 200 steps, no learned scales",
              "the ramped route on the CPU (a cross-check, all 28 cells); its "
              "baseline is plain PEFT on the CPU", (R + "glue_cpu_ramp.json",), (0,), "t0.55"),
+    # seventeenth session: the prompt-tuning cells re-run with the density counted on real tokens
+    # (REAL_PROMPT); the other six methods' rows are those of the protocol above of the same id
+    *(Protocol(f"{base}-real", label, how + "; prompt tuning re-run, its density on real tokens",
+               files, seeds, key, method_files=((R + f"glue_prompt_real_{real}.json", ("prompt",)),))
+      for base, label, how, files, seeds, key, real in (
+          ("thr-noscale-ramp200-fresh", "0 + thresholds 0.55 ramped in over 200 steps, no learned scales",
+           "the planned evaluation, fresh seeds 2–6", (R + "glue_thresholds_ramp200.json",), (2, 3, 4, 5, 6),
+           "t0.55", "ramp200"),
+          ("thr-noscale-ramp200-ten", "0 + thresholds 0.55 ramped in over 200 steps, no learned scales",
+           "ten seeds", (R + "glue_thresholds_ramp200.json",), S04 + S59, "t0.55", "ramp200"),
+          ("thr-noscale-ramp600-750-fresh", "0 + thresholds 0.55 ramped in over 600 of 750 steps, no learned scales",
+           "the planned evaluation, fresh seeds 2–4", (R + "glue_ramp_long.json",), (2, 3, 4), "t0.55",
+           "ramp_long"),
+          ("thr-noscale-ramp600-750-five", "0 + thresholds 0.55 ramped in over 600 of 750 steps, no learned scales",
+           "seeds 0–4", (R + "glue_ramp_long.json",), S04, "t0.55", "ramp_long"),
+          ("a0.1", "α = 0.1", "the recipe's, fixed before the runs", (R + "glue.json",), S04, 0.1,
+           "alpha"),
+          ("a0.05", "α = 0.05", "sensitivity, seeds 0–4", (R + "glue.json",), S04, 0.05, "alpha"),
+      )),
 )
 
 
@@ -227,6 +249,8 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
     by_cell = summarise(rows, group=lambda r: f"{r['task']}/{r['method']}" if variant(r) == picked.get(r["task"]) else None)
     cells = {k: v["overall"]["metric_delta"] for k, v in by_cell.items()}
     complete = o["pairs"] == peft and sorted(s["seeds"]) == sorted(p.seeds) and not unpaired
+    # prompt-tuning rows measured before the fix: their density counted the 60 virtual tokens
+    virtual = sum(1 for r in rows if r.get("density_counts_virtual_tokens"))
     return {
         **out, "status": "ok" if complete else "incomplete", "seeds": sorted(s["seeds"]), "pairs": o["pairs"],
         "peft_runs": peft, "density_reduction_pct": o["density_reduction_pct"], "metric_delta": o["metric_delta"],
@@ -237,6 +261,7 @@ def evaluate(p: Protocol, root: Path = ROOT) -> dict[str, Any]:
         # leave one method out: how much the verdict rests on one method
         "without": {m: _pool([v for k, v in s["methods"].items() if k != m]) for m in s["methods"]},
         "vs_plain_peft": _vs_plain(p, rows, data, root),
+        "rows_counting_virtual_tokens": virtual,
     }
 
 
@@ -256,17 +281,23 @@ def _vs_plain(p: Protocol, rows: list[dict[str, Any]], data: list[Any], root: Pa
     """The protocol against dense PEFT *without* learned activation scales (``PLAIN``): each dense
     PEFT run is replaced by the plain run of the same task, method, seed, steps, eval split and
     recipe (learning rate, method options; all but the scales); a protocol whose dense runs carry no
-    scales is its own plain baseline. A per-task protocol keeps the α chosen on ``select_from``.
+    scales is its own plain baseline. A method taken from its own file (``method_files``) takes its
+    plain twins from that file. A per-task protocol keeps the α chosen on ``select_from``.
     None where that baseline does not exist for every pair: a file
     recorded on another GPU (or the CPU; the files' hardware records), other steps, seeds or
-    recipes, or a protocol whose methods carry a recipe of their own (``method_files``)."""
-    if p.method_files:
-        return None
+    recipes (e.g. a method file whose recipe no plain run shares)."""
+    own = {m: f for f, methods in p.method_files for m in methods}
     dense = [r for r in rows if variant(r) == 0.0]
     if dense and all(recipe(r)["act_scale"] == "none" for r in dense):
         twins = dense  # the protocol's own dense runs are plain PEFT already (e.g. a budget no PLAIN run has)
     else:
         plain = _plain_runs(data, root)
+        if plain is not None and own:  # a method from its own file: its plain twins from there (REAL_PROMPT: all three)
+            plain = {k: v for k, v in plain.items() if k[1] not in own}
+            for m, f in own.items():
+                for name in REAL_PROMPT if f in REAL_PROMPT else (f,):
+                    plain |= {_twin_key(r): r for r in read_json(root / name)["runs"] if r["method"] == m
+                              and variant(r) == 0.0 and recipe(r)["act_scale"] == "none"}
         if plain is None or not dense or any(_twin_key(r) not in plain for r in dense):
             return None
         twins = [plain[_twin_key(r)] for r in dense]
@@ -385,6 +416,8 @@ def table_lines(results: list[dict[str, Any]]) -> list[str]:
             continue
         label = r["label"] + (" (" + ", ".join(f"{t} {a:g}" for t, a in r["chosen"].items()) + ")" if "chosen" in r else "")
         se = f"{r['metric_delta_se']:.2f}" if r["metric_delta_se"] is not None else "–"
+        if r.get("rows_counting_virtual_tokens"):
+            label += " †"
         lines.append(f"| {label} | {r['how']} | {_format_seeds(r['seeds'])} | {r['pairs']} | {density_change(r['density_reduction_pct'])} % | "
                      f"{r['metric_delta']:+.2f} | {se} | {_verdict(r)} | {_without(r)} | {_plain(r)} | {', '.join(r['hardware'])} |")
     return lines

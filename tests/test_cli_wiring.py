@@ -82,7 +82,11 @@ def test_measure_passes_count_padding(monkeypatch, tiny_setup):
     with pytest.raises(_Stop):
         main(["measure", "--task", "sst2", "--model", str(model_dir), "--data-dir", str(data_dir), "--count-padding",
               "--limit", "4"])
-    assert seen["kwargs"]["count_padding"] is True
+    assert seen["kwargs"]["count_padding"] is True and seen["kwargs"]["count_virtual_tokens"] is False
+    with pytest.raises(_Stop):
+        main(["measure", "--task", "sst2", "--model", str(model_dir), "--data-dir", str(data_dir),
+              "--count-virtual-tokens", "--limit", "4"])
+    assert seen["kwargs"]["count_padding"] is False and seen["kwargs"]["count_virtual_tokens"] is True
 
 
 def test_skip_parses_stacks(monkeypatch):

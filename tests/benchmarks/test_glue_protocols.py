@@ -141,8 +141,16 @@ def test_vs_plain_peft_swaps_only_the_dense_baseline(gp, tmp_path):
     own_plain = gp.evaluate(gp.Protocol("p", "α = 0.1", "?", (plain_cpu,), (0,), 0.1), root=tmp_path)
     assert own_plain["vs_plain_peft"] == {"pairs": 1, "density_reduction_pct": pytest.approx(50.0),
                                           "metric_delta": pytest.approx(-1.0), "metric_delta_se": None}
-    own = gp.Protocol("o", "α = 0.1", "?", (main,), (0,), 0.1, method_files=((more, ("prompt",)),))
-    assert gp.evaluate(own, root=tmp_path)["vs_plain_peft"] is None and gp._plain({}) == "–"
+    # a method taken from a file of its own takes its plain twins from that file, not from PLAIN
+    prompt = [_row("sst2", 0.0, 0, 70.0, 1.0, "prompt", **scaled), _row("sst2", 0.1, 0, 69.0, 0.5, "prompt", **scaled)]
+    own_file = _write(tmp_path, "own.json", prompt)
+    _write(tmp_path, gp.PLAIN, [_row("sst2", 0.0, 0, 83.0, 0.8, act_scale="none"), _row("rte", 0.0, 0, 52.0, 1.0),
+                                _row("sst2", 0.0, 0, 99.0, 1.0, "prompt", act_scale="none")])  # not the file's own twin
+    own = gp.Protocol("o", "α = 0.1", "?", (main,), (0,), 0.1, method_files=((own_file, ("prompt",)),))
+    assert gp.evaluate(own, root=tmp_path)["vs_plain_peft"] is None and gp._plain({}) == "–"  # none in its file
+    _write(tmp_path, "own.json", prompt + [_row("sst2", 0.0, 0, 72.0, 0.9, "prompt", act_scale="none")])
+    v = gp.evaluate(own, root=tmp_path)["vs_plain_peft"]  # + prompt 69 vs 72 (-3), 0.5 vs 0.9
+    assert v["pairs"] == 3 and v["metric_delta"] == pytest.approx(-3.0)
 
 
 def test_twin_key_ignores_which_losses_move_the_scales(gp):
@@ -228,3 +236,15 @@ def test_docs_glance_table_is_the_scripts_output(gp):
     start, stop = gp.glance_span(docs)
     expected = gp.table_lines([gp.evaluate(p) for p in gp.PROTOCOLS])
     assert [line.removeprefix(gp.INDENT) for line in docs[start:stop]] == expected
+
+
+def test_rows_whose_density_counted_virtual_tokens_are_flagged(gp, tmp_path):
+    old = {"density_counts_virtual_tokens": True}
+    f = _write(tmp_path, "v.json", [_row("sst2", 0.0, 0, 70.0, 1.0, "prompt", **old),
+                                     _row("sst2", 0.1, 0, 69.0, 0.5, "prompt", **old),
+                                     _row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 79.0, 0.6)])
+    r = gp.evaluate(gp.Protocol("v", "α = 0.1", "?", (f,), (0,), 0.1), root=tmp_path)
+    assert r["rows_counting_virtual_tokens"] == 2 and gp.table_lines([r])[2].startswith("| α = 0.1 † |")
+    clean = _write(tmp_path, "c.json", [_row("sst2", 0.0, 0, 80.0, 1.0), _row("sst2", 0.1, 0, 79.0, 0.6)])
+    r = gp.evaluate(gp.Protocol("c", "α = 0.1", "?", (clean,), (0,), 0.1), root=tmp_path)
+    assert r["rows_counting_virtual_tokens"] == 0 and gp.table_lines([r])[2].startswith("| α = 0.1 |")

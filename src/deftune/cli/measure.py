@@ -1,5 +1,6 @@
 """Measure the MLP activation density of a model (or a run directory) on a GLUE task's sentences,
-without training: exact non-zero fraction (fp32), |a| > τ fractions, positives, per layer.
+without training: exact non-zero fraction (in the dtype the model runs in: fp32 here), |a| > τ
+fractions, positives, per layer; real tokens only unless --count-padding / --count-virtual-tokens.
 
 Example:
   deftune measure --model minilm --task sst2 --data-dir ../shared/data/glue --json density.json
@@ -25,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--site", choices=("act", "product"), default="act", help="activation site (gated MLPs)")
     parser.add_argument("--thresholds", default="1e-3,1e-2", help="comma-separated τ for |a| > τ")
     parser.add_argument("--count-padding", action="store_true", help="count padding tokens (official DEFT code)")
+    parser.add_argument("--count-virtual-tokens", action="store_true",
+                        help="count the virtual tokens of a prompt / P-tuning run (official DEFT code)")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
 
 
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     batches = make_batches(examples, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     thresholds = tuple(float(t) for t in args.thresholds.split(",") if t)
     result = measure_density(
-        model, batches, site=args.site, thresholds=thresholds, count_padding=args.count_padding, progress=True
+        model, batches, site=args.site, thresholds=thresholds, count_padding=args.count_padding,
+        count_virtual_tokens=args.count_virtual_tokens, progress=True,
     )
     print(result.table(f"Activation density ({args.task} {args.split}, {result.dtype})"))
     if args.json:

@@ -6,7 +6,17 @@ from deftune.train.evaluate import EvalResult, evaluate_batches, evaluate_glue, 
 from deftune.train.loop import TrainExtension, save_run, train_glue
 from deftune.train.model import load_run
 
+
+def __getattr__(name: str):
+    if name == "DeftTrainer":  # lazily: importing transformers.Trainer takes seconds
+        from deftune.train.trainer import DeftTrainer
+
+        return DeftTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "DeftTrainer",
     "EvalResult",
     "TrainConfig",
     "TrainExtension",
