@@ -158,14 +158,69 @@ def test_each_family_names_its_activation_down_and_up_projections(case):
             assert first == "wi_0"  # the gate, whose output is activated (wi_1 is the up projection)
 
 
-def test_gated_t5_product_site_is_the_input_of_wo():
+def test_gated_t5_product_site_is_the_product_before_dropout():
+    """act(wi_0 x) * wi_1 x, hooked before T5's dropout: in training the dropout's zeros are not
+    sparsity (they would count as such at wo's input) and its 1/(1-p) scaling not the activation."""
+    from deftune.density import ActivationRecorder
+
     config, auto, _, _ = CASES["flan-t5-gated-gelu"]
-    model = auto.from_config(config)
+    torch.manual_seed(0)
+    model = auto.from_config(config.__class__(**{**config.to_dict(), "dropout_rate": 0.5})).train()
     sites = find_activation_sites(model, "product")
-    assert all(s.module_path.endswith("DenseReluDense.wo") and s.hook == "input" for s in sites)
+    assert all(s.module_path.endswith("DenseReluDense.dropout") and s.hook == "input" for s in sites)
+    ids = torch.randint(1, config.vocab_size, (2, 5))
+    with torch.no_grad(), ActivationRecorder(model, site="product") as rec:
+        model(input_ids=ids, decoder_input_ids=ids)
+    assert rec.result().overall == 1.0  # GELU products: no exact zeros, dropout or not
+    mlp = model.get_submodule(sites[0].mlp_path)
+    x = torch.randn(2, 5, config.d_model)
+    seen = {}
+    handle = mlp.get_submodule("dropout").register_forward_pre_hook(lambda m, a: seen.setdefault("a", a[0]))
+    try:
+        mlp(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen["a"], mlp.act(mlp.wi_0(x)) * mlp.wi_1(x))
+
+
+def test_phi3_fused_gate_up_is_found_and_its_scales_refuse_to_fold():
+    from deftune.act_scale import add_act_scales, fold_act_scales
+
+    torch.manual_seed(0)
+    model = T.Phi3ForCausalLM(T.Phi3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                           num_key_value_heads=2, intermediate_size=37, pad_token_id=0,
+                                           **SMALL))
+    sites = find_activation_sites(model)
+    assert [s.name for s in sites] == ["decoder.0", "decoder.1"]
+    mlp = model.get_submodule(sites[0].mlp_path)
+    x = torch.randn(1, 3, 32)
+    gate = mlp.gate_up_proj(x).chunk(2, dim=-1)[0]
+    out = {}
+    handle = model.get_submodule(sites[0].module_path).register_forward_hook(lambda m, a, o: out.setdefault("a", o))
+    try:
+        mlp(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out["a"], mlp.activation_fn(gate))  # the activated gate branch
+    assert find_activation_sites(model, "product")[0].module_path.endswith("mlp.down_proj")
+    add_act_scales(model)
+    with pytest.raises(ValueError, match="cannot fold activation scales for family 'phi3'"):
+        fold_act_scales(model)
 
 
 def test_gemma2_is_registered():
     model = T.Gemma2ForCausalLM(T.Gemma2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                                num_key_value_heads=1, intermediate_size=37, head_dim=16, **SMALL))
     assert [s.name for s in find_activation_sites(model)] == ["decoder.0", "decoder.1"]
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3", "adapter"])
+def test_phi3_takes_every_method_that_needs_targets(name):
+    from deftune.methods import MethodConfig, apply_method
+
+    torch.manual_seed(0)
+    model = T.Phi3ForCausalLM(T.Phi3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=2, intermediate_size=37, pad_token_id=0, **SMALL))
+    adapted = apply_method(model, MethodConfig(name))
+    assert any(p.requires_grad for p in adapted.parameters())
+    adapted(input_ids=torch.randint(1, 100, (1, 4)))

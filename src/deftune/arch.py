@@ -144,8 +144,9 @@ register_architecture(
             r"(?P<mlp>(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.DenseReluDense)\.act$",
             stack_names=_T5_STACKS,
         ),
+        # the product before T5's dropout (whose zeros in training are not sparsity), which then feeds wo
         product=SitePattern(
-            r"(?P<mlp>(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.DenseReluDense)\.wo$",
+            r"(?P<mlp>(?P<stack>encoder|decoder)\.block\.(?P<layer>\d+)\.layer\.\d+\.DenseReluDense)\.dropout$",
             hook="input",
             stack_names=_T5_STACKS,
         ),
@@ -175,12 +176,24 @@ register_architecture(
 register_architecture(
     ArchSpec(
         family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"),
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"),
         act=SitePattern(r"(?P<mlp>layers\.(?P<layer>\d+)\.mlp)\.act_fn$", default_stack="decoder"),
         product=SitePattern(r"(?P<mlp>layers\.(?P<layer>\d+)\.mlp)\.down_proj$", hook="input", default_stack="decoder"),
         gated=True,
         down_proj="down_proj",
         act_input=("gate_proj",),
+    )
+)
+register_architecture(
+    ArchSpec(
+        family="phi3",
+        model_types=("phi3",),
+        # Phi3MLP: one fused gate_up_proj, chunked; activation_fn(gate) * up feeds down_proj. No
+        # act_input: the gate is half of a fused projection, so learned scales cannot be folded.
+        act=SitePattern(r"(?P<mlp>layers\.(?P<layer>\d+)\.mlp)\.activation_fn$", default_stack="decoder"),
+        product=SitePattern(r"(?P<mlp>layers\.(?P<layer>\d+)\.mlp)\.down_proj$", hook="input", default_stack="decoder"),
+        gated=True,
+        down_proj="down_proj",
     )
 )
 

@@ -42,6 +42,8 @@ FAMILY_TARGETS: dict[str, FamilyTargets] = {
     "gpt2": FamilyTargets(("c_attn",), ("c_attn",), r"attn\.c_proj$", fan_in_fan_out=True),
     "opt": FamilyTargets(("q_proj", "v_proj"), ("k_proj", "v_proj"), r"self_attn\.out_proj$"),
     "llama": FamilyTargets(("q_proj", "v_proj"), ("k_proj", "v_proj"), r"self_attn\.o_proj$"),
+    # Phi-3 fuses q, k, v into one Linear: LoRA and IA3 adapt all three, as for GPT-2.
+    "phi3": FamilyTargets(("qkv_proj",), ("qkv_proj",), r"self_attn\.o_proj$"),
 }
 
 
