@@ -273,3 +273,53 @@ def test_a_threshold_of_zero_reads_the_exact_density():
         model(A, attention_mask=MASK)
     layer = rec.result().per_layer["encoder.0"]
     assert layer.thresholded["0"] == layer.exact
+
+
+def _tiny_llama(seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=100)).train()
+
+
+def _checkpointed_step(checkpointing):
+    from deftune import DensityLossConfig, DensityRegularizer
+
+    model = _tiny_llama()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    ids = torch.randint(2, 100, (2, 6), generator=torch.Generator().manual_seed(1))
+    reg = DensityRegularizer(model, DensityLossConfig(alpha=1.0))
+    with reg:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+        loss, _ = reg.total_loss(out.loss, 0)
+        loss.backward()
+        tokens = {n: c.tokens for n, c in reg.recorder.counts.items()}
+        left = dict(reg.recorder.losses)
+    return tokens, left, [p.grad for p in model.parameters()]
+
+
+def test_gradient_checkpointing_neither_double_counts_nor_changes_the_gradient():
+    """Non-re-entrant checkpointing re-runs each block's forward inside backward: that pass is not
+    counted again and leaves no loss graph behind; the gradients are those of a plain run."""
+    tokens, left, grads = _checkpointed_step(None)
+    ck_tokens, ck_left, ck_grads = _checkpointed_step({"use_reentrant": False})
+    assert ck_tokens == tokens == {"decoder.0": 12, "decoder.1": 12} and ck_left == left == {}
+    for g, ck in zip(grads, ck_grads):
+        torch.testing.assert_close(ck, g)
+
+
+def test_reentrant_checkpointing_names_the_fix():
+    with pytest.raises(RuntimeError, match="use_reentrant': False"):
+        _checkpointed_step({"use_reentrant": True})
+
+
+def test_feed_forward_chunking_is_refused_by_name(bert):
+    for module in bert.modules():
+        if hasattr(module, "chunk_size_feed_forward"):
+            module.chunk_size_feed_forward = 2
+    with pytest.raises(ValueError, match="chunk_size_feed_forward"):
+        ActivationRecorder(bert).attach()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in bert.modules())

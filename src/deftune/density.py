@@ -211,8 +211,17 @@ def _innermost_hf_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _recomputing() -> bool:
+    """True while autograd runs a backward pass: a forward seen then is gradient checkpointing
+    recomputing a block, already counted (and its loss taken) in the real forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class ActivationRecorder:
     """Context manager that hooks every MLP activation site of a model.
+
+    Works with (non-re-entrant) gradient checkpointing: the forward that autograd re-runs during
+    backward is not counted again. Feed-forward chunking (``chunk_size_feed_forward``) is refused.
 
     Args:
         model: a ``transformers`` model (optionally wrapped by ``peft``).
@@ -284,6 +293,13 @@ class ActivationRecorder:
     def attach(self) -> None:
         if self._handles:
             raise RuntimeError("ActivationRecorder is already attached")
+        chunked = sorted({n for n, m in self.model.named_modules() if getattr(m, "chunk_size_feed_forward", 0)})
+        if chunked:
+            raise ValueError(
+                f"feed-forward chunking is on ({chunked[0]}.chunk_size_feed_forward > 0): the MLP then runs on "
+                "slices of the sequence, which the per-token masks cannot follow; set "
+                "model.config.chunk_size_feed_forward = 0 (and each layer's chunk_size_feed_forward) first"
+            )
         modules = dict(self.model.named_modules())
         self.losses.clear()
         try:
@@ -384,16 +400,19 @@ class ActivationRecorder:
     def _record(self, site: ActivationSite, a: Tensor) -> None:
         if not self.enabled:
             return
+        recomputing = _recomputing()
         mask = self._real_mask(site, a)
         self.features[site.name] = a.shape[-1]
         self._dtype = str(a.dtype).replace("torch.", "")
-        if self.track_stats:
+        if self.track_stats and not recomputing:
             self.counts[site.name].add(a, mask, self.thresholds)
         if self.loss_fn is not None and torch.is_grad_enabled():
             # select real tokens first: the surrogate never runs on padding (cheaper than masking)
             real = a[mask] if mask is not None else a.reshape(-1, a.shape[-1])  # (N_real, F)
             if real.numel():
-                self.losses[site.name] = self.loss_fn(real).mean()
+                loss = self.loss_fn(real).mean()  # recomputed too: checkpointing wants the same saved tensors
+                if not recomputing:
+                    self.losses[site.name] = loss
 
     # -- results
     def pop_losses(self) -> dict[str, Tensor]:

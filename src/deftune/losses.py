@@ -187,7 +187,9 @@ def combine_layer_losses(
     if not losses:
         raise RuntimeError(
             "no density loss was recorded in this forward pass: is the recorder attached and "
-            "are gradients enabled?"
+            "are gradients enabled? (Re-entrant gradient checkpointing runs the forward without "
+            "gradients: use gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}).)"
         )
     by_stack: dict[str, list[Tensor]] = {}
     for name, value in losses.items():

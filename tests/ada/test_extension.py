@@ -223,3 +223,24 @@ def test_saved_gates_are_the_inference_gates_not_a_sample(bert_case):
     torch.testing.assert_close(state["ada.gates"], ext.gates.deterministic().detach(), rtol=0, atol=0)
     torch.testing.assert_close(state["ada.logits"], torch.tensor([0.3, -0.2, 0.1]))
     assert state["ada.blocks"].tolist() == [[0, 0], [0, 1], [0, 2]]
+
+
+def test_a_deep_copy_of_a_gated_model_keeps_gates_of_its_own(bert_case, logits):
+    """A snapshot taken while gates are attached (e.g. a "best model" copy) must not follow the
+    original's gates as they train, nor lose its gating when the original's extension closes."""
+    import copy
+
+    model = bert_case.build().eval()
+    inputs = bert_case.inputs()
+    plain = logits(model, inputs)
+    ext = AdaExtension(AdaConfig(gate="sigmoid", init=0.5))
+    ext.prepare(model)
+    snapshot = copy.deepcopy(model)
+    before = logits(snapshot, inputs)
+    assert not torch.allclose(before, plain)  # gated at 0.5
+    with torch.no_grad():
+        ext.gates.theta.fill_(-3.0)  # the original's gates move
+    assert torch.equal(logits(snapshot, inputs), before)
+    assert not torch.equal(logits(model, inputs), before)
+    ext.close()
+    assert torch.equal(logits(model, inputs), plain) and torch.equal(logits(snapshot, inputs), before)

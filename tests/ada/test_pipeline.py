@@ -159,3 +159,26 @@ def test_prepared_run_computes_what_the_gated_model_computed(tiny_run):
     with torch.no_grad():
         without_gates = gated(**batch).logits  # hooks removed: the run's model with every gate at 1
     assert (without_gates - expected).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("name", ["prompt", "prefix", "adapter"])
+def test_plain_model_names_the_methods_that_cannot_be_merged(name):
+    from tests.conftest import tiny_bert
+
+    from deftune.ada.pipeline import plain_model
+    from deftune.methods import MethodConfig, apply_method
+
+    with pytest.raises(NotImplementedError, match=rf"method '{name}' cannot be merged.*lora/dora/ia3"):
+        plain_model(apply_method(tiny_bert(), MethodConfig(name)))
+
+
+def test_plain_model_merges_lora_and_takes_a_single_stack_name():
+    from tests.conftest import tiny_bert
+
+    from deftune.ada import SkipConfig
+    from deftune.ada.pipeline import plain_model
+    from deftune.methods import MethodConfig, apply_method
+
+    model = plain_model(apply_method(tiny_bert(), MethodConfig("lora")))
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert SkipConfig(stacks="encoder").stacks == ("encoder",)

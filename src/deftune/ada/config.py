@@ -125,7 +125,7 @@ class SkipConfig:
             raise ValueError(f"keep must be an int >= 0, got {self.keep!r}")
         if self.density_threshold is not None:
             _check_number("density_threshold", self.density_threshold)
-        self.stacks = tuple(self.stacks)
+        self.stacks = (self.stacks,) if isinstance(self.stacks, str) else tuple(self.stacks)
         bad = [s for s in self.stacks if s not in ("encoder", "decoder")]
         if bad:
             raise ValueError(f"stacks must be 'encoder'/'decoder', got {bad}")

@@ -92,14 +92,16 @@ def plain_model(model: nn.Module) -> nn.Module:
     """The ``transformers`` model with the run's adapter merged into its weights."""
     from peft import PeftModel
 
-    if isinstance(model, PeftModel):
-        return model.merge_and_unload()
     name = getattr(model.__dict__.get("deftune_method"), "name", None)
-    if name in (None, "full", "bitfit"):
+    if isinstance(model, PeftModel):
+        if not model.active_peft_config.is_prompt_learning:
+            return model.merge_and_unload()
+        name = name or str(model.active_peft_config.peft_type.value).lower()
+    elif name in (None, "full", "bitfit"):
         return model
     raise NotImplementedError(
-        f"method {name!r} inserts modules that cannot be merged away; skipping needs lora/dora/ia3, "
-        "bitfit or full fine-tuning"
+        f"method {name!r} cannot be merged into the weights (it adds modules or virtual tokens); skipping "
+        "needs lora/dora/ia3, bitfit or full fine-tuning"
     )
 
 

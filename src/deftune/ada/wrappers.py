@@ -223,7 +223,7 @@ class MLPGates:
         try:
             for index, site in enumerate(self.sites):
                 module = self.model.get_submodule(gate_path(self.model, site))
-                self._handles.append(module.register_forward_hook(self._make_hook(index)))
+                self._handles.append(module.register_forward_hook(_GateHook(self, index)))
         except BaseException:
             self.detach()
             raise
@@ -238,16 +238,25 @@ class MLPGates:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def _make_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-            if index == 0 or self.state.values is None:
-                self.state.values = self.gate_fn()
-                if self.on_gates is not None:
-                    self.on_gates(self.state.values)
-            g = self.state.values[index].to(device=output.device, dtype=output.dtype)
-            return output * g  # (..., H)
 
-        return hook
+
+class _GateHook:
+    """The forward hook of one gated block: an object holding its :class:`MLPGates`, not a closure,
+    so that ``copy.deepcopy`` of a gated model gives a copy with gates of its own (a closure would
+    keep reading the original's)."""
+
+    def __init__(self, gates: MLPGates, index: int) -> None:
+        self.gates = gates
+        self.index = index
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        gates = self.gates
+        if self.index == 0 or gates.state.values is None:
+            gates.state.values = gates.gate_fn()
+            if gates.on_gates is not None:
+                gates.on_gates(gates.state.values)
+        g = gates.state.values[self.index].to(device=output.device, dtype=output.dtype)
+        return output * g  # (..., H)
 
 
 # RMSNorms computing ``norm(x) * (1 + weight)`` (Gemma's convention) rather than ``norm(x) * weight``

@@ -59,7 +59,9 @@ def _check_threshold(threshold: float) -> float:
 
 
 class _TransposedCache:
-    """A contiguous ``weight.T`` kept in step with ``weight`` (rebuilt when it changes)."""
+    """A contiguous ``weight.T`` kept in step with ``weight`` (rebuilt when it changes: a new
+    storage, dtype, device or shape, or an in-place op on the parameter; an in-place op through
+    ``weight.data`` bumps no version and is not seen)."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
