@@ -145,3 +145,82 @@ def test_calibrate_saves_the_first_models_thresholds(monkeypatch, tmp_path):
     monkeypatch.setattr(sc, "calibrate_thresholds", lambda model, *a, **k: Th(model))
     cal.run_calibration(cal.CalibrationJob(models=("m1", "m2"), output=str(tmp_path / "th.json")))
     assert saved == ["m1"] and list(setups) == ["m1", "m2"]
+
+
+def test_measure_of_a_run_reads_the_runs_task_and_data(monkeypatch, tmp_path):
+    import deftune.data.glue as glue
+    import deftune.train as train
+
+    cfg = types.SimpleNamespace(task="rte", data_dir=str(tmp_path / "glue"))
+    monkeypatch.setattr(train, "load_run", lambda run_dir: (None, None, cfg))
+    seen = _capture(monkeypatch, glue, "load_glue")
+    with pytest.raises(_Stop):
+        main(["measure", "--run-dir", str(tmp_path)])
+    task, split, data_dir = seen["args"]
+    assert (task.name, split, data_dir) == ("rte", "dev", cfg.data_dir)
+    with pytest.raises(_Stop):
+        main(["measure", "--run-dir", str(tmp_path), "--task", "mrpc", "--data-dir", "x"])
+    assert (seen["args"][0].name, seen["args"][2]) == ("mrpc", "x")
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--limit", "-5"], ["--thresholds", "abc"],
+                                   ["--thresholds", "-1"]])
+def test_measure_checks_its_numbers_by_flag(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["measure", *flags])
+    assert exit_info.value.code == 2 and flags[0] in capsys.readouterr().err
+
+
+def test_train_refuses_a_finished_run_folder_unless_told(tmp_path, capsys, monkeypatch):
+    import deftune.train as train
+
+    (tmp_path / "results.json").write_text("{}")
+    assert main(["train", "--output-dir", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (tmp_path / "results.json").exists()
+    seen = _capture(monkeypatch, train, "train_glue")
+    with pytest.raises(_Stop):
+        main(["train", "--output-dir", str(tmp_path), "--overwrite"])
+    assert seen["args"][0].output_dir == str(tmp_path)
+
+
+def test_interrupts_and_os_errors_end_in_one_line(monkeypatch, capsys):
+    import deftune.train as train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_glue", interrupted)
+    assert main(["train"]) == 130 and "interrupted" in capsys.readouterr().err
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(train, "train_glue", unreachable)
+    assert main(["train"]) == 2
+    assert "minilm, minilm-relu, smollm2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [(["--alphas", ""], "alphas must hold"), (["--tasks", ""], "tasks must"),
+                                           (["--steps", "-1"], "steps must be a positive integer"),
+                                           (["--method-options", "lora.name=dora"], "may not set 'name'")])
+def test_compare_refuses_empty_grids_and_bad_steps_by_name(flags, needle, tmp_path, capsys):
+    argv = ["compare", "--tasks", "rte", "--methods", "lora", "--results-json", str(tmp_path / "r.json"),
+            "--report-md", str(tmp_path / "r.md"), *flags]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "r.json").exists()
+
+
+def test_compare_checks_that_its_results_can_be_written_before_training(tmp_path, capsys, monkeypatch):
+    import deftune.compare.grid as grid
+
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    seen = _capture(monkeypatch, grid, "_glue_row")
+    assert main(["compare", "--tasks", "rte", "--methods", "lora", "--alphas", "0",
+                 "--results-json", str(blocked / "r.json"), "--report-md", str(tmp_path / "r.md")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err and not seen
+
+
+def test_train_method_options_are_checked_by_name(capsys):
+    assert main(["train", "--method-options", "bogus=1"]) == 2
+    assert "unknown MethodConfig keys ['bogus']" in capsys.readouterr().err

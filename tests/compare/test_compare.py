@@ -439,10 +439,14 @@ def test_head_and_scale_lr_are_recorded_and_old_rows_ran_at_the_defaults(tiny_se
 def test_grids_with_their_own_results_files_get_their_own_run_folders():
     a = CompareConfig(results_json="docs/results/glue_a.json")
     b = CompareConfig(results_json="docs/results/glue_b.json")
-    assert str(a.run_root) == "runs/compare/glue_a" and a.run_root != b.run_root
+    assert str(a.run_root).startswith("runs/compare/glue_a-") and a.run_root != b.run_root
     assert str(CompareConfig(runs_dir="runs/x", results_json="docs/results/glue_a.json").run_root) == "runs/x"
     (first, *_) = a.runs()
-    assert first.output_dir.startswith("runs/compare/glue_a/")
+    assert first.output_dir.startswith(f"{a.run_root}/")
+    # results files of one name in two folders: two run folders (one would overwrite the other's runs)
+    other = CompareConfig(results_json="elsewhere/glue_a.json")
+    assert other.run_root != a.run_root and other.run_root.name.startswith("glue_a-")
+    assert CompareConfig(results_json="docs/results/glue_a.json").run_root == a.run_root  # stable
 
 
 def test_a_squad_only_grid_refuses_glue_options_it_would_drop():

@@ -67,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
         # Configuration and data errors: one clear line, no traceback.
         print(f"deftune {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a folder that cannot be written; a model that is neither known nor reachable
+        hint = ("" if isinstance(err, PermissionError) else
+                " (models known offline: minilm, minilm-relu, smollm2; or give a local model folder)")
+        print(f"deftune {args.command}: error: {err}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deftune {args.command}: interrupted; files already written are whole (written atomically); "
+              "compare and sweeps resume where they stopped when run again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

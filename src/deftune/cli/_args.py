@@ -52,6 +52,28 @@ def _or_none(cast: type):
     return parse
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value!r}")
+    return number
+
+
+def thresholds(value: str) -> tuple[float, ...]:
+    """argparse type: comma-separated finite τ >= 0 (``1e-3,1e-2``)."""
+    try:
+        taus = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
+    if any(not (t >= 0 and t != float("inf")) for t in taus):
+        raise argparse.ArgumentTypeError(f"thresholds must be finite and >= 0, got {value!r}")
+    return taus
+
+
 def _ints(value: str) -> tuple[int, ...]:
     return tuple(int(v) for v in value.split(",") if v)
 

@@ -30,6 +30,20 @@ _SHARED_WITH_GENERATIVE = ("method", "alpha", "loss", "eps", "site", "stack_weig
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, TrainConfig, defaults={"output_dir": None})
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into an --output-dir that holds a finished run (its files are replaced)")
+
+
+def _refuse_finished_run(args: argparse.Namespace) -> None:
+    """A finished run's folder is not trained into again by mistake: training starts by removing
+    its results (so that a run cut short is never taken for finished)."""
+    from pathlib import Path
+
+    from deftune.runs import RESULTS_FILE
+
+    if args.output_dir and not args.overwrite and (Path(args.output_dir) / RESULTS_FILE).is_file():
+        raise ValueError(f"--output-dir {args.output_dir} holds a finished run ({RESULTS_FILE}); choose another "
+                         "folder, or pass --overwrite to replace it")
 
 
 def _train_defaults() -> dict[str, object]:
@@ -39,7 +53,7 @@ def _train_defaults() -> dict[str, object]:
 
 def _unused_by_squad(args: argparse.Namespace) -> list[str]:
     """The flags set to other than their defaults that ``--task squad`` would not use."""
-    used = {*_SHARED_WITH_GENERATIVE, "task", "model", "schedule", "warmup_steps", "output_dir"}
+    used = {*_SHARED_WITH_GENERATIVE, "task", "model", "schedule", "warmup_steps", "output_dir", "overwrite"}
     return [f"--{name.replace('_', '-')}" for name, default in _train_defaults().items()
             if name not in used and getattr(args, name) != default]
 
@@ -65,6 +79,7 @@ def _train_squad(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    _refuse_finished_run(args)
     if args.task.lower() == "squad":
         return _train_squad(args)
     from deftune.train import train_glue

@@ -29,6 +29,7 @@ from deftune.compare.grid import (
     CompareConfig,
     RunConfig,
     check_recipes,
+    check_writable,
     config_key,
     load_rows,
     run_grid,
@@ -42,6 +43,8 @@ from deftune.train.config import TrainConfig
 
 def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the grid, then write the markdown report and plot."""
+    if config.report_md:
+        check_writable(config.report_md)  # before anything trains
     rows = run_grid(config.runs(), config.results_json, progress=progress)
     write_compare_report(rows, config)
     return rows

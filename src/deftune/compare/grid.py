@@ -58,7 +58,7 @@ class CompareConfig:
             ``max(0, ρ̃_l − target)``); recorded in their rows.
         data_dir: GLUE folder.
         runs_dir: where run directories (and the workers' claim locks) go; None:
-            ``runs/compare/<results file stem>``, so grids with results files of their own never
+            ``runs/compare/<results file stem>-<hash of its path>``, so grids with results files of their own never
             share run folders or locks.
         results_json: the results file (one row per run; resumable).
         report_md: the markdown report written from the results file.
@@ -154,6 +154,12 @@ class CompareConfig:
         from deftune.methods import METHODS, MethodConfig
         from deftune.sparse.calibrate import check_threshold_ramp
 
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if not self.alphas:
+            raise ValueError("alphas must hold at least one α (0 runs PEFT)")
+        if not (isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1):
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
         for t in self.tasks:
             if t != SQUAD:
                 get_task(t)
@@ -180,6 +186,9 @@ class CompareConfig:
         for method, options in self.method_options.items():
             if method not in METHODS:
                 raise ValueError(f"method_options names unknown method {method!r}; choose from {sorted(METHODS)}")
+            if "name" in options:
+                raise ValueError(f"method_options[{method!r}] may not set 'name': each method's options go under "
+                                 "its own name (--methods chooses the methods)")
             MethodConfig.from_dict({"name": method, **options})  # unknown or inapplicable options fail here
         unused = sorted((set(self.method_lr) | set(self.method_options)) - set(self.methods))
         if unused:
@@ -265,8 +274,14 @@ class CompareConfig:
 
     @property
     def run_root(self) -> Path:
-        """The folder of this grid's run directories: ``runs_dir``, else one per results file."""
-        return Path(self.runs_dir) if self.runs_dir else Path("runs/compare") / Path(self.results_json).stem
+        """The folder of this grid's run directories: ``runs_dir``, else one per results file
+        (its stem and a hash of its absolute path: ``a/results.json`` and ``b/results.json`` differ)."""
+        if self.runs_dir:
+            return Path(self.runs_dir)
+        import hashlib
+
+        where = hashlib.sha1(str(Path(self.results_json).resolve()).encode()).hexdigest()[:8]
+        return Path("runs/compare") / f"{Path(self.results_json).stem}-{where}"
 
     def scales_of(self, alpha: float, density: float | None) -> str:
         """The ``act_scale`` of a GLUE run: ``peft_act_scale`` for the dense PEFT runs (α = 0, no
@@ -464,6 +479,18 @@ def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
             _check_recipe(config, row, results_json)
 
 
+def check_writable(path: str | Path) -> None:
+    """Raise ``ValueError`` unless a file can be written at ``path`` (its folder is created): checked
+    before anything trains, not after the first run."""
+    folder = Path(path).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create the folder of {path}: {err.strerror or err}") from None
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: its folder {folder} is not writable")
+
+
 def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool = True) -> list[dict[str, Any]]:
     """Train every config not yet in ``results_json``; append each finished run atomically.
 
@@ -478,6 +505,7 @@ def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool 
             was trained with another learning rate or other method options (:func:`recipe`).
     """
     check_recipes(configs, results_json)
+    check_writable(results_json)
     for i, config in enumerate(configs):
         name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name
         out = Path(config.output_dir) if config.output_dir else None

@@ -24,7 +24,7 @@ class AlphaSweepConfig:
         schedule: alpha schedule.
         warmup_steps: alpha warm-up steps.
         data_dir: GLUE folder.
-        runs_dir: where run directories go (None: ``runs/compare/<results file stem>``, so sweeps
+        runs_dir: where run directories go (None: ``runs/compare/<results file stem>-<hash of its path>``, so sweeps
             with results files of their own never share run folders).
         results_json: results file (resumable).
         plot: output PNG.

@@ -120,6 +120,8 @@ class TrainConfig:
         from deftune.data.glue import get_task
 
         get_task(self.task)  # raises DataError naming the accepted tasks
+        self.method_config()  # raises naming an unknown method or option and the accepted ones
+
         def is_int(value) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
 
@@ -177,6 +179,15 @@ class TrainConfig:
     def run_name(self) -> str:
         thresholds = f"-t{self.act_threshold_density:g}" if self.act_threshold_density is not None else ""
         return self.name or f"{self.task}-{self.method}-a{self.alpha:g}{thresholds}"
+
+    def method_config(self):
+        """The :class:`deftune.methods.MethodConfig` of ``method`` and ``method_options``."""
+        from deftune.methods import MethodConfig
+
+        if "name" in self.method_options:
+            raise ValueError(f"method_options may not set 'name' ({self.method_options['name']!r}): "
+                             "the method is chosen by method (--method)")
+        return MethodConfig.from_dict({"name": self.method, **self.method_options})
 
     def density_config(self) -> DensityLossConfig:
         return DensityLossConfig(

@@ -44,12 +44,12 @@ def build_model(config: TrainConfig, label_mean: float | None = None) -> tuple[n
 
     ``label_mean``: for regression tasks, the head starts at this value (:func:`init_regression_head`).
     """
-    from deftune.methods import MethodConfig, apply_method
+    from deftune.methods import apply_method
 
     base, tokenizer = build_base_model(config)
     if label_mean is not None:
         init_regression_head(base, label_mean)
-    model = apply_method(base, MethodConfig(name=config.method, **config.method_options))
+    model = apply_method(base, config.method_config())
     return model, tokenizer
 
 
