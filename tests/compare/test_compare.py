@@ -436,6 +436,26 @@ def test_head_and_scale_lr_are_recorded_and_old_rows_ran_at_the_defaults(tiny_se
     assert run_compare(again, progress=False) == [p]
 
 
+def test_grid_settings_are_recorded_and_a_rerun_with_others_is_refused(tiny_setup, tmp_path, capsys):
+    """Model, subsets, batch size, length and α schedule are in each row: a run of the same key with
+    other settings is not taken for done (its report would describe runs it did not make)."""
+    from deftune.compare.grid import SETTINGS
+    from deftune.runs import write_json_atomic
+
+    cfg = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,))
+    (row,) = run_compare(cfg, progress=False)
+    assert {k: row[k] for k in SETTINGS} == {k: getattr(cfg, k) for k in SETTINGS}
+    for change in ({"train_subset": 64}, {"eval_subset": 8}, {"max_length": 16}, {"model": str(tmp_path)}):
+        with pytest.raises(ValueError, match=f"{next(iter(change))} .*this grid.*results file of its own"):
+            run_compare(_grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), **change), progress=False)
+    # rows written before the settings were recorded are not checked on them
+    old = {k: v for k, v in row.items() if k not in SETTINGS}
+    write_json_atomic(cfg.results_json, {"runs": [old]})
+    capsys.readouterr()
+    again = _grid(tiny_setup, tmp_path, methods=("bitfit",), alphas=(0.0,), eval_subset=8)
+    assert run_compare(again, progress=False) == [old] and "done, skipped" in capsys.readouterr().out
+
+
 def test_grids_with_their_own_results_files_get_their_own_run_folders():
     a = CompareConfig(results_json="docs/results/glue_a.json")
     b = CompareConfig(results_json="docs/results/glue_b.json")

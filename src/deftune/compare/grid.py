@@ -350,8 +350,8 @@ def recipe(row: dict[str, Any]) -> dict[str, Any]:
     for a threshold run that ramped its thresholds in, the ramp, and for a DEFT run whose density
     loss stops at a target, the target. Rows written before a field
     was recorded ran at its default (``METHOD_LR``, ``CompareConfig``'s head and scale learning
-    rates, the default options). Other ``CompareConfig`` fields (batch size, subsets, ...) are not
-    in rows: a grid that changes them needs a results file of its own."""
+    rates, the default options). The grid's :data:`SETTINGS` (model, subsets, batch size, length,
+    α schedule) are recorded in rows too and checked apart (rows older than them are not)."""
     defaults = _method_defaults(row["method"])
     options = json.loads(json.dumps(row.get("method_options", {})))
     act_scale = row.get("act_scale", "none")
@@ -388,6 +388,7 @@ def _glue_row(config: TrainConfig, *, progress: bool) -> dict[str, Any]:
         **({"act_threshold_ramp": config.act_threshold_ramp} if config.act_threshold_ramp else {}),
         **({"density_target": config.density_target} if config.density_target is not None else {}),
         "metric": d["metric"], "metrics": d["metrics"],
+        **{k: getattr(config, k) for k in SETTINGS},
         "density": d["density"]["exact"], "per_layer_density": d["density"]["per_layer"],
         **({"virtual_tokens": d["density"]["virtual_tokens"],  # prompt / P-tuning: density is real tokens only
             "density_with_virtual_tokens": d["density"]["exact_with_virtual"]} if "virtual_tokens" in d["density"] else {}),
@@ -433,12 +434,26 @@ def _append_row(results_json: str, row: dict[str, Any]) -> None:
         write_json_atomic(results_json, {"hardware": describe(), "runs": rows})
 
 
+# grid settings a GLUE row records (since the seventeenth session) and a re-run must match; rows
+# written before do not hold them and are not checked on them
+SETTINGS = ("model", "train_subset", "eval_subset", "batch_size", "max_length", "schedule", "warmup_steps")
+
+
 def _check_recipe(config: RunConfig, row: dict[str, Any], results_json: str) -> None:
-    if isinstance(config, TrainConfig) and recipe(row) != _config_recipe(config):
+    if not isinstance(config, TrainConfig):
+        return
+    if recipe(row) != _config_recipe(config):
         raise ValueError(
             f"{results_json} already holds {config.run_name} (seed {config.seed}) trained with {recipe(row)}; "
             f"this grid asks for {_config_recipe(config)}. Give this recipe a results file of its own "
             "(--results-json, --report-md)"
+        )
+    other = {k: (row[k], getattr(config, k)) for k in SETTINGS if k in row and row[k] != getattr(config, k)}
+    if other:
+        raise ValueError(
+            f"{results_json} already holds {config.run_name} (seed {config.seed}) trained with other settings: "
+            + ", ".join(f"{k} {held!r} (this grid: {asked!r})" for k, (held, asked) in other.items())
+            + ". Give these settings a results file of its own (--results-json, --report-md)"
         )
 
 

@@ -70,6 +70,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"{config.train_subset}, max length {config.max_length}, α schedule `{config.schedule}` "
         f"(warm-up {config.warmup_steps}); "
         + (f"metric on {config.holdout} training examples held out of training (not the dev set)" if config.holdout
+           else f"dev metric on {config.eval_subset} dev examples (a fixed draw)" if config.eval_subset
            else "dev metric on the full dev set") + "; exact density in fp32 over real tokens.",
         "DEFT recipe for every method: " + _scales_line(config) + f", head lr {config.head_lr}, method lr "
         "from `METHOD_LR`" + "".join(f", {m} lr {lr:g}" for m, lr in sorted(config.method_lr.items()))
