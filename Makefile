@@ -9,7 +9,12 @@ BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data/glue
 STAMP := $(VENV)/.deftune-installed
 
+# DATA_DIR given to make wins over a DEFTUNE_DATA_DIR of the environment, which wins over the default
+ifeq ($(origin DATA_DIR),command line)
+export DEFTUNE_DATA_DIR := $(abspath $(DATA_DIR))
+else
 export DEFTUNE_DATA_DIR ?= $(abspath $(DATA_DIR))
+endif
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

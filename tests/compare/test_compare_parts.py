@@ -153,3 +153,12 @@ def test_results_with_fields_from_a_newer_version_still_load():
     data = {"name": "r", "task": "sst2", "method": "lora", "alpha": 0.1, "metric": {}, "density": {},
             "train_seconds": 1.0, "added_later": 1}
     assert RunResult.from_dict(data).name == "r"
+
+
+def test_the_reproduce_line_names_the_runs_the_report_shows(tmp_path):
+    """A --report-only call naming fewer α or seeds still reproduces every run in the table."""
+    rows = [_row("sst2", "lora", a, s, 80.0, 0.5) for a in (0.0, 0.05, 0.1) for s in (0, 1)]
+    rows.append(_row("sst2", "lora", 0.0, 1, 80.0, 0.5, act_threshold_density=0.55))
+    write_compare_report(rows, _grid(tmp_path, alphas=(0.0, 0.1), seeds=(0,)))
+    line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("Reproduce"))
+    assert " --alphas 0,0.05,0.1 --seeds 0,1 --threshold-densities 0.55" in line

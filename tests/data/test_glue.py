@@ -115,7 +115,7 @@ def test_holdout_split_is_fixed_disjoint_and_complete(tmp_path):
     for bad in (0, 50, 2.5):
         with pytest.raises(DataError, match="holdout must be an integer in \\[1, 49\\]"):
             split_holdout(examples, bad)
-    with pytest.raises(DataError, match="split 'holdout' needs holdout=N"):
+    with pytest.raises(DataError, match="was not trained with --holdout N"):
         load_split("sst2", "holdout", tmp_path)
 
 

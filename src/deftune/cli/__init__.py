@@ -18,6 +18,8 @@ import pkgutil
 import sys
 from types import ModuleType
 
+from deftune.cli._args import HelpFormatter
+
 
 def command_modules() -> dict[str, ModuleType]:
     """name -> module of every sub-command in this package."""
@@ -29,10 +31,6 @@ def command_modules() -> dict[str, ModuleType]:
         if hasattr(module, "COMMAND"):
             found[module.COMMAND] = module
     return dict(sorted(found.items()))
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the line breaks of each command's description (its examples)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=module.HELP,
             description=(module.__doc__ or module.HELP).strip(),
-            formatter_class=_HelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.add_arguments(p)
         p.set_defaults(_run=module.run)

@@ -9,6 +9,21 @@ import typing
 from typing import Any
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the line breaks of each command's description (its examples).
+
+    No "(default: ...)" for on/off flags (a ``--no-x`` flag's default True reads as "off by
+    default"), required options, empty defaults, or help that states its default already.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.nargs == 0 or action.required or action.default in (None, "", (), [])
+                or "default" in text.lower()):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """``name -> help`` from the ``Attributes:`` section of ``cls.__doc__``."""
     doc = cls.__doc__ or ""

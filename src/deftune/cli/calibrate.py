@@ -32,6 +32,7 @@ HELP = "calibrate activation thresholds to a target density; sweep metric vs den
 
 DATA_SOURCES = ("sst2", "squad")
 SQUAD_ENV = "DEFTUNE_SQUAD_FILE"
+SQUAD_DIR_ENV = "DEFTUNE_SQUAD_DIR"  # deftune.data.squad's: qa-train and compare read it too
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class CalibrationJob:
         batch_size: batch size of calibration and evaluation passes.
         max_length: maximum tokens per example.
         data_dir: GLUE folder (default ``$DEFTUNE_DATA_DIR``).
-        squad_file: SQuAD v1.1 JSON (default ``$DEFTUNE_SQUAD_FILE``, else ``<data_dir>/../squad/dev-v1.1.json``).
+        squad_file: SQuAD v1.1 JSON (default ``$DEFTUNE_SQUAD_FILE``, else ``$DEFTUNE_SQUAD_DIR/dev-v1.1.json``, else ``<data_dir>/../squad/dev-v1.1.json``).
         seed: seed of the data subsets.
         threads: torch CPU threads (0: leave torch's default).
     """
@@ -211,13 +212,16 @@ def _setup(job: CalibrationJob, model_name: str) -> _Setup:
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     squad = job.squad_file or os.environ.get(SQUAD_ENV)
+    if squad is None and os.environ.get(SQUAD_DIR_ENV):  # the folder the other SQuAD commands read
+        squad = str(Path(os.environ[SQUAD_DIR_ENV]) / "dev-v1.1.json")
     if squad is None:
         from deftune.data.glue import resolve_data_dir
 
         root = resolve_data_dir(job.data_dir)
         squad = str(root.parent / "squad" / "dev-v1.1.json") if root is not None else None
     if squad is None or not Path(squad).is_file():
-        raise FileNotFoundError(f"SQuAD file {squad!r} not found; pass --squad-file or set {SQUAD_ENV}")
+        raise FileNotFoundError(f"SQuAD file {squad!r} not found; pass --squad-file, or set {SQUAD_ENV} (a file) or "
+                                f"{SQUAD_DIR_ENV} (a folder holding dev-v1.1.json)")
     calib = text_batches(squad_paragraphs(squad, "calib", job.calib_size, job.seed), tokenizer,
                          job.batch_size, job.max_length)
     eval_batches = text_batches(squad_paragraphs(squad, "eval", job.eval_size, job.seed), tokenizer,

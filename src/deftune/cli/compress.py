@@ -17,10 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a fine-tuned run directory")
     parser.add_argument("--pattern", required=True, help="int<bits>[:tensor|ch|ch1|g<N>][:sym|asym][:mse|p<pct>] or "
                         "unstructured:<s> | threshold:<t> | nm:<n>:<m> | block:<r>x<c>:<s> | channel:<s>[:cols]")
-    parser.add_argument("--method", default="rtn", help="rtn, gptq (quantization) or mse (layer-wise refit)")
+    parser.add_argument("--method", default="rtn", choices=("rtn", "gptq", "mse"),
+                        help="rtn (round to nearest), gptq (quantization) or mse (layer-wise refit)")
     parser.add_argument("--allocation", default="uniform", help="sparsity allocation: uniform, global or erk")
     parser.add_argument("--pack", action="store_true", help="store quantized weights as real int4/int8 and count bytes")
-    parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="skip the dev-set evaluation")
+    parser.add_argument("--no-eval", dest="evaluate", action="store_false",
+                        help="skip the dev-set evaluation (which runs by default)")
     parser.add_argument("--calib-size", type=int, default=128, help="calibration sentences (0: none)")
     parser.add_argument("--data-dir", default=None, help="GLUE folder (default: the run's, or $DEFTUNE_DATA_DIR)")
     parser.add_argument("--output", default=None, help="write the report as JSON here")

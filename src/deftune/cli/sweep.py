@@ -7,7 +7,8 @@ Sub-commands (each calls one typed library function)::
   deftune sweep sparsity --levels 0.3,0.5,0.7,0.9 --pattern unstructured --pattern nm:2:4 \\
                          --methods oneshot,recovery --train-levels 0.5
 
-Results are merged into a JSON file (default docs/results/compression.json) and plotted as PNG.
+Results are merged into a JSON file (default docs/results/compression.json for quant and sparsity,
+docs/results/sweep_alpha.json for alpha) and plotted as PNG.
 A new sweep is one entry in :data:`SWEEPS`: ``name -> (help, add_arguments, run)``.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+
+from deftune.cli._args import HelpFormatter
 
 COMMAND = "sweep"
 HELP = "sweep alpha (DEFT), bits or weight sparsity (compression) and plot the task metric"
@@ -136,7 +139,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="sweep", metavar="SWEEP", required=True)
     for name, (help_text, add, run_fn) in SWEEPS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         add(p)
         p.set_defaults(_sweep_run=run_fn)
 

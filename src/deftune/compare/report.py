@@ -43,6 +43,21 @@ def _scales_line(config: CompareConfig) -> str:
             + scales(peft, "peft_act_scale") + ")")
 
 
+def _grid_of(rows: list[dict[str, Any]], config) -> dict[str, list]:
+    """Tasks, methods, α, seeds and threshold densities of the runs the report shows (for its
+    Reproduce line: a ``--report-only`` call may name fewer); the config's where there are none."""
+    if not rows:
+        return {"tasks": list(config.tasks), "methods": list(config.methods), "alphas": list(config.alphas),
+                "seeds": list(config.seeds), "densities": list(config.threshold_densities)}
+    dense = [r for r in rows if r.get("act_threshold_density") is None]
+    return {"tasks": list(dict.fromkeys(r["task"] for r in rows)),
+            "methods": list(dict.fromkeys(r["method"] for r in rows)),
+            "alphas": sorted({float(r["alpha"]) for r in dense} | ({0.0} if len(dense) < len(rows) else set())),
+            "seeds": sorted({int(r.get("seed", 0)) for r in rows}),
+            "densities": sorted({float(r["act_threshold_density"]) for r in rows
+                                 if r.get("act_threshold_density") is not None})}
+
+
 def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> None:
     """``docs/results.md``: the seed-averaged table, per-α averages, and a metric-vs-density plot."""
     from deftune.hardware import describe_line
@@ -61,6 +76,7 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
     img = md.parent / "img" / f"{md.stem}_metric_vs_density.png"  # one figure per report
     plot_metric_vs_density(rows, img)
     seeds_seen = sorted({int(r.get("seed", 0)) for r in rows})
+    grid = _grid_of(rows, config)
     has_squad = any(r["task"] == SQUAD for r in rows)
     has_glue = any(r["task"] != SQUAD for r in rows) or not rows
     title = {(True, False): "GLUE: PEFT vs DEFT, every method", (False, True): "SQuAD (generative QA): PEFT vs DEFT"}
@@ -105,11 +121,11 @@ def write_compare_report(rows: list[dict[str, Any]], config: CompareConfig) -> N
         f"Seeds in the results file: {', '.join(map(str, seeds_seen))}; every number below is a mean over "
         "the seeds that row has (column `seeds`; each run is a row of the JSON file).",
         "",
-        "Reproduce: `deftune compare --tasks " + ",".join(config.tasks) + " --methods " + ",".join(config.methods)
-        + " --alphas " + ",".join(f"{a:g}" for a in config.alphas)
-        + " --seeds " + ",".join(map(str, config.seeds))
-        + (" --threshold-densities " + ",".join(f"{d:g}" for d in config.threshold_densities)
-           if config.threshold_densities else "") + (" --data-dir ../shared/data/glue" if has_glue else "")
+        "Reproduce: `deftune compare --tasks " + ",".join(grid["tasks"]) + " --methods " + ",".join(grid["methods"])
+        + " --alphas " + ",".join(f"{a:g}" for a in grid["alphas"])
+        + " --seeds " + ",".join(map(str, grid["seeds"]))
+        + (" --threshold-densities " + ",".join(f"{d:g}" for d in grid["densities"])
+           if grid["densities"] else "") + (" --data-dir ../shared/data/glue" if has_glue else "")
         + "".join(f" --{name.replace('_', '-')} {getattr(config, name)}"
                   for name in ("steps", "warmup_steps", "schedule", "train_subset", "eval_subset", "batch_size",
                                "max_length", "model", "act_scale", "peft_act_scale", "scale_lr", "scale_grad", "threshold_ramp", "density_target", "head_lr", "results_json", "report_md",

@@ -123,7 +123,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
     path = Path(value).expanduser()
     if not path.is_dir():
         raise DataError(
-            f"GLUE data folder {str(path)!r} does not exist; pass --data-dir (or set "
+            f"GLUE data folder {str(path)!r}{' (from $' + DATA_DIR_ENV + ')' if data_dir is None else ''} does not "
+            "exist; pass --data-dir (or set "
             f"{DATA_DIR_ENV}) to a folder holding task folders such as SST-2/, CoLA/, MRPC/"
         )
     return path
@@ -255,7 +256,10 @@ def load_split(
     """A split as a run sees it: ``train`` (less the held-out examples when ``holdout`` is set),
     ``holdout`` (those ``holdout`` training examples, :func:`split_holdout`) or any split of :func:`load_glue`."""
     if split == "holdout" and not holdout:
-        raise DataError("split 'holdout' needs holdout=N (the number of training examples held out)")
+        raise DataError("split 'holdout' is the training examples a run held out: this run was not trained "
+                        "with --holdout N (holdout=None)")
+    if split not in ("train", "holdout", *SPLITS):
+        raise DataError(f"unknown split {split!r}; choose one of {[*SPLITS, 'holdout']}")
     if split not in ("train", "holdout") or not holdout:
         return load_glue(task, split, data_dir)
     rest, held = split_holdout(load_glue(task, "train", data_dir), holdout)

@@ -63,8 +63,9 @@ def resolve_squad_dir(data_dir: str | os.PathLike | None) -> Path | None:
     path = Path(value).expanduser()
     if not path.exists():
         raise DataError(
-            f"SQuAD data {str(path)!r} does not exist; pass --data-dir (or set {SQUAD_DIR_ENV}) to a "
-            f"folder holding {_FILES['dev']} (and optionally {_FILES['train']})"
+            f"SQuAD data {str(path)!r} does not exist{' (from $' + SQUAD_DIR_ENV + ')' if data_dir is None else ''}; "
+            f"give a folder holding {_FILES['dev']} (and optionally {_FILES['train']}): --data-dir of qa-train / "
+            f"train --task squad, --squad-dir of compare, or {SQUAD_DIR_ENV}"
         )
     return path
 

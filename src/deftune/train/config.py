@@ -18,13 +18,22 @@ class TrainConfig:
     Attributes:
         task: GLUE task name (sst2, cola, mrpc, rte, stsb, qnli, mnli, qqp).
         model: model name (``minilm``, ``minilm-relu``, a local folder or Hub id).
-        method: PEFT method name from :data:`deftune.methods.METHODS` (or ``full``).
+        method: ``lora``, ``dora``, ``ia3``, ``prefix``, ``prompt``, ``ptuning``, ``adapter``,
+            ``bitfit`` or ``full`` (:data:`deftune.methods.METHODS`).
         method_options: overrides passed to :class:`deftune.methods.MethodConfig`, e.g.
             ``act_scale=layer`` (learned activation scales) or ``act_scale=layer,act_scale_grad=density``
             (scales that only the density loss moves).
         alpha: density-loss weight α (0 = plain PEFT, the same code path).
-        loss, eps, beta, schedule, warmup_steps, site, count_padding, stack_weights: the density
-            loss (see :class:`deftune.losses.DensityLossConfig`).
+        loss: the density surrogate: ``l0`` (the paper's a²/(a²+ε)), ``tanh`` (tanh(β|a|), for
+            ReLU models), ``sigmoid`` or ``l1`` (:class:`deftune.losses.DensityLossConfig`).
+        eps: ε of the ``l0`` surrogate (the paper's 1e-7).
+        beta: β of the ``tanh`` / ``sigmoid`` surrogates.
+        schedule: α over the steps: ``constant``, ``linear`` (warm-up from 0) or ``sine``.
+        warmup_steps: steps over which α warms up (``linear`` / ``sine`` schedules).
+        site: ``act`` (activation output; the activated gate of gated MLPs, as the paper) or
+            ``product`` (gated MLPs: act(gate) · up, the down projection's input).
+        count_padding: count padding tokens in the density loss too (the official DEFT code).
+        stack_weights: weight of each stack's mean layer loss (``encoder=1,decoder=1``).
         density_target: None (the paper's density loss), or a density in (0, 1] at which each
             layer's density loss stops: the per-layer hinge ``max(0, ρ̃_l − density_target)``
             (``DensityLossConfig.target``); the train log's ``density_loss`` is then that hinge.
