@@ -224,3 +224,25 @@ def test_compare_checks_that_its_results_can_be_written_before_training(tmp_path
 def test_train_method_options_are_checked_by_name(capsys):
     assert main(["train", "--method-options", "bogus=1"]) == 2
     assert "unknown MethodConfig keys ['bogus']" in capsys.readouterr().err
+
+
+def test_compare_checks_every_task_folder_before_training(tmp_path, capsys, monkeypatch):
+    import deftune.compare.grid as grid
+
+    glue = tmp_path / "glue"
+    (glue / "SST-2").mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (glue / "SST-2" / name).write_text("sentence\tlabel\n")
+    seen = _capture(monkeypatch, grid, "_glue_row")
+    argv = ["compare", "--methods", "lora", "--alphas", "0", "--data-dir", str(glue),
+            "--results-json", str(tmp_path / "r.json"), "--report-md", str(tmp_path / "r.md")]
+    assert main([*argv, "--tasks", "sst2,rte"]) == 2
+    assert "RTE" in capsys.readouterr().err and not seen
+    (glue / "SST-2" / "dev.tsv").unlink()
+    assert main([*argv, "--tasks", "sst2"]) == 2
+    assert "dev.tsv" in capsys.readouterr().err and not seen
+
+
+def test_a_missing_model_folder_names_the_known_models(tmp_path, capsys):
+    assert main(["measure", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "not found; known names: ['minilm', 'minilm-relu', 'smollm2']" in capsys.readouterr().err

@@ -79,7 +79,14 @@ def resolve(name: str) -> tuple[str, dict]:
     overrides = {"hidden_act": "relu"} if name == "minilm-relu" else {}
     if base in MODEL_PACKAGES:
         return str(package_file(base)), overrides
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ModelNotFoundError(f"model folder {name!r} not found; known names: {known_names()}")
     return name, overrides
+
+
+def known_names() -> list[str]:
+    """The model names that work offline (their packages installed or not)."""
+    return sorted({*MODEL_PACKAGES, *ALIASES})
 
 
 def load_tokenizer(name: str):

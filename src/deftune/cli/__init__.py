@@ -66,8 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deftune {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a folder that cannot be written; a model that is neither known nor reachable
+        from deftune.models import known_names
+
         hint = ("" if isinstance(err, PermissionError) else
-                " (models known offline: minilm, minilm-relu, smollm2; or give a local model folder)")
+                f" (models known offline: {', '.join(known_names())}; or give a local model folder)")
         print(f"deftune {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -38,6 +38,7 @@ from deftune.compare.grid import (
 from deftune.compare.pairs import summarise, summary_lines
 from deftune.compare.report import NOTES_MARKER, SUMMARY_MARKERS, write_compare_report
 from deftune.compare.sweep import AlphaSweepConfig, plot_alpha_sweep, run_alpha_sweep
+from deftune.data.glue import check_local_tasks
 from deftune.train.config import TrainConfig
 
 
@@ -45,6 +46,7 @@ def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[st
     """Run (or resume) the grid, then write the markdown report and plot."""
     if config.report_md:
         check_writable(config.report_md)  # before anything trains
+    check_local_tasks([t for t in config.tasks if t != SQUAD], config.data_dir)
     rows = run_grid(config.runs(), config.results_json, progress=progress)
     write_compare_report(rows, config)
     return rows

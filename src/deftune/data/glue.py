@@ -142,13 +142,15 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> float | int:
     return task.labels.index(raw)
 
 
+def _no_task_file(task: GlueTask, path: Path) -> DataError:
+    return DataError(f"task file {str(path)!r} not found; the {task.name} folder must hold train.tsv and "
+                     f"{task.dev_file} in GLUE format ({task.folder}/train.tsv)")
+
+
 def read_glue_tsv(task: GlueTask, path: Path) -> list[Example]:
     """Read one GLUE TSV file; malformed rows raise :class:`DataError` naming file and line."""
     if not path.is_file():
-        raise DataError(
-            f"task file {str(path)!r} not found; the {task.name} folder must hold train.tsv and "
-            f"{task.dev_file} in GLUE format ({task.folder}/train.tsv)"
-        )
+        raise _no_task_file(task, path)
     examples: list[Example] = []
     with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -206,14 +208,30 @@ def load_glue(
     root = resolve_data_dir(data_dir)
     if root is None:
         return _load_from_hub(spec, split)
+    return read_glue_tsv(spec, task_file(spec, split, root))
+
+
+def task_file(spec: GlueTask, split: str, root: Path) -> Path:
+    """The TSV of one split of a task in the GLUE folder ``root`` (``DataError`` without the task folder)."""
     folder = root / spec.folder
     if not folder.is_dir():
         raise DataError(
             f"task folder {str(folder)!r} not found in {str(root)!r}; expected GLUE task folders such as "
             f"{', '.join(t.folder for t in list(GLUE_TASKS.values())[:6])}"
         )
-    file = spec.dev_file if split in ("dev", "validation") else f"{split}.tsv"
-    return read_glue_tsv(spec, folder / file)
+    return folder / (spec.dev_file if split in ("dev", "validation") else f"{split}.tsv")
+
+
+def check_local_tasks(tasks: Sequence[str | GlueTask], data_dir: str | os.PathLike | None) -> None:
+    """Raise ``DataError`` unless every task has its train and dev files in the GLUE folder (when
+    one is given): checked before a grid trains, not when it reaches the task."""
+    root = resolve_data_dir(data_dir)
+    if root is not None:
+        for task in tasks:
+            spec = get_task(task) if isinstance(task, str) else task
+            for split in ("train", "dev"):
+                if not (path := task_file(spec, split, root)).is_file():
+                    raise _no_task_file(spec, path)
 
 
 def subsample(examples: Sequence[Example], n: int | None, seed: int = 0) -> list[Example]:
