@@ -81,6 +81,9 @@ def test_defaults_are_symmetric_per_output_channel():
     ("int4:c0", "unknown token 'c0'"),
     ("nm:2:4:junk", "expected nm:<n>:<m>"),
     ("nm:0:4", "0 < n < m, got n=0, m=4"),
+    ("int4:sym:asym", "two symmetry tokens ('sym' and 'asym')"),
+    ("int4:ch1:g128", "two granularity tokens ('ch1' and 'g128')"),
+    ("int4:tensor:g64", "two granularity tokens"),
 ])
 def test_more_bad_strings(bad, says):
     with pytest.raises(PatternError, match=re.escape(says)):
@@ -106,3 +109,12 @@ def test_relative_error_of_a_zero_reference():
 
     assert relative_error(torch.zeros(3), torch.ones(3)) == math.inf
     assert relative_error(torch.zeros(3), torch.zeros(3)) == 0.0
+
+
+def test_computed_levels_read_back_exactly():
+    from deftune.compress.patterns import with_sparsity
+
+    for level in (0.5, 0.3, 0.12345678, 1 / 3, 0.999999):
+        for pattern in (Unstructured(level), Block(4, 4, level)):
+            assert parse_pattern(str(with_sparsity(pattern, level))) == with_sparsity(pattern, level)
+    assert str(Unstructured(0.5)) == "unstructured:0.5" and str(parse_pattern("int4:p99.9")) == "int4:ch0:sym:p99.9"

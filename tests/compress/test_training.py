@@ -210,3 +210,23 @@ def test_compression_extension_hands_its_calibration_to_reconstruction(tiny_bert
     ext = CompressionExtension(QuantConfig("int4:ch", reconstruct="gptq"), calibration=tiny_batches(2))
     ext.prepare(model)
     assert ext.report is not None and len(ext.report.layers) == 12
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CompressionExtension(SparsityConfig("unstructured:0.5")),
+    lambda: CompressionExtension(QuantConfig("int4")),
+    lambda: CompressionExtension(QuantConfig("int4", freeze=False)),
+    lambda: GradualPruning(PruningSchedule("unstructured:0.5", start_step=0, end_step=2, every=1)),
+])
+def test_a_compressed_full_fine_tuning_run_reloads_as_it_was_evaluated(make, tiny_setup, tmp_path):
+    """train_glue saves the run after its evaluation: the compressed layers are put back as plain
+    Linear layers holding the compressed weights, so load_run gives the evaluated model."""
+    from tests.conftest import tiny_train_config
+
+    from deftune.train import evaluate_glue, load_run, train_glue
+
+    result = train_glue(tiny_train_config(tiny_setup, tmp_path, method="full", alpha=0.0), [make()], progress=False)
+    model, tokenizer, cfg = load_run(tmp_path / "run")
+    assert not compressed_layers(model)
+    again = evaluate_glue(model, tokenizer, cfg)
+    assert again.metrics == result.metrics and again.density.overall == result.density["exact"]

@@ -115,8 +115,14 @@ class QuantPattern:
         if self.clip == "mse":
             parts.append("mse")
         elif self.clip == "percentile":
-            parts.append(f"p{self.percentile:g}")
+            parts.append(f"p{_fmt(self.percentile)}")
         return ":".join(parts)
+
+
+def _fmt(x: float) -> str:
+    """``x`` as short as it reads back exactly: ``0.5``, ``99.9``, or every digit of a computed level."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 _QUANT_HELP = "int<bits>[:tensor|ch|ch0|ch1|g<N>][:sym|asym][:mse|p<percentile>], e.g. int4:g128:asym"
@@ -129,7 +135,15 @@ def parse_quant(text: str) -> QuantPattern:
     if head is None:
         raise PatternError(f"quantization pattern {text!r} must start with int<bits>; form: {_QUANT_HELP}")
     kw: dict = {"bits": int(head.group(1))}
+    seen: dict[str, str] = {}  # kind of token -> the token that set it
     for tok in tokens[1:]:
+        kind = ("granularity" if tok == "tensor" or re.fullmatch(r"ch[01]?|g\d+", tok)
+                else "symmetry" if tok in ("sym", "asym") else None)
+        if kind is not None and kind in seen:
+            raise PatternError(f"{text!r} names two {kind} tokens ({seen[kind]!r} and {tok!r}); use one. "
+                               f"Form: {_QUANT_HELP}")
+        if kind is not None:
+            seen[kind] = tok
         if tok == "tensor":
             kw.update(granularity="tensor")
         elif m := re.fullmatch(r"ch([01]?)", tok):
@@ -171,7 +185,7 @@ class Unstructured:
         """Any shape."""
 
     def __str__(self) -> str:
-        return f"unstructured:{self.sparsity:g}"
+        return f"unstructured:{_fmt(self.sparsity)}"
 
 
 @dataclass(frozen=True)
@@ -188,7 +202,7 @@ class Threshold:
         """Any shape."""
 
     def __str__(self) -> str:
-        return f"threshold:{self.threshold:g}"
+        return f"threshold:{_fmt(self.threshold)}"
 
 
 @dataclass(frozen=True)
@@ -236,7 +250,7 @@ class Block:
             raise PatternError(f"{self}: shape {tuple(shape)} is not divisible into {self.rows}x{self.cols} blocks")
 
     def __str__(self) -> str:
-        return f"block:{self.rows}x{self.cols}:{self.sparsity:g}"
+        return f"block:{self.rows}x{self.cols}:{_fmt(self.sparsity)}"
 
 
 @dataclass(frozen=True)
@@ -257,7 +271,7 @@ class Channel:
             raise PatternError(f"{self}: channel sparsity needs a weight of >= 2 dims, got shape {tuple(shape)}")
 
     def __str__(self) -> str:
-        return f"channel:{self.sparsity:g}" + (":cols" if self.axis == 1 else "")
+        return f"channel:{_fmt(self.sparsity)}" + (":cols" if self.axis == 1 else "")
 
 
 SparsityPattern = Unstructured | Threshold | NM | Block | Channel

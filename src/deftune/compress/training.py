@@ -33,7 +33,14 @@ import torch
 from torch import Tensor, nn
 
 from deftune.compress.layer import CompressedLinear, MaskCompressor, QuantCompressor
-from deftune.compress.model import CompressConfig, CompressReport, FilterFn, SparsityConfig, compress_
+from deftune.compress.model import (
+    CompressConfig,
+    CompressReport,
+    FilterFn,
+    SparsityConfig,
+    compress_,
+    decompress_,
+)
 from deftune.compress.patterns import FRACTIONAL, Unstructured, parse_sparsity, with_sparsity
 from deftune.compress.sparsity import ALLOCATIONS, Allocation, allocate, compute_mask, sparsity_of
 
@@ -54,7 +61,16 @@ def _project(layers: Mapping[str, tuple[CompressedLinear, MaskCompressor]]) -> N
         layer.weight.mul_(masker.mask.to(layer.weight.dtype))
 
 
-class CompressionExtension:
+class _SavesCompressed:
+    """``before_save``: every compressed layer becomes a plain Linear holding its compressed weight
+    (what the run evaluated), so the saved run loads as a plain model and computes what was
+    measured (its latent weights and compressor buffers are not saved)."""
+
+    def before_save(self, model: nn.Module) -> None:
+        decompress_(model, materialize=True)
+
+
+class CompressionExtension(_SavesCompressed):
     """Compress the model in ``prepare`` (STE wrappers), then train as usual.
 
     Args:
@@ -136,7 +152,7 @@ class PruningSchedule:
         _check_allocation(self.allocation)
 
 
-class GradualPruning:
+class GradualPruning(_SavesCompressed):
     """Gradual magnitude pruning (Zhu & Gupta 2017) of the chosen Linear layers of a model."""
 
     def __init__(self, schedule: PruningSchedule, filter_fn: FilterFn | None = None) -> None:
@@ -215,7 +231,7 @@ class DynamicSchedule:
         _check_allocation(self.allocation)
 
 
-class DynamicSparsity:
+class DynamicSparsity(_SavesCompressed):
     """SET or RigL on the chosen Linear layers, at constant sparsity (unstructured masks)."""
 
     def __init__(self, schedule: DynamicSchedule, filter_fn: FilterFn | None = None, seed: int = 0) -> None:

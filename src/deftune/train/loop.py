@@ -68,7 +68,9 @@ class TrainExtension(Protocol):
     def log(self) -> dict[str, float]: ...
 
     # optional: ``bind_regularizer(regularizer)`` is called, when defined, once the density
-    # regulariser exists (ADA-DEFT uses it to weight each layer's density loss by its gate)
+    # regulariser exists (ADA-DEFT uses it to weight each layer's density loss by its gate);
+    # ``before_save(model)`` before the run is saved, after its evaluation (compression extensions
+    # put plain layers holding the compressed weights back, so the saved run is what was evaluated)
 
 
 def _lr_lambda(config: TrainConfig):
@@ -320,6 +322,10 @@ def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extension
 
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for ext in extensions:  # optional: an extension that wraps layers hands the model back plain
+        before_save = getattr(ext, "before_save", None)
+        if callable(before_save):
+            before_save(model)
     save_adapter(model, out)
     write_json_atomic(out / CONFIG_FILE, {"deftune_version": deftune.__version__, "train": config.to_dict()})
     states = {}
