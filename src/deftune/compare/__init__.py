@@ -44,8 +44,9 @@ from deftune.train.config import TrainConfig
 
 def run_compare(config: CompareConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Run (or resume) the grid, then write the markdown report and plot."""
-    if config.report_md:
-        check_writable(config.report_md)  # before anything trains
+    for path in (config.results_json, config.report_md):  # before anything trains
+        if path:
+            check_writable(path)
     check_local_tasks([t for t in config.tasks if t != SQUAD], config.data_dir)
     rows = run_grid(config.runs(), config.results_json, progress=progress)
     write_compare_report(rows, config)

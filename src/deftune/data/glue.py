@@ -225,7 +225,7 @@ def task_file(spec: GlueTask, split: str, root: Path) -> Path:
 def check_local_tasks(tasks: Sequence[str | GlueTask], data_dir: str | os.PathLike | None) -> None:
     """Raise ``DataError`` unless every task has its train and dev files in the GLUE folder (when
     one is given): checked before a grid trains, not when it reaches the task."""
-    root = resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir) if tasks else None
     if root is not None:
         for task in tasks:
             spec = get_task(task) if isinstance(task, str) else task
