@@ -69,6 +69,7 @@ def test_train_and_eval_modes():
         ({"logit_scale": 0.0}, "logit_scale must be"),
         ({"density_weighting": "inverse"}, "density_weighting='inverse'"),
         ({"penalty_warmup_steps": -3}, "penalty_warmup_steps"),
+        ({"penalty_warmup_steps": True}, "penalty_warmup_steps"),
     ],
 )
 def test_ada_config_validation(kwargs, message):

@@ -159,6 +159,9 @@ def test_histogram_merge_equals_single_pass():
         ({"mode": "median"}, "mode"),
         ({"bins_per_octave": 0}, "bins_per_octave"),
         ({"min_log2": 5, "max_log2": 2}, "min_log2"),
+        ({"target": True}, "target"),  # a bool is not a density, nor a count
+        ({"refine_passes": True}, "refine_passes"),
+        ({"bins_per_octave": True}, "bins_per_octave"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -516,3 +519,11 @@ def test_collecting_histograms_gives_the_model_its_mode_back():
     model = tiny_bert().train()
     collect_histograms(model, batches(), CalibrationConfig())
     assert model.training
+
+
+@pytest.mark.parametrize("value", [16.0, 12, 0, True])
+def test_kernel_config_block_sizes_are_powers_of_two_by_name(value):
+    from deftune.sparse.triton_mlp import KernelConfig
+
+    with pytest.raises(ValueError, match=rf"KernelConfig.gate_block_i={value} must be a power of two"):
+        KernelConfig(gate_block_i=value)

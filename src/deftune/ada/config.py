@@ -66,7 +66,8 @@ class AdaConfig:
         _check_number("logit_scale", self.logit_scale, low_open=True)
         _check_number("temperature", self.temperature, low_open=True)
         _check_number("beta", self.beta, low_open=True)
-        if not isinstance(self.penalty_warmup_steps, int) or self.penalty_warmup_steps < 0:
+        if (not isinstance(self.penalty_warmup_steps, int) or isinstance(self.penalty_warmup_steps, bool)
+                or self.penalty_warmup_steps < 0):
             raise ValueError(f"penalty_warmup_steps must be an int >= 0, got {self.penalty_warmup_steps!r}")
         if self.site not in ("act", "product"):
             raise ValueError(f"site must be 'act' or 'product', got {self.site!r}")

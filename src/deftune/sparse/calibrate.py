@@ -116,18 +116,20 @@ class CalibrationConfig:
             raise ValueError(f"site must be one of {list(SITE_KINDS)}, got {self.site!r}")
         if self.mode not in THRESHOLD_MODES:
             raise ValueError(f"mode must be one of {sorted(THRESHOLD_MODES)}, got {self.mode!r}")
-        if not (isinstance(self.bins_per_octave, int) and 1 <= self.bins_per_octave <= 4096):
+        if not (isinstance(self.bins_per_octave, int) and not isinstance(self.bins_per_octave, bool)
+                and 1 <= self.bins_per_octave <= 4096):
             raise ValueError(f"bins_per_octave must be an integer in [1, 4096], got {self.bins_per_octave!r}")
         if not (-126 <= self.min_log2 < self.max_log2 <= 127):
             raise ValueError(
                 f"need -126 <= min_log2 < max_log2 <= 127 (float32 range), got {self.min_log2}, {self.max_log2}"
             )
-        if not (isinstance(self.refine_passes, int) and self.refine_passes >= 0):
+        if not (isinstance(self.refine_passes, int) and not isinstance(self.refine_passes, bool)
+                and self.refine_passes >= 0):
             raise ValueError(f"refine_passes must be an integer >= 0, got {self.refine_passes!r}")
 
 
 def _check_target(target: float) -> float:
-    if not (isinstance(target, (int, float)) and 0.0 < target <= 1.0):
+    if not (isinstance(target, (int, float)) and not isinstance(target, bool) and 0.0 < target <= 1.0):
         raise ValueError(f"target must be a density in (0, 1], got {target!r}")
     return float(target)
 

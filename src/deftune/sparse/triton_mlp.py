@@ -91,7 +91,7 @@ class KernelConfig:
             "down_block_h",
         ):
             value = getattr(self, name)
-            if value < 1 or value & (value - 1):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name}={value} must be a power of two")
 
 
