@@ -79,13 +79,11 @@ class DensityRegularizer:
             losses = {k: v * self.layer_weights[k] for k, v in losses.items()}
         return combine_layer_losses(losses, self._stack_of, self.config.stack_weights)
 
-    def total_loss(self, task_loss: Tensor, step: int, *, density_scale: float = 1.0) -> tuple[Tensor, LossParts]:
-        """``task_loss + α(step) · density_scale · density_loss`` and its parts for logging
-        (``density_scale``: e.g. 1/GA where the caller's task loss is already a share of an
-        accumulated batch)."""
+    def total_loss(self, task_loss: Tensor, step: int) -> tuple[Tensor, LossParts]:
+        """``task_loss + α(step) · density_loss`` and its parts for logging."""
         alpha = self.config.alpha_at(step)
         density = self.density_loss().to(task_loss.dtype)
-        total = task_loss + (alpha * density_scale) * density
+        total = task_loss + alpha * density
         with torch.no_grad():
             parts = LossParts(
                 task=float(task_loss.detach()),

@@ -521,3 +521,18 @@ def test_density_change_signs():
     from deftune.compare.pairs import density_change
 
     assert (density_change(44.24), density_change(-5.0), density_change(0.0)) == ("−44.2", "+5.0", "−0.0")
+
+
+def test_new_prompt_runs_are_not_mixed_with_rows_that_counted_virtual_tokens(tiny_setup, tmp_path, capsys):
+    from deftune.runs import write_json_atomic
+
+    opts = {"prompt": {"num_virtual_tokens": 4}}
+    cfg = _grid(tiny_setup, tmp_path, methods=("prompt",), alphas=(0.0,), method_options=opts)
+    (row,) = run_compare(cfg, progress=False)
+    assert row["virtual_tokens"] == 4 and "density_with_virtual_tokens" in row
+    old = {k: v for k, v in row.items() if k not in ("virtual_tokens", "density_with_virtual_tokens")}
+    write_json_atomic(cfg.results_json, {"runs": [old]})
+    assert run_compare(cfg, progress=False) == [old]  # nothing to train: the stored rows are reported
+    more = _grid(tiny_setup, tmp_path, methods=("prompt",), alphas=(0.0, 1.0), method_options=opts)
+    with pytest.raises(ValueError, match="counted the virtual tokens.*results file of its own"):
+        run_compare(more, progress=False)

@@ -100,9 +100,9 @@ def _one_sgd_step(trainer_cls, model, tmp_path, *, ga, bs, data, **kwargs):
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path, alpha):
-    """A causal LM normalises its loss by the accumulated batch's token count (the Trainer then does
-    not divide by GA): the density term must be divided instead, so that GA = 2 x 2 examples takes
-    the step of 1 x 4 (equal-length rows: every micro-batch mean weighs the same)."""
+    """A causal LM: GA = 2 x 2 examples takes the step of 1 x 4, task and density alike (equal-length
+    rows: every micro-batch mean weighs the same, and the plain Trainer's token-count normalisation
+    gives the same step)."""
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": (ids := torch.randint(2, 100, (8,), generator=g)), "attention_mask": torch.ones(8, dtype=torch.long),
              "labels": ids} for _ in range(4)]
@@ -115,6 +115,28 @@ def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path, alpha
 
         plain = _one_sgd_step(Trainer, _llama(), tmp_path, ga=2, bs=2, data=data)
         torch.testing.assert_close(accumulated, plain, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_a_sequence_classifier_under_accumulation_takes_the_whole_batchs_step(tmp_path, alpha):
+    """BERT's classifier accepts ``**kwargs`` but ignores ``num_items_in_batch``: a plain Trainer
+    then neither divides its loss by GA nor normalises it (a step GA times too large). DeftTrainer
+    takes per-micro-batch means, so task and density keep their weights: 2 x 2 examples = 1 x 4."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def bert():
+        torch.manual_seed(0)
+        return BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 100, (6,), generator=g), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(4)]
+    config = DensityLossConfig(alpha=alpha)
+    whole = _one_sgd_step(DeftTrainer, bert(), tmp_path, ga=1, bs=4, data=data, density_config=config)
+    accumulated = _one_sgd_step(DeftTrainer, bert(), tmp_path, ga=2, bs=2, data=data, density_config=config)
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-7)
 
 
 def test_the_task_loss_is_the_trainers_own_label_smoothing_included(tmp_path):

@@ -494,6 +494,21 @@ def check_recipes(configs: Sequence[RunConfig], results_json: str) -> None:
             _check_recipe(config, row, results_json)
 
 
+def check_density_convention(configs: Sequence[RunConfig], results_json: str) -> None:
+    """Raise ``ValueError`` when this grid would train prompt / P-tuning runs beside rows of the same
+    methods whose density counted the virtual tokens (written before the seventeenth session: no
+    ``virtual_tokens`` field): their pairs would mix two conventions."""
+    rows = load_rows(results_json)
+    done = {run_key(r) for r in rows}
+    todo = {c.method for c in configs if isinstance(c, TrainConfig) and config_key(c) not in done}
+    old = sorted({r["method"] for r in rows if r.get("method") in todo & {"prompt", "ptuning"}
+                  and r.get("task") != SQUAD and "virtual_tokens" not in r})
+    if old:
+        raise ValueError(f"{results_json} holds {'/'.join(old)} runs whose density counted the virtual tokens "
+                         "(measured before they were left out); new runs would not: give this grid a results "
+                         "file of its own (--results-json, --report-md)")
+
+
 def check_writable(path: str | Path) -> None:
     """Raise ``ValueError`` unless a file can be written at ``path`` (its folder is created): checked
     before anything trains, not after the first run."""
@@ -520,6 +535,7 @@ def run_grid(configs: Sequence[RunConfig], results_json: str, *, progress: bool 
             was trained with another learning rate or other method options (:func:`recipe`).
     """
     check_recipes(configs, results_json)
+    check_density_convention(configs, results_json)
     check_writable(results_json)
     for i, config in enumerate(configs):
         name = config.run_name if isinstance(config, TrainConfig) else Path(config.output_dir or "squad").name

@@ -9,9 +9,13 @@
                           density_config=DensityLossConfig(alpha=1.0))
     trainer.train()
 
-With ``alpha=0`` it is plain PEFT with the same hooks and logs: the task loss is the ``Trainer``'s own
-(label smoothing, ``compute_loss_func`` and token-count normalisation included), and under gradient
-accumulation the density term adds α times its mean over the accumulated micro-batches.
+With ``alpha=0`` it is plain PEFT with the same hooks and logs. The task loss is the ``Trainer``'s own
+(label smoothing and ``compute_loss_func`` included), taken as a mean over each micro-batch like the
+density term, so that the ``Trainer`` divides both by the gradient-accumulation steps and α keeps its
+weight whatever the accumulation and the number of processes. (A plain ``Trainer`` instead normalises
+a model's loss by the accumulated batch's token count where the model takes ``num_items_in_batch``,
+and — a quirk of its own — also where the model accepts ``**kwargs`` but ignores it, as sequence
+classifiers do, which makes their steps GA × processes too large.)
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class DeftTrainer(Trainer):
             from deftune.methods import virtual_token_count
 
             skip_leading = virtual_token_count(self.model)
+        # the task loss is a per-micro-batch mean, like the density term: the Trainer divides both by GA
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
         if density_only_scales(self.model):
             warnings.warn(
                 "this model has activation scales that only the density loss moves (act_scale_grad='density'); "
@@ -53,27 +60,16 @@ class DeftTrainer(Trainer):
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                  num_items_in_batch=num_items_in_batch)
+        # no num_items_in_batch: the task loss stays a mean over this micro-batch (see the module docstring)
+        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True)
         if not model.training:
             return (task_loss, outputs) if return_outputs else task_loss
-        loss, parts = self.regularizer.total_loss(task_loss, self.state.global_step,
-                                                  density_scale=self._density_scale(num_items_in_batch))
+        loss, parts = self.regularizer.total_loss(task_loss, self.state.global_step)
         self._parts_sum["task_loss"] += parts.task
         self._parts_sum["density_loss"] += parts.density
         self._parts_n += 1
         self._last_alpha = parts.alpha
         return (loss, outputs) if return_outputs else loss
-
-    def _density_scale(self, num_items_in_batch) -> float:
-        """1, or 1/GA where the ``Trainer`` will not divide this micro-batch's loss by the number of
-        accumulation steps (it takes the task loss as normalised over the accumulated batch): the
-        density term's own mean must then be divided here."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
-        if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
-        return 1.0 / steps if scaled else 1.0
 
     def evaluate(self, *args, **kwargs):
         recorder = self.regularizer.recorder
