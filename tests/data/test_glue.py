@@ -57,7 +57,7 @@ def test_malformed_row_names_file_and_line(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()
     (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t1\nbad row without label\n")
-    with pytest.raises(DataError, match=r"dev.tsv:3: expected at least 2"):
+    with pytest.raises(DataError, match=r"dev.tsv:3: expected 2 tab-separated fields, got 1"):
         load_glue("sst2", "dev", tmp_path)
     (folder / "dev.tsv").write_text("sentence\tlabel\ngood\t7\n")
     with pytest.raises(DataError, match=r"dev.tsv:2: label '7' is not one of"):
@@ -177,3 +177,21 @@ def test_held_out_examples_are_a_draw_and_never_train(tmp_path):
     held = {e.text_a for e in load_split("sst2", "holdout", tmp_path, holdout=10)}
     assert len(train) == 40 and len(held) == 10 and not train & held
     assert held != {f"s{i}" for i in range(10)}  # a seeded draw, not the first rows
+
+
+def test_a_stray_tab_or_a_non_finite_score_is_refused_by_line(tmp_path):
+    """A tab inside a sentence would shift the fields after it: MRPC's second sentence would be
+    the tail of the first. A NaN score would turn the loss and Pearson into NaN."""
+    mrpc = tmp_path / "MRPC"
+    mrpc.mkdir()
+    head = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    (mrpc / "dev.tsv").write_text(head + "1\t1\t2\tThe cat\tsat here.\tA cat sat here.\n")
+    with pytest.raises(DataError, match=r"dev.tsv:2: expected 5 tab-separated fields, got 6"):
+        load_glue("mrpc", "dev", tmp_path)
+    stsb = tmp_path / "STS-B"
+    stsb.mkdir()
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    for bad in ("nan", "inf"):
+        (stsb / "dev.tsv").write_text(head + f"0\tg\tf\t2012\t0\ts\ts\tA\tB\t{bad}\n")
+        with pytest.raises(DataError, match=rf"dev.tsv:2: score '{bad}' is not a finite number"):
+            load_glue("stsb", "dev", tmp_path)

@@ -180,3 +180,19 @@ def test_window_sides_are_drawn_per_question():
     assert len(windows) > 1
     ex = SquadExample("q0", "t", context, "q", ("Paris",), (start,))
     assert window_context(ex, 20, words, seed=0) == window_context(ex, 20, words, seed=0)
+
+
+@pytest.mark.parametrize("broken, says", [
+    ({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", "answers": [
+        {"text": "c", "answer_start": 0}]}]}]}]}, "KeyError: 'question'"),
+    ({"data": [{"title": "T", "paragraphs": [{"qas": []}]}]}, "KeyError: 'context'"),
+    ({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [{"id": "1", "question": "q", "answers": [
+        {"text": "c", "answer_start": "x"}]}]}]}]}, "ValueError"),
+    ({"data": "not a list"}, "no top-level 'data' list"),
+    ({"data": [{"title": "T", "paragraphs": [{"context": "c", "qas": [
+        {"id": "1", "question": "q", "answers": [{"text": "c", "answer_start": 0}]},
+        {"id": "1", "question": "r", "answers": [{"text": "c", "answer_start": 0}]}]}]}]}, "appears twice"),
+])
+def test_malformed_squad_entries_are_data_errors_naming_the_article(broken, says):
+    with pytest.raises(DataError, match=says):
+        parse_squad(broken, "bad.json")

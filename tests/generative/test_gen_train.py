@@ -169,7 +169,7 @@ def test_saved_run_reloads_with_the_same_answers(squad_file, tmp_path):
     with pytest.raises(ValueError, match="unknown GenConfig field"):
         load_generative_run(tmp_path / "run", eval_question=2)
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA GPU; use device='cpu'"):
+        with pytest.raises(ValueError, match="no CUDA GPU; use device='cpu'"):
             load_generative_run(tmp_path / "run", device="cuda")
     with pytest.raises(FileNotFoundError, match="not a generative run folder"):
         evaluate_generative_run(tmp_path)

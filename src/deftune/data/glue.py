@@ -10,6 +10,7 @@ MRPC's UTF-8 BOM is stripped. With no folder, tasks are loaded from the Hub thro
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,9 +135,12 @@ def _parse_label(task: GlueTask, raw: str, where: str) -> float | int:
     raw = raw.strip()
     if task.labels is None:
         try:
-            return float(raw)
+            score = float(raw)
         except ValueError:
             raise DataError(f"{where}: score {raw!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{where}: score {raw!r} is not a finite number")
+        return score
     if raw not in task.labels:
         raise DataError(f"{where}: label {raw!r} is not one of {list(task.labels)}")
     return task.labels.index(raw)
@@ -163,14 +167,17 @@ def read_glue_tsv(task: GlueTask, path: Path) -> list[Example]:
             index = [header.index(c) for c in columns]  # type: ignore[arg-type]
         else:
             index = [int(c) for c in columns]
-        width = max(index) + 1
+        # every row as wide as the header (or, without one, as the columns read): a stray tab inside
+        # a sentence would otherwise shift the fields after it silently
+        width = len(header) if header is not None else max(index) + 1
         first_line = 2 if header is not None else 1
         for lineno, row in enumerate(reader, start=first_line):
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
             where = f"{path}:{lineno}"
-            if len(row) < width:
-                raise DataError(f"{where}: expected at least {width} tab-separated fields, got {len(row)}")
+            if len(row) != width:
+                raise DataError(f"{where}: expected {width} tab-separated fields, got {len(row)} (a tab inside "
+                                "a text field?)")
             texts = [row[i] for i in index[:-1]]
             label = _parse_label(task, row[index[-1]], where)
             examples.append(Example(texts[0], texts[1] if len(texts) > 1 else None, label))

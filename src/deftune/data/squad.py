@@ -72,19 +72,20 @@ def resolve_squad_dir(data_dir: str | os.PathLike | None) -> Path | None:
 
 def parse_squad(data: Mapping, where: str = "<json>") -> list[SquadExample]:
     """Examples from a parsed SQuAD JSON object; malformed entries raise :class:`DataError`."""
-    if "data" not in data:
+    if not isinstance(data, Mapping) or not isinstance(data.get("data"), list):
         raise DataError(f"{where}: not a SQuAD file (no top-level 'data' list)")
     out: list[SquadExample] = []
-    for article in data["data"]:
-        title = article.get("title", "")
-        for paragraph in article.get("paragraphs", []):
-            context = paragraph["context"]
-            for qa in paragraph.get("qas", []):
-                answers = qa.get("answers") or []
-                if not answers:
-                    raise DataError(f"{where}: question {qa.get('id')!r} in {title!r} has no answers")
-                out.append(
-                    SquadExample(
+    seen: set[str] = set()
+    for number, article in enumerate(data["data"]):
+        title = article.get("title", "") if isinstance(article, Mapping) else ""
+        try:
+            for paragraph in article.get("paragraphs", []):
+                context = paragraph["context"]
+                for qa in paragraph.get("qas", []):
+                    answers = qa.get("answers") or []
+                    if not answers:
+                        raise DataError(f"{where}: question {qa.get('id')!r} in {title!r} has no answers")
+                    example = SquadExample(
                         id=str(qa["id"]),
                         title=title,
                         context=context,
@@ -92,7 +93,16 @@ def parse_squad(data: Mapping, where: str = "<json>") -> list[SquadExample]:
                         answers=tuple(a["text"] for a in answers),
                         starts=tuple(int(a["answer_start"]) for a in answers),
                     )
-                )
+                    if example.id in seen:
+                        raise DataError(f"{where}: question id {example.id!r} appears twice (ids must be unique: "
+                                        "predictions are keyed by them)")
+                    seen.add(example.id)
+                    out.append(example)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(f"{where}: article {number} ({title!r}) is malformed: "
+                            f"{type(err).__name__}: {err} (SQuAD v1.1 layout expected)") from None
     if not out:
         raise DataError(f"{where} holds no questions")
     return out

@@ -145,8 +145,8 @@ def _device(cfg: GenConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or 'auto' "
-                           "(CLI: --device cpu)")
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu' or 'auto' "
+                         "(CLI: --device cpu)")
     return torch.device(cfg.device)
 
 
