@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import typing
 from typing import Any
@@ -81,10 +82,10 @@ def positive_int(value: str) -> int:
 def thresholds(value: str) -> tuple[float, ...]:
     """argparse type: comma-separated finite τ >= 0 (``1e-3,1e-2``)."""
     try:
-        taus = tuple(float(v) for v in value.split(",") if v.strip())
+        taus = _floats(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
-    if any(not (t >= 0 and t != float("inf")) for t in taus):
+    if any(not (t >= 0 and math.isfinite(t)) for t in taus):
         raise argparse.ArgumentTypeError(f"thresholds must be finite and >= 0, got {value!r}")
     return taus
 

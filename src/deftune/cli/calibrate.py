@@ -32,7 +32,6 @@ HELP = "calibrate activation thresholds to a target density; sweep metric vs den
 
 DATA_SOURCES = ("sst2", "squad")
 SQUAD_ENV = "DEFTUNE_SQUAD_FILE"
-SQUAD_DIR_ENV = "DEFTUNE_SQUAD_DIR"  # deftune.data.squad's: qa-train and compare read it too
 
 
 @dataclass(frozen=True)
@@ -211,6 +210,8 @@ def _setup(job: CalibrationJob, model_name: str) -> _Setup:
     path = models.resolve(model_name)[0]
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    from deftune.data.squad import SQUAD_DIR_ENV
+
     squad = job.squad_file or os.environ.get(SQUAD_ENV)
     if squad is None and os.environ.get(SQUAD_DIR_ENV):  # the folder the other SQuAD commands read
         squad = str(Path(os.environ[SQUAD_DIR_ENV]) / "dev-v1.1.json")

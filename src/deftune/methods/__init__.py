@@ -58,14 +58,20 @@ __all__ = [
 ]
 
 
-def _adapted(model: nn.Module) -> tuple[nn.Module, MethodConfig | None]:
-    """``(model carrying the method, its config)``, looking through DDP / accelerate (``.module``)
-    and ``torch.compile`` (``._orig_mod``) wrappers."""
+def _unwrapped(model: nn.Module):
+    """``model``, then what it wraps, through DDP / accelerate (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers."""
     inner: nn.Module | None = model
     while inner is not None:
+        yield inner
+        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+
+
+def _adapted(model: nn.Module) -> tuple[nn.Module, MethodConfig | None]:
+    """``(model carrying the method, its config)``, looking through wrappers (:func:`_unwrapped`)."""
+    for inner in _unwrapped(model):
         if CONFIG_ATTR in inner.__dict__:
             return inner, inner.__dict__[CONFIG_ATTR]
-        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
     return model, None
 
 
@@ -199,11 +205,7 @@ def virtual_token_count(model: nn.Module) -> int:
     inner, cfg = _adapted(model)
     if cfg is not None:
         return METHODS[cfg.name].virtual_tokens(inner)
-    wrapped: nn.Module | None = model
-    while wrapped is not None:
-        if getattr(type(wrapped), "active_peft_config", None) is not None:  # a PeftModel
-            from deftune.methods.virtual_positions import added_positions
+    from deftune.methods.virtual_positions import added_positions
 
-            return added_positions(wrapped)
-        wrapped = getattr(wrapped, "module", None) or getattr(wrapped, "_orig_mod", None)
-    return 0
+    peft = next((m for m in _unwrapped(model) if getattr(type(m), "active_peft_config", None) is not None), None)
+    return 0 if peft is None else added_positions(peft)
