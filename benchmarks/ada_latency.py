@@ -207,16 +207,17 @@ def cmd_minilm(args: argparse.Namespace) -> None:
         skip_mlps_,
     )
     from deftune.ada.measure import compare_latency
-    from deftune.ada.pipeline import _dev_batches, _metric, prepare_run
+    from deftune.ada.pipeline import _metric, _train_batches, prepare_run
     from deftune.data.glue import get_task
     from deftune.hardware import describe
+    from deftune.train import eval_batches
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tokenizer, cfg, gates = prepare_run(args.run_dir)
     task = get_task(cfg.task)
-    batches = _dev_batches(cfg, tokenizer)
-    train = _dev_batches(cfg, tokenizer, split="train", limit=args.density_examples)
+    batches = eval_batches(cfg, tokenizer)
+    train = _train_batches(cfg, tokenizer, args.density_examples)
     no_labels = [{k: v for k, v in b.items() if k != "labels"} for b in train]
     density = density_scores(model, no_labels, args.density_threshold)
     print("gates:", gates, "\ndensity:", density, flush=True)

@@ -74,6 +74,39 @@ def test_train_squad_routes_warmup_and_weight_decay(monkeypatch):
     assert cfg.alpha_warmup_steps == 7 and cfg.lr_warmup_steps == 10 and cfg.weight_decay == 0.1
 
 
+def test_train_squad_passes_typed_options_even_at_glue_defaults(monkeypatch):
+    """`--alpha 1 --steps 300 --batch-size 32` equal TrainConfig's defaults: typed, they must still
+    reach GenConfig (whose defaults are α 0, 200 steps, batch 8); untyped ones keep GenConfig's."""
+    import deftune.generative as gen
+    from deftune.generative import GenConfig
+
+    seen = _capture(monkeypatch, gen, "train_generative")
+    with pytest.raises(_Stop):
+        main(["train", "--task", "squad", "--model", "tiny-llama", "--alpha", "1", "--steps", "300",
+              "--batch-size", "32", "--log-every", "25"])
+    cfg, default = seen["args"][0], GenConfig()
+    assert (cfg.model, cfg.alpha, cfg.steps, cfg.batch_size, cfg.log_every) == ("tiny-llama", 1.0, 300, 32, 25)
+    assert (cfg.lr_warmup_steps, cfg.lr, cfg.output_dir) == (default.lr_warmup_steps, default.lr, None)
+    with pytest.raises(_Stop):
+        main(["train", "--task", "squad"])
+    assert seen["args"][0].model == "smollm2" and seen["args"][0].alpha == default.alpha
+
+
+def test_train_squad_refuses_glue_options_even_at_their_defaults(capsys):
+    assert main(["train", "--task", "squad", "--head-lr", "none"]) == 2
+    assert "does not use --head-lr" in capsys.readouterr().err
+
+
+def test_generative_models_refuse_encoder_only_models(tmp_path):
+    from transformers import BertConfig
+
+    from deftune.generative.models import load_generative
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="encoder-only 'bert'.*smollm2"):
+        load_generative(str(tmp_path))
+
+
 def test_measure_passes_count_padding(monkeypatch, tiny_setup):
     import deftune.density as density
 
@@ -151,7 +184,7 @@ def test_measure_of_a_run_reads_the_runs_task_and_data(monkeypatch, tmp_path):
     import deftune.data.glue as glue
     import deftune.train as train
 
-    cfg = types.SimpleNamespace(task="rte", data_dir=str(tmp_path / "glue"))
+    cfg = types.SimpleNamespace(task="rte", data_dir=str(tmp_path / "glue"), holdout=None)
     monkeypatch.setattr(train, "load_run", lambda run_dir: (None, None, cfg))
     seen = _capture(monkeypatch, glue, "load_glue")
     with pytest.raises(_Stop):
@@ -161,6 +194,12 @@ def test_measure_of_a_run_reads_the_runs_task_and_data(monkeypatch, tmp_path):
     with pytest.raises(_Stop):
         main(["measure", "--run-dir", str(tmp_path), "--task", "mrpc", "--data-dir", "x"])
     assert (seen["args"][0].name, seen["args"][2]) == ("mrpc", "x")
+    # --split holdout: the training examples the run held out (read from its training split)
+    assert main(["measure", "--run-dir", str(tmp_path), "--split", "holdout"]) == 2  # trained without --holdout
+    cfg.holdout = 5
+    with pytest.raises(_Stop):
+        main(["measure", "--run-dir", str(tmp_path), "--split", "holdout"])
+    assert seen["args"][1] == "train"
 
 
 @pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--limit", "-5"], ["--thresholds", "abc"],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from deftune.demo import format_table
 from deftune.runs import RunResult
 
@@ -18,3 +20,12 @@ def test_a_layer_whose_density_rises_shows_a_plus_sign():
     rows = {line.split()[0]: line for line in table.splitlines()[2:]}
     assert rows["encoder.0"].rstrip().endswith("+20.0%") and "-20.0%" not in table
     assert rows["encoder.1"].rstrip().endswith("−50.0%")
+
+
+@pytest.mark.parametrize("kwargs, match", [({"alpha": 0.0}, "alpha"), ({"alpha": True}, "alpha"),
+                                           ({"steps": 0}, "steps"), ({"train_subset": -1}, "train_subset")])
+def test_demo_config_is_checked_where_it_enters(kwargs, match):
+    from deftune.demo import DemoConfig
+
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**kwargs)

@@ -55,6 +55,11 @@ class DemoConfig:
         }
     )
 
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha must be a number > 0 (the DEFT run's density-loss weight), got {self.alpha!r}")
+        self.run_config("deft", self.alpha)  # TrainConfig's checks (steps, subset, model ...) where the demo enters
+
     def run_config(self, name: str, alpha: float) -> TrainConfig:
         return TrainConfig(
             task="sst2",

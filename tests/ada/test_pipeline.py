@@ -133,9 +133,9 @@ def test_prepared_run_computes_what_the_gated_model_computed(tiny_run):
     from safetensors.torch import load_file
 
     from deftune.ada import AdaConfig, AdaExtension
-    from deftune.ada.pipeline import _dev_batches, prepare_run
+    from deftune.ada.pipeline import prepare_run
     from deftune.runs import EXTENSION_FILE
-    from deftune.train import load_run
+    from deftune.train import eval_batches, load_run
 
     run_dir, _, gates = tiny_run
     assert all(0.3 < g < 0.7 for g in gates.values())  # far from 1: folding must matter
@@ -149,7 +149,7 @@ def test_prepared_run_computes_what_the_gated_model_computed(tiny_run):
     with torch.no_grad():
         ext.gates.theta.copy_(state["0.ada.logits"] / ext.gates.logit_scale)
     assert ext.gate_values() == pytest.approx(gates)
-    batch = {k: v for k, v in _dev_batches(cfg, tokenizer)[0].items() if k != "labels"}
+    batch = {k: v for k, v in eval_batches(cfg, tokenizer)[0].items() if k != "labels"}
     try:
         with torch.no_grad():
             expected = gated(**batch).logits
@@ -182,3 +182,32 @@ def test_plain_model_merges_lora_and_takes_a_single_stack_name():
     model = plain_model(apply_method(tiny_bert(), MethodConfig("lora")))
     assert type(model).__name__ == "BertForSequenceClassification"
     assert SkipConfig(stacks="encoder").stacks == ("encoder",)
+
+
+def test_skip_scores_the_examples_the_run_was_scored_on(tiny_run, tmp_path):
+    """With ``eval_subset`` the run is scored on a fixed draw of the dev set; ``deftune skip`` must
+    score that same draw (it drew its own, with the run's seed, before)."""
+    import shutil
+
+    from deftune.ada import SkipConfig
+    from deftune.ada.pipeline import SkipRunConfig, prepare_run, skip_run
+    from deftune.data.glue import EVAL_SUBSET_SEED
+    from deftune.runs import CONFIG_FILE
+    from deftune.train import eval_batches, evaluate_glue
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    dev = run_dir.parent / "glue" / "SST-2"
+    dev.mkdir(parents=True)
+    (dev / "dev.tsv").write_text("sentence\tlabel\n" + "\n".join(
+        f"{w} {v} film\t{(i * 7 + j) % 2}" for i, w in enumerate(["good", "bad", "great", "awful", "fun", "dull"])
+        for j, v in enumerate(["plot", "film", "fun", "dull", "good"])) + "\n")
+    config = json.loads((run_dir / CONFIG_FILE).read_text())
+    config["train"].update(eval_subset=7, data_dir=str(run_dir.parent / "glue"), seed=EVAL_SUBSET_SEED + 1)
+    (run_dir / CONFIG_FILE).write_text(json.dumps(config))
+    model, tokenizer, cfg, _ = prepare_run(run_dir)
+    assert len([x for b in eval_batches(cfg, tokenizer) for x in b["labels"]]) == 7
+    expected = evaluate_glue(model, tokenizer, cfg).metrics["accuracy"]
+    result = skip_run(SkipRunConfig(run_dir=str(run_dir), skip=SkipConfig(policy="topk", keep=3), save=False,
+                                    latency_repeats=0))
+    assert result.before == pytest.approx(expected)

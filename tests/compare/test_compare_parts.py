@@ -162,3 +162,12 @@ def test_the_reproduce_line_names_the_runs_the_report_shows(tmp_path):
     write_compare_report(rows, _grid(tmp_path, alphas=(0.0, 0.1), seeds=(0,)))
     line = next(x for x in (tmp_path / "results.md").read_text().splitlines() if x.startswith("Reproduce"))
     assert " --alphas 0,0.05,0.1 --seeds 0,1 --threshold-densities 0.55" in line
+
+
+@pytest.mark.parametrize("kwargs, match", [({"method": "magic"}, "magic"), ({"act_scale": "row"}, "row"),
+                                           ({"alphas": ()}, "alpha")])
+def test_alpha_sweep_config_is_checked_where_it_enters(kwargs, match):
+    from deftune.compare.sweep import AlphaSweepConfig
+
+    with pytest.raises(ValueError, match=match):
+        AlphaSweepConfig(**kwargs)

@@ -31,6 +31,17 @@ def test_bad_values_give_one_line_errors(capsys, tmp_path):
     assert "magic" in capsys.readouterr().err
     assert main(["compress", str(tmp_path), "--pattern", "nm:2:4", "--pack"]) == 2
     assert "quantization pattern" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path), "--pattern", "int4:g128", "--allocation", "erk"]) == 2
+    assert "--allocation erk" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("method", "magic"), ("allocation", "even"), ("calib_size", -1),
+                                          ("threads", 0), ("threads", True)])
+def test_compress_run_config_refuses_bad_values(field, value):
+    from deftune.compress.run import CompressRunConfig
+
+    with pytest.raises(ValueError, match=field):
+        CompressRunConfig(run_dir="runs/x", pattern="int8", **{field: value})
 
 
 def test_sparsity_sweep_points():

@@ -282,12 +282,15 @@ def test_density_only_scales_refuse_fp16_before_any_work(tiny_setup, tmp_path, m
 
 def test_train_squad_takes_the_shared_options_without_complaint():
     from deftune.cli import build_parser
+    from deftune.cli._args import given_options
     from deftune.cli.train import _unused_by_squad
 
-    parse = build_parser().parse_args
-    assert _unused_by_squad(parse(["train", "--task", "squad"])) == []
-    assert _unused_by_squad(parse(["train", "--task", "squad", "--lr", "1e-3", "--seed", "3", "--alpha", "0"])) == []
-    assert _unused_by_squad(parse(["train", "--task", "squad", "--head-lr", "0.01"])) == ["--head-lr"]
+    def unused(argv):
+        return _unused_by_squad(given_options(build_parser().parse_args(argv)))
+
+    assert unused(["train", "--task", "squad"]) == []
+    assert unused(["train", "--task", "squad", "--lr", "1e-3", "--seed", "3", "--alpha", "0"]) == []
+    assert unused(["train", "--task", "squad", "--head-lr", "0.01"]) == ["--head-lr"]
 
 
 def test_train_squad_keeps_the_generative_defaults_it_was_not_given(monkeypatch):
@@ -340,3 +343,15 @@ def test_load_run_names_the_command_for_a_generative_run(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"kind": "generative", "config": {}}))
     with pytest.raises(ValueError, match="is a generative run, not a GLUE run: score it with `deftune qa-eval`"):
         load_run(tmp_path)
+
+
+def test_threshold_calibration_uses_the_runs_site(tiny_setup, tmp_path, monkeypatch):
+    """--site product calibrates product-site thresholds (it calibrated the activation output before)."""
+    import deftune.train.loop as loop
+
+    seen = {}
+    monkeypatch.setattr(loop, "calibrate_thresholds", lambda model, batches, cal, **kw: seen.setdefault("cal", cal))
+    cfg = tiny_train_config(tiny_setup, tmp_path, alpha=0.0, site="product", act_threshold_density=0.5)
+    model = torch.nn.Linear(2, 2)
+    loop.calibrate_on_training_batches(model, [{"input_ids": torch.zeros(1, 2, dtype=torch.long)}], cfg)
+    assert seen["cal"].site == "product" and seen["cal"].target == 0.5

@@ -105,19 +105,14 @@ def plain_model(model: nn.Module) -> nn.Module:
     )
 
 
-def _dev_batches(cfg, tokenizer, split: str = "dev", limit: int | None = None) -> list[dict]:
-    from deftune.data.glue import get_task, load_glue, make_batches, subsample
+def _train_batches(cfg, tokenizer, limit: int | None) -> list[dict]:
+    """Up to ``limit`` of the run's training examples (less any it held out), for the density policy."""
+    from deftune.data.glue import get_task, load_split, make_batches, subsample
 
     task = get_task(cfg.task)
-    subset = cfg.eval_subset if limit is None else limit
-    examples = subsample(load_glue(task, split, cfg.data_dir), subset, seed=cfg.seed)
-    return make_batches(
-        examples,
-        tokenizer,
-        batch_size=cfg.eval_batch_size,
-        max_length=max(128, cfg.max_length),
-        regression=task.is_regression,
-    )
+    examples = subsample(load_split(task, "train", cfg.data_dir, holdout=cfg.holdout), limit, seed=cfg.seed)
+    return make_batches(examples, tokenizer, batch_size=cfg.eval_batch_size, max_length=max(128, cfg.max_length),
+                        regression=task.is_regression)
 
 
 def _metric(model: nn.Module, batches: list[dict], task) -> float:
@@ -151,12 +146,13 @@ def skip_run(config: SkipRunConfig) -> SkipRunResult:
     from deftune.data.glue import get_task
     from deftune.hardware import describe_line
     from deftune.runs import write_json_atomic
+    from deftune.train import eval_batches
 
     model, tokenizer, cfg, gates = prepare_run(config.run_dir)
     task = get_task(cfg.task)
     density = None
     if config.skip.needs_density:
-        train = _dev_batches(cfg, tokenizer, split="train", limit=config.density_examples)
+        train = _train_batches(cfg, tokenizer, config.density_examples)
         density = density_scores(
             model,
             [{k: v for k, v in b.items() if k != "labels"} for b in train],
@@ -165,7 +161,7 @@ def skip_run(config: SkipRunConfig) -> SkipRunResult:
     # gates are already folded into the model: plan with them for scoring, fold nothing again
     plan = plan_skip(model, config.skip, gates=gates, density=density)
     blocks = list(plan.blocks)
-    batches = _dev_batches(cfg, tokenizer)
+    batches = eval_batches(cfg, tokenizer)  # the examples the run's own metric was measured on
     before = _metric(model, batches, task)
     dense = copy.deepcopy(model) if config.latency_repeats else None
     report = skip_mlps_(model, SkipPlan(skip=plan.skip), fold_gates=False)

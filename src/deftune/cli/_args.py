@@ -20,9 +20,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         if (action.nargs == 0 or action.required or action.default in (None, "", (), [])
-                or "default" in text.lower()):
+                or "(default" in text.lower() or "%(default)" in text or action.default is argparse.SUPPRESS):
             return action.help
-        return super()._get_help_string(action)
+        # the default as the option is typed: 1e-3,1e-2 and k=v,... rather than Python reprs
+        return f"{text} (default: {show_default(action.default)})".replace("%", "%%")  # argparse applies %
+
+
+def show_default(value: Any) -> str:
+    """``value`` written as the command line takes it (tuples comma-separated, mappings ``k=v``)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _plain(text: str) -> str:
+    """Docstring markup out of help text: ``x`` and :func:`x` read as x."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -43,7 +59,7 @@ def field_docs(cls: type) -> dict[str, str]:
             text.append(line.strip())
     for name in current:
         docs[name] = " ".join(text).strip()
-    return docs
+    return {name: _plain(text) for name, text in docs.items()}
 
 
 def _parse_bool(value: str) -> bool:
@@ -54,7 +70,8 @@ def _parse_bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
 
 
-def _floats(value: str) -> tuple[float, ...]:
+def floats(value: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers (``0,0.1``)."""
     return tuple(float(v) for v in value.split(",") if v)
 
 
@@ -82,7 +99,7 @@ def positive_int(value: str) -> int:
 def thresholds(value: str) -> tuple[float, ...]:
     """argparse type: comma-separated finite τ >= 0 (``1e-3,1e-2``)."""
     try:
-        taus = _floats(value)
+        taus = floats(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-2, got {value!r}") from None
     if any(not (t >= 0 and math.isfinite(t)) for t in taus):
@@ -90,8 +107,31 @@ def thresholds(value: str) -> tuple[float, ...]:
     return taus
 
 
-def _ints(value: str) -> tuple[int, ...]:
+def strs(value: str) -> tuple[str, ...]:
+    """argparse type: comma-separated names (``sst2,mrpc``), blanks dropped."""
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def ints(value: str) -> tuple[int, ...]:
+    """argparse type: comma-separated integers (``0,1,2``)."""
     return tuple(int(v) for v in value.split(",") if v)
+
+
+GIVEN = "_given_options"  # namespace attribute: the dests of the options typed on the command line
+
+
+class _StoreGiven(argparse.Action):
+    """``store`` that also records its dest in ``namespace._given_options`` (see :func:`given_options`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, GIVEN, {*getattr(namespace, GIVEN, ()), self.dest})
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The dests of the dataclass options typed on the command line, whatever their values (an
+    option given with its default value counts as given)."""
+    return set(getattr(args, GIVEN, ()))
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (),
@@ -118,17 +158,20 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclu
         elif base in (int, float) and type(None) in typing.get_args(hint):
             kwargs["type"] = _or_none(base)
             kwargs["metavar"] = f"{base.__name__.upper()}|none"
+        elif base is str and type(None) in typing.get_args(hint) and "choices" not in kwargs:
+            kwargs["type"] = _or_none(str)  # an optional name or path: ``none`` gives None
         elif base in (int, float, str):
             kwargs["type"] = base
         elif typing.get_origin(base) is tuple:
-            kwargs["type"] = _ints if typing.get_args(base)[:1] == (int,) else _floats
+            item = typing.get_args(base)[:1]
+            kwargs["type"] = ints if item == (int,) else strs if item == (str,) else floats
             kwargs["metavar"] = "X,Y,..."
         elif typing.get_origin(base) is dict:
             kwargs["type"] = parse_mapping
             kwargs["metavar"] = "K=V,..."
         else:
             continue
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, **kwargs)
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, action=_StoreGiven, **kwargs)
 
 
 def parse_mapping(value: str) -> dict[str, Any]:

@@ -322,24 +322,20 @@ def plot_sweep(record: dict, path: str | os.PathLike, title: str = "") -> None:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in value.split(",") if v)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from deftune.arch import SITE_KINDS
-    from deftune.cli._args import field_docs
+    from deftune.cli._args import field_docs, floats
     from deftune.sparse.calibrate import THRESHOLD_MODES
 
     docs = field_docs(CalibrationJob)
-    parser.add_argument("--model", dest="models", action="append", required=True, help=docs["models"] + " (repeatable)")
-    parser.add_argument("--label", dest="labels", action="append", default=None, help=docs["labels"] + " (repeatable)")
+    parser.add_argument("--model", dest="models", action="append", required=True, metavar="MODEL", help=docs["models"] + " (repeatable)")
+    parser.add_argument("--label", dest="labels", action="append", default=None, metavar="LABEL", help=docs["labels"] + " (repeatable)")
     parser.add_argument("--data", choices=DATA_SOURCES, default="sst2", help=docs["data"])
     parser.add_argument("--target", type=float, default=0.5, help=docs["target"])
     parser.add_argument("--mode", choices=sorted(THRESHOLD_MODES), default="layer", help=docs["mode"])
     parser.add_argument("--site", choices=SITE_KINDS, default="act", help=docs["site"])
     parser.add_argument("--output", default=None, help=docs["output"])
-    parser.add_argument("--sweep", type=_floats, default=(), metavar="D1,D2,...", help=docs["sweep"])
+    parser.add_argument("--sweep", type=floats, default=(), metavar="D1,D2,...", help=docs["sweep"])
     for key in ("results", "plot", "name", "data_dir", "squad_file"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=docs[key])
     for key, default in (("refine_passes", 2), ("calib_size", 256), ("eval_size", 50), ("batch_size", 16),

@@ -1,4 +1,4 @@
-"""PEFT vs DEFT over tasks × methods: trains every (task, method, α) run not yet in the results
+r"""PEFT vs DEFT over tasks × methods: trains every (task, method, α) run not yet in the results
 file (resumable: finished runs are skipped, results are written atomically after each run), then
 writes a table and a metric-vs-density plot into the markdown report. Start the same command in
 several shells (e.g. one per core, with OMP_NUM_THREADS=1) to share the grid among workers.
@@ -16,15 +16,11 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from deftune.cli._args import add_dataclass_arguments, dataclass_from_args, parse_mapping
+from deftune.cli._args import add_dataclass_arguments, dataclass_from_args, parse_mapping, strs
 from deftune.compare import CompareConfig
 
 COMMAND = "compare"
 HELP = "PEFT vs DEFT for every task x method; resumable; writes the GLUE table and plot"
-
-
-def _names(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _method_options(value: str) -> dict[str, dict[str, Any]]:
@@ -41,8 +37,8 @@ def _method_options(value: str) -> dict[str, dict[str, Any]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, CompareConfig, exclude=("tasks", "methods", "method_options"))
     defaults = CompareConfig()
-    parser.add_argument("--tasks", type=_names, default=defaults.tasks, help="comma-separated GLUE tasks, or squad (generative QA, see --generative-*)")
-    parser.add_argument("--methods", type=_names, default=defaults.methods, help="comma-separated PEFT methods")
+    parser.add_argument("--tasks", type=strs, default=defaults.tasks, help="comma-separated GLUE tasks, or squad (generative QA, see --generative-*)")
+    parser.add_argument("--methods", type=strs, default=defaults.methods, help="comma-separated PEFT methods")
     parser.add_argument("--method-options", type=_method_options, default={}, metavar="METHOD.OPTION=V,...",
                         help="per-method MethodConfig options, e.g. prompt.prompt_init=vocab,prefix.prefix_projection=true "
                              "(scalar values; list options such as target_modules: CompareConfig in Python)")

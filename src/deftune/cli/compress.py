@@ -19,7 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "unstructured:<s> | threshold:<t> | nm:<n>:<m> | block:<r>x<c>:<s> | channel:<s>[:cols]")
     parser.add_argument("--method", default="rtn", choices=("rtn", "gptq", "mse"),
                         help="rtn (round to nearest), gptq (quantization) or mse (layer-wise refit)")
-    parser.add_argument("--allocation", default="uniform", help="sparsity allocation: uniform, global or erk")
+    from deftune.compress.sparsity import ALLOCATIONS
+
+    parser.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                        help="how a sparsity pattern's level is spread over layers (sparsity patterns only)")
     parser.add_argument("--pack", action="store_true", help="store quantized weights as real int4/int8 and count bytes")
     parser.add_argument("--no-eval", dest="evaluate", action="store_false",
                         help="skip the dev-set evaluation (which runs by default)")

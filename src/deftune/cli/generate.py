@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from deftune.cli._args import add_dataclass_arguments
+from deftune.cli._args import add_dataclass_arguments, dataclass_from_args
 
 COMMAND = "qa-train"
 HELP = "DEFT / PEFT / ReLU-fication on SQuAD-style generative QA (decoder or encoder-decoder)"
@@ -31,10 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from deftune.generative import GenConfig, train_generative
     from deftune.runs import write_json_atomic
 
-    values = {k: v for k, v in vars(args).items() if k not in ("json", "command", "_run")}
-    if values.get("relufy") in ("", "none", "None"):
-        values["relufy"] = None
-    cfg = GenConfig.from_dict(values)
+    cfg = dataclass_from_args(GenConfig, args)
     result = train_generative(cfg)
     summary = result.summary()
     print(json.dumps(summary, indent=2))

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", default=None, help="measure a trained run instead of a base model")
     parser.add_argument("--task", default=None,
                         help="GLUE task whose sentences are fed (default: the run's task with --run-dir, else sst2)")
-    parser.add_argument("--split", default="dev", help="dataset split")
+    parser.add_argument("--split", default="dev", choices=("train", "dev", "validation", "test", "holdout"),
+                        help="dataset split; holdout (the training examples a run held out) needs a --run-dir "
+                             "trained with --holdout, and train then leaves them out")
     parser.add_argument("--data-dir", default=None,
                         help="GLUE folder (default: the run's with --run-dir, else $DEFTUNE_DATA_DIR)")
     parser.add_argument("--limit", type=positive_int, default=None, help="use at most this many examples")
@@ -37,22 +39,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deftune import models
-    from deftune.data.glue import get_task, load_glue, make_batches, subsample
+    from deftune.data.glue import get_task, load_split, make_batches, subsample
     from deftune.density import measure_density
     from deftune.runs import write_json_atomic
 
-    data_dir = args.data_dir
+    data_dir, holdout = args.data_dir, None
     if args.run_dir:
         from deftune.train import load_run
 
         model, tokenizer, cfg = load_run(args.run_dir)
         task = get_task(args.task or cfg.task)  # the run's own task and data, unless asked otherwise
         data_dir = data_dir if data_dir is not None else cfg.data_dir
+        holdout = cfg.holdout
     else:
         task = get_task(args.task or "sst2")
         model = models.load_for_classification(args.model, task.num_labels)
         tokenizer = models.load_tokenizer(args.model)
-    examples = subsample(load_glue(task, args.split, data_dir), args.limit)
+    examples = subsample(load_split(task, args.split, data_dir, holdout=holdout), args.limit)
     batches = make_batches(examples, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     result = measure_density(
         model, batches, site=args.site, thresholds=args.thresholds, count_padding=args.count_padding,

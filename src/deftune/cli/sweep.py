@@ -17,22 +17,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from deftune.cli._args import HelpFormatter
+from deftune.cli._args import HelpFormatter, floats, ints, strs
 
 COMMAND = "sweep"
 HELP = "sweep alpha (DEFT), bits or weight sparsity (compression) and plot the task metric"
-
-
-def _ints(value: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in value.split(",") if v)
-
-
-def _floats(value: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in value.split(",") if v)
-
-
-def _strs(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _optional_int(value: str) -> int | None:
@@ -51,12 +39,12 @@ def _common(p: argparse.ArgumentParser, plot: str) -> None:
 
 
 def _add_quant(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bits", type=_ints, default=(2, 3, 4, 6, 8), metavar="B,B,...", help="bit widths (2-8)")
-    p.add_argument("--granularities", type=_strs, default=("ch", "g128"), metavar="G,G,...",
+    p.add_argument("--bits", type=ints, default=(2, 3, 4, 6, 8), metavar="B,B,...", help="bit widths (2-8)")
+    p.add_argument("--granularities", type=strs, default=("ch", "g128"), metavar="G,G,...",
                    help="granularity tokens: tensor, ch (=ch0, per output channel), ch1, g<N>")
     p.add_argument("--asym", action="store_true", help="asymmetric quantization (scale + zero-point)")
     p.add_argument("--clip", default="", help="clipping token: mse or p<percentile> (default: none)")
-    p.add_argument("--methods", type=_strs, default=("rtn", "gptq"), metavar="M,M,...", help="rtn, gptq, mse, qat")
+    p.add_argument("--methods", type=strs, default=("rtn", "gptq"), metavar="M,M,...", help="rtn, gptq, mse, qat")
     p.add_argument("--steps", type=int, default=100, help="QAT fine-tuning steps")
     p.add_argument("--lr", type=float, default=2e-5, help="QAT peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="QAT batch size")
@@ -79,12 +67,12 @@ def _run_quant(args: argparse.Namespace) -> int:
 
 
 def _add_sparsity(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--levels", type=_floats, default=(0.3, 0.5, 0.7, 0.9), metavar="S,S,...", help="sparsity levels")
+    p.add_argument("--levels", type=floats, default=(0.3, 0.5, 0.7, 0.9), metavar="S,S,...", help="sparsity levels")
     p.add_argument("--pattern", dest="patterns", action="append", default=None,
                    help="pattern template, repeatable: unstructured, block:4x4, channel, nm:2:4 (default: unstructured and nm:2:4)")
-    p.add_argument("--methods", type=_strs, default=("oneshot", "recovery"), metavar="M,M,...",
+    p.add_argument("--methods", type=strs, default=("oneshot", "recovery"), metavar="M,M,...",
                    help="oneshot, mse, recovery, gmp, rigl")
-    p.add_argument("--train-levels", type=_floats, default=(0.5,), metavar="S,S,...",
+    p.add_argument("--train-levels", type=floats, default=(0.5,), metavar="S,S,...",
                    help="levels at which the training methods (recovery, gmp, rigl) run")
     p.add_argument("--allocation", default="uniform", help="uniform, global or erk")
     p.add_argument("--steps", type=int, default=100, help="recovery fine-tuning steps")

@@ -3,7 +3,9 @@ evaluate and save the run directory.
 
 GLUE tasks (sst2, cola, mrpc, rte, stsb, qnli, ...) train a classifier (`deftune.train.train_glue`).
 `--task squad` trains a generative QA model (default `--model smollm2`) through
-`deftune.generative.train_generative`; `deftune qa-train --help` lists its full option set.
+`deftune.generative.train_generative`: the options typed on the command line are passed on, and
+every other option takes `deftune qa-train`'s default (α 0, 200 steps, batch 8, ...), not the
+GLUE default shown below; `deftune qa-train --help` lists the full option set and its defaults.
 
 Examples:
   deftune train --task sst2 --method lora --alpha 1 --data-dir ../shared/data/glue --output-dir runs/sst2-deft
@@ -16,7 +18,7 @@ import argparse
 import dataclasses
 import json
 
-from deftune.cli._args import add_dataclass_arguments, dataclass_from_args
+from deftune.cli._args import add_dataclass_arguments, dataclass_from_args, given_options
 from deftune.train.config import TrainConfig
 
 COMMAND = "train"
@@ -46,33 +48,29 @@ def _refuse_finished_run(args: argparse.Namespace) -> None:
                          "folder, or pass --overwrite to replace it")
 
 
-def _train_defaults() -> dict[str, object]:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in dataclasses.fields(TrainConfig)} | {"output_dir": None}
-
-
-def _unused_by_squad(args: argparse.Namespace) -> list[str]:
-    """The flags set to other than their defaults that ``--task squad`` would not use."""
-    used = {*_SHARED_WITH_GENERATIVE, "task", "model", "schedule", "warmup_steps", "output_dir", "overwrite"}
-    return [f"--{name.replace('_', '-')}" for name, default in _train_defaults().items()
-            if name not in used and getattr(args, name) != default]
+def _unused_by_squad(given: set[str]) -> list[str]:
+    """The GLUE-only flags given on the command line, which ``--task squad`` would not use."""
+    used = {*_SHARED_WITH_GENERATIVE, "task", "model", "schedule", "warmup_steps"}
+    return [f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(TrainConfig)
+            if f.name in given and f.name not in used]
 
 
 def _train_squad(args: argparse.Namespace) -> int:
     from deftune.generative import GenConfig, train_generative
 
-    if unused := _unused_by_squad(args):
+    given = given_options(args)
+    if unused := _unused_by_squad(given):
         raise ValueError(f"--task squad does not use {', '.join(unused)} (GLUE options); run `deftune qa-train`, "
                          "whose --help lists the generative options (e.g. --act-threshold-density, "
                          "--act-threshold-warmup-steps)")
-    model = "smollm2" if args.model == "minilm" else args.model
-    # only what the user set: the rest keeps GenConfig's defaults (qa-train's), not TrainConfig's
-    defaults = _train_defaults()
-    values = {k: getattr(args, k) for k in _SHARED_WITH_GENERATIVE if getattr(args, k) != defaults[k]}
+    # only the options typed: the rest keep GenConfig's defaults (qa-train's), not TrainConfig's
+    values = {k: getattr(args, k) for k in _SHARED_WITH_GENERATIVE if k in given}
     for train_name, gen_name in (("schedule", "alpha_schedule"), ("warmup_steps", "alpha_warmup_steps")):
-        if getattr(args, train_name) != defaults[train_name]:
+        if train_name in given:
             values[gen_name] = getattr(args, train_name)
-    config = GenConfig(model=model, **values)
+    if "model" in given:
+        values["model"] = args.model
+    config = GenConfig(**values)
     result = train_generative(config)
     print(json.dumps(result.summary(), indent=2))
     return 0

@@ -178,6 +178,8 @@ class CompareConfig:
                              "drop --peft-act-scale")
         if not self.methods:
             raise ValueError("methods must name at least one PEFT method")
+        if any(t != SQUAD for t in self.tasks) and (unknown := [m for m in self.methods if m not in METHODS]):
+            raise ValueError(f"unknown method(s) {unknown} for GLUE runs; choose from {sorted(METHODS)}")
         for method, lr in self.method_lr.items():
             if method not in METHODS:
                 raise ValueError(f"method_lr names unknown method {method!r}; choose from {sorted(METHODS)}")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deftune.act_scale import ACT_SCALES
 from deftune.compare.grid import CompareConfig, config_key, run_grid, run_key
 from deftune.compare.report import save_figure
 
@@ -48,18 +49,26 @@ class AlphaSweepConfig:
     plot: str = "docs/img/sweep_alpha.png"
     seed: int = 0
     model: str = "minilm"
-    act_scale: str = "layer"
+    act_scale: str = field(default="layer", metadata={"choices": ACT_SCALES})
     scale_lr: float = 0.1
     head_lr: float | None = 5e-3
 
+    def __post_init__(self) -> None:
+        self.compare_config()  # the grid's checks, where the sweep's config enters
+
+    def compare_config(self) -> CompareConfig:
+        """The one-task, one-method grid this sweep runs."""
+        return CompareConfig(
+            tasks=(self.task,), methods=(self.method,), alphas=self.alphas, steps=self.steps,
+            train_subset=self.train_subset, schedule=self.schedule, warmup_steps=self.warmup_steps,
+            data_dir=self.data_dir, runs_dir=self.runs_dir, results_json=self.results_json, seeds=(self.seed,),
+            model=self.model, act_scale=self.act_scale, scale_lr=self.scale_lr, head_lr=self.head_lr,
+        )
+
 
 def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    grid = CompareConfig(
-        tasks=(config.task,), methods=(config.method,), alphas=config.alphas, steps=config.steps,
-        train_subset=config.train_subset, schedule=config.schedule, warmup_steps=config.warmup_steps,
-        data_dir=config.data_dir, runs_dir=config.runs_dir, results_json=config.results_json, seeds=(config.seed,),
-        model=config.model, act_scale=config.act_scale, scale_lr=config.scale_lr, head_lr=config.head_lr,
-    )
+    """Train (or reuse) every α run of ``config``, then plot the metric and density against α."""
+    grid = config.compare_config()
     runs = grid.runs()
     rows = run_grid(runs, config.results_json, progress=progress)
     wanted = {config_key(c) for c in runs}  # this sweep's runs only: the file may hold other seeds

@@ -38,10 +38,26 @@ class CompressRunConfig:
     output: str | None = None
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        from deftune.compress.sparsity import ALLOCATIONS
+
+        methods = ("rtn", "none", "gptq", "mse")
+        if self.method not in methods:
+            raise ValueError(f"method must be one of {methods}, got {self.method!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if isinstance(self.calib_size, bool) or not isinstance(self.calib_size, int) or self.calib_size < 0:
+            raise ValueError(f"calib_size must be an integer >= 0, got {self.calib_size!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+
     def compress_config(self):
         pattern = parse_pattern(self.pattern)
         recon = "none" if self.method in ("rtn", "none") else self.method
         if isinstance(pattern, QuantPattern):
+            if self.allocation != "uniform":
+                raise ValueError(f"--allocation {self.allocation} spreads a sparsity level over layers; the "
+                                 f"quantization pattern {self.pattern!r} takes none (leave it at uniform)")
             return QuantConfig(pattern, reconstruct=recon)
         if self.pack:
             raise ValueError("--pack stores quantized weights; it needs a quantization pattern such as int4:g128")

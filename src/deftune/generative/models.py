@@ -81,6 +81,11 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+#: model types that only encode (BERT, RoBERTa, ...): transformers would load them as causal LMs
+#: (``BertLMHeadModel``) without complaint, but they were not trained to generate.
+ENCODER_ONLY_MODEL_TYPES = ("bert", "roberta", "electra", "xlm-roberta", "camembert", "mpnet", "distilbert")
+
+
 def load_generative(name: str, seed: int = 0):
     """``(model, tokenizer)`` for ``name`` in fp32, eval mode (see module docstring)."""
     import torch
@@ -93,6 +98,12 @@ def load_generative(name: str, seed: int = 0):
 
     path, overrides = resolve(name)
     config = AutoConfig.from_pretrained(path, **overrides)
+    if config.model_type in ENCODER_ONLY_MODEL_TYPES:
+        raise ValueError(
+            f"model {name!r} is an encoder-only {config.model_type!r} model: generative QA needs a decoder "
+            f"(smollm2, or a LLaMA / GPT-2 / OPT folder) or an encoder-decoder (T5); choose one of "
+            f"smollm2, {', '.join(TINY_MODELS)} or a model folder"
+        )
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = cls.from_pretrained(path, config=config, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -38,7 +38,7 @@ from deftune.methods.registry import (
     Method,
     register_method,
 )
-from deftune.runs import write_safetensors_atomic
+from deftune.runs import write_json_atomic, write_safetensors_atomic
 
 FORMAT_VERSION = 1
 
@@ -137,9 +137,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     METHODS[cfg.name].save(model, out)
     if cfg.act_scale != "none":
         write_safetensors_atomic(out / SCALE_FILE, act_scale_state(model))
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, "method": cfg.to_dict()}, indent=2))
-    os.replace(tmp, out / CONFIG_FILE)
+    write_json_atomic(out / CONFIG_FILE, {"format_version": FORMAT_VERSION, "method": cfg.to_dict()})
     return out
 
 

@@ -2,7 +2,13 @@
 integration (:class:`DeftTrainer`)."""
 
 from deftune.train.config import TrainConfig
-from deftune.train.evaluate import EvalResult, evaluate_batches, evaluate_glue, zero_small_activations
+from deftune.train.evaluate import (
+    EvalResult,
+    eval_batches,
+    evaluate_batches,
+    evaluate_glue,
+    zero_small_activations,
+)
 from deftune.train.loop import TrainExtension, save_run, train_glue
 from deftune.train.model import load_run
 
@@ -20,6 +26,7 @@ __all__ = [
     "EvalResult",
     "TrainConfig",
     "TrainExtension",
+    "eval_batches",
     "evaluate_batches",
     "evaluate_glue",
     "load_run",

@@ -45,9 +45,9 @@ class TrainConfig:
             LoRA-adapted layers with ``lora_bias=lora_only`` (None: same as ``lr``). A bias shifts
             every pre-activation of a neuron, which is what moves GELU inputs to its exact-zero
             region (x < -5.5 in fp32); see docs/recipe.md.
-        scale_lr: learning rate of the learned activation scales of
-            ``method_options={"act_scale": "layer"}`` (None: same as ``lr``); with
-            ``act_scale_grad=density`` it is required, and is the rate of the scales' own SGD step.
+        scale_lr: learning rate of the learned activation scales (``--method-options act_scale=layer``;
+            None: same as ``lr``); with ``act_scale_grad=density`` it is required, and is the rate of
+            the scales' own SGD step.
         lr_schedule: ``linear`` (warm-up then linear decay to 0) or ``constant`` (after warm-up).
         lr_warmup_steps: learning-rate warm-up steps.
         weight_decay: AdamW weight decay.

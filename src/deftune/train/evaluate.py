@@ -110,14 +110,20 @@ def evaluate_batches(
         model.train(was_training)
 
 
-def evaluate_glue(model: nn.Module, tokenizer, config, *, split: str = "dev", progress: bool = False) -> EvalResult:
-    """Evaluate a run's model on its task's ``split`` (the full dev set unless ``eval_subset``;
-    ``holdout``: the training examples a ``holdout`` run held out)."""
+def eval_batches(config, tokenizer, *, split: str = "dev") -> list[dict]:
+    """The batches a run (:class:`deftune.train.TrainConfig`) is scored on: its task's ``split`` (the
+    full dev set unless ``eval_subset``, a fixed draw; ``holdout``: the training examples a
+    ``holdout`` run held out). Everything that reports a run's metric uses these."""
     task = get_task(config.task)
     examples = subsample(load_split(task, split, config.data_dir, holdout=config.holdout),
                          config.eval_subset, seed=EVAL_SUBSET_SEED)
-    batches = make_batches(
+    return make_batches(
         examples, tokenizer, batch_size=config.eval_batch_size, max_length=max(128, config.max_length),
         regression=task.is_regression,
     )
-    return evaluate_batches(model, batches, task, thresholds=config.thresholds, progress=progress)
+
+
+def evaluate_glue(model: nn.Module, tokenizer, config, *, split: str = "dev", progress: bool = False) -> EvalResult:
+    """Evaluate a run's model on its task's ``split`` (:func:`eval_batches`)."""
+    batches = eval_batches(config, tokenizer, split=split)
+    return evaluate_batches(model, batches, get_task(config.task), thresholds=config.thresholds, progress=progress)

@@ -286,7 +286,7 @@ def calibrate_on_training_batches(model: nn.Module, batches: Sequence[dict], con
     chosen = [{k: v.to(device) for k, v in batches[i].items() if k != "labels"}
               for i in order[: config.act_threshold_batches]]
     cal = CalibrationConfig(target=float(config.act_threshold_density), mode=config.act_threshold_mode,
-                            count_padding=config.count_padding)
+                            site=config.site, count_padding=config.count_padding)
     return calibrate_thresholds(model, chosen, cal, skip_leading=virtual_token_count(model))
 
 
