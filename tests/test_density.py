@@ -55,6 +55,26 @@ def test_hand_computed_density_real_tokens():
     assert r.overall == pytest.approx(5 / 8) and r.per_stack == {"encoder": pytest.approx(5 / 8)}
 
 
+def test_all_reduce_in_a_one_process_group_keeps_every_count(tmp_path):
+    """all_reduce packs each layer's counts into a row and unpacks the sum: with one process the sum is
+    the counts themselves, so any mix-up of the packed order (nonzero / positive / above) shows."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    model = Toy()
+    with ActivationRecorder(model, thresholds=(1e-3, 1e-1)) as rec:
+        model(A, attention_mask=MASK)
+    before = {name: dataclasses.asdict(c) for name, c in rec.counts.items()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        rec.all_reduce()
+    finally:
+        dist.destroy_process_group()
+    assert {name: dataclasses.asdict(c) for name, c in rec.counts.items()} == before
+    assert rec.result().per_layer["encoder.0"].positive == pytest.approx(4 / 8)
+
+
 def test_a_positional_attention_mask_counts_real_tokens_too():
     """``model(input_ids, attention_mask)`` (how BERT's forward orders them) masks like the keyword."""
     model = Toy()

@@ -159,3 +159,11 @@ def test_regularizer_passes_padding_and_leading_tokens_to_its_recorder(bert, cou
         bert(**b)
     tokens = {layer.tokens for layer in reg.recorder.result().per_layer.values()}
     assert tokens == {14 - 4 if count_padding else 11 - 4}
+
+
+def test_defaults_are_the_papers():
+    """DEFT (Runwal et al. 2025) and its code: the l0 surrogate a²/(a²+ε) with ε = 1e-7, α = 1."""
+    cfg = DensityLossConfig()
+    assert (cfg.loss, cfg.eps, cfg.alpha) == ("l0", 1e-7, 1.0)
+    a = torch.tensor([1e-3, 0.0])
+    torch.testing.assert_close(cfg.surrogate()(a), a**2 / (a**2 + 1e-7))

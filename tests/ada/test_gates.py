@@ -48,6 +48,20 @@ def test_hard_concrete_samples_hit_exact_zero_and_one():
     assert abs(float((samples > 0).float().mean()) - float(gates.penalty().detach())) < 0.04
 
 
+@pytest.mark.parametrize("theta", [2.0, -2.0])
+def test_hard_concrete_samples_follow_the_sign_of_the_logit(theta):
+    """At log_alpha = 0 the sampler is symmetric, so a sign error in it cannot show: at ±2 the
+    empirical P(g > 0) must match the closed-form penalty, and be above / below one half."""
+    torch.manual_seed(1)
+    gates = HardConcreteGates(1, init=0.5)
+    with torch.no_grad():
+        gates.theta.fill_(theta / gates.logit_scale)
+    samples = torch.stack([gates.sample() for _ in range(4000)]).squeeze(-1)
+    p_open = float((samples > 0).float().mean())
+    assert abs(p_open - float(gates.penalty().detach())) < 0.03
+    assert (p_open > 0.8) if theta > 0 else (p_open < 0.5)
+
+
 def test_sample_is_differentiable():
     gates = HardConcreteGates(2, init=0.5)
     gates.sample().sum().backward()

@@ -27,6 +27,9 @@ def test_block_mask_by_hand():
     expected = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
     assert torch.equal(keep, expected)
     assert torch.equal(compute_mask(-w, Block(2, 2, 0.5)), expected)  # magnitudes: the sign does not count
+    # blocks rank by their L1 norm: |1|+|1| = 2 beats |0|+|1.5| = 1.5 (by the L2 norm, 2 < 2.25, it would not)
+    row = compute_mask(torch.tensor([[1.0, 1.0, 0.0, 1.5]]), Block(1, 2, 0.5))
+    assert torch.equal(row, torch.tensor([[True, True, False, False]]))
 
 
 def test_nm_mask_by_hand():

@@ -71,12 +71,17 @@ def test_rigl_grows_where_the_gradient_is_large(tiny_bert):
     ext._grads[name] = grad
     with torch.no_grad():  # the dense (STE) gradient lets an optimizer step move pruned latent weights
         layer.weight[inactive] = 0.5
+    magnitude, before = layer.weight.detach().abs().clone(), layer.compressor.mask.clone()
     ext.update(step=1)
     grown = layer.compressor.mask & inactive
     n = int(grown.sum())
     assert n > 0
     assert grad[grown].min() >= torch.topk(grad[inactive], n).values.min()
     assert torch.all(layer.weight[grown] == 0)  # new connections start at zero
+    # what is dropped is the smallest-magnitude active weights, as many as are grown
+    dropped, kept = before & ~layer.compressor.mask, before & layer.compressor.mask
+    assert int(dropped.sum()) == n
+    assert magnitude[dropped].max() <= magnitude[kept].min()
 
 
 def test_quantization_aware_training_trains_latent_weights(tiny_bert, tiny_batches):

@@ -38,6 +38,29 @@ def test_missing_folder_and_file(tmp_path):
         load_glue("sst2", "dev", tmp_path)
 
 
+@pytest.mark.parametrize("task, folder, header", [
+    ("rte", "RTE", "index\tsentence1\tsentence2\tlabel\n"),
+    ("qnli", "QNLI", "index\tquestion\tsentence\tlabel\n"),
+])
+def test_entailment_tasks_use_the_hubs_class_ids(tmp_path, task, folder, header):
+    """glue/rte and glue/qnli: entailment 0, not_entailment 1 (a swap would flip every prediction
+    between a local folder and the Hub)."""
+    (tmp_path / folder).mkdir()
+    rows = "".join(f"{i}\ta{i}\tb{i}\t{label}\n" for i, label in enumerate(["entailment", "not_entailment"]))
+    (tmp_path / folder / "dev.tsv").write_text(header + rows)
+    examples = load_glue(task, "dev", tmp_path)
+    assert [(e.text_a, e.text_b, e.label) for e in examples] == [("a0", "b0", 0), ("a1", "b1", 1)]
+
+
+def test_cola_reads_the_headerless_file_of_glue(tmp_path):
+    """CoLA ships without a header: source, label, original mark, sentence."""
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "dev.tsv").write_text("gj04\t1\t\tThe book is good .\ngj04\t0\t*\tBook good the is .\n")
+    examples = load_glue("cola", "dev", tmp_path)
+    assert [(e.text_a, e.text_b, e.label) for e in examples] == [("The book is good .", None, 1),
+                                                               ("Book good the is .", None, 0)]
+
+
 def test_mnli_dev_is_the_matched_file_with_the_hubs_class_ids(tmp_path):
     """GLUE ships MNLI's dev as dev_matched.tsv; class ids follow the Hub's glue/mnli ClassLabel
     (entailment 0, neutral 1, contradiction 2) so a local folder and the Hub train the same head."""

@@ -70,9 +70,13 @@ def test_trainer_logs_window_means_and_keeps_evaluation_out(tmp_path):
     assert len(logs) == 2
     for h in logs:
         assert h["loss"] == pytest.approx(h["task_loss"] + 2.0 * h["density_loss"], rel=1e-3, abs=1e-3)
+    recorder = trainer.regularizer.recorder
+    recorder.reset()
     with trainer.regularizer:
         metrics = trainer.evaluate()
     assert "eval_loss" in metrics and trainer._parts_n == 0
+    # the evaluation's activations were not counted as training density, and counting resumes after
+    assert all(c.elements == 0 for c in recorder.counts.values()) and recorder.enabled
 
 
 def _llama():
