@@ -109,6 +109,7 @@ def register_architecture(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpe
 
 
 def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values with a registered architecture (sorted)."""
     return sorted(_REGISTRY)
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deftune.compare.pairs import density_change
+from deftune.compare.pairs import density_change, reduction
 from deftune.runs import RunResult, write_json_atomic
 from deftune.train.config import TrainConfig
 
@@ -73,11 +73,6 @@ class DemoConfig:
             name=name,
             **self.recipe,
         )
-
-
-def reduction(peft: float, deft: float) -> float:
-    """Relative reduction of DEFT's value against PEFT's, in percent."""
-    return 100.0 * (peft - deft) / peft if peft else 0.0
 
 
 def run_demo(config: DemoConfig, *, progress: bool = True) -> dict[str, Any]:

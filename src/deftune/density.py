@@ -487,7 +487,8 @@ class ActivationRecorder:
 # ---- one-call measurement ----------------------------------------------------------------------
 
 
-def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+def to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """``batch`` with its tensors moved to ``device`` (other values kept)."""
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
@@ -529,7 +530,7 @@ def measure_density(
 
                 iterator = track(batches, description=description)
             for batch in iterator:
-                model(**_to_device(batch, device))
+                model(**to_device(batch, device))
             rec.all_reduce()
             return rec.result()
     finally:

@@ -35,6 +35,7 @@ from torch import Tensor
 from deftune.arch import SITE_KINDS
 
 SurrogateFactory = Callable[["DensityLossConfig"], Callable[[Tensor], Tensor]]
+ScheduleFn = Callable[[float, int, int], float]  # (alpha, step, warmup_steps) -> alpha at that step
 DENSITY_LOSSES: dict[str, SurrogateFactory] = {}
 ALPHA_SCHEDULES: dict[str, Callable[[float, int, int], float]] = {}
 
@@ -44,7 +45,7 @@ def _finite_nonnegative(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
-def register_density_loss(name: str):
+def register_density_loss(name: str) -> Callable[[SurrogateFactory], SurrogateFactory]:
     """Decorator: register ``factory(config) -> elementwise fn`` under ``name``."""
 
     def deco(factory: SurrogateFactory) -> SurrogateFactory:
@@ -54,10 +55,10 @@ def register_density_loss(name: str):
     return deco
 
 
-def register_alpha_schedule(name: str):
+def register_alpha_schedule(name: str) -> Callable[[ScheduleFn], ScheduleFn]:
     """Decorator: register ``fn(alpha, step, warmup_steps) -> alpha_t`` under ``name``."""
 
-    def deco(fn: Callable[[float, int, int], float]):
+    def deco(fn: ScheduleFn) -> ScheduleFn:
         ALPHA_SCHEDULES[name] = fn
         return fn
 

@@ -144,7 +144,7 @@ def test_threshold_validation_and_double_sparsify():
         sparsify_mlps_(model, {"decoder.0": 0.1})
     with pytest.raises(ValueError, match=r"unknown \['decoder.9'\]"):
         sparsify_mlps_(model, {"decoder.0": 0.1, "decoder.1": 0.1, "decoder.9": 0.1})
-    with pytest.raises(ValueError, match="finite float >= 0"):
+    with pytest.raises(ValueError, match="threshold must be finite and >= 0, got -1.0"):
         sparsify_mlps_(model, -1.0)
     assert not sparse_modules(model), "a failed call must leave the model unchanged"
     sparsify_mlps_(model, 0.1)

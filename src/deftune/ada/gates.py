@@ -36,6 +36,7 @@ Built-in parameterisations:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 GATES: dict[str, type[Gates]] = {}
 
 
-def register_gate(name: str):
+def register_gate(name: str) -> Callable[[type[Gates]], type[Gates]]:
     """Class decorator: register a :class:`Gates` subclass under ``name``."""
 
     def deco(cls: type[Gates]) -> type[Gates]:

@@ -70,7 +70,7 @@ PolicyFn = Callable[[SkipConfig, dict[str, float]], list[str]]
 SKIP_POLICIES: dict[str, PolicyFn] = {}
 
 
-def register_skip_policy(name: str):
+def register_skip_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
     """Decorator: register ``fn(config, scores) -> names to skip`` under ``name``."""
 
     def deco(fn: PolicyFn) -> PolicyFn:

@@ -100,7 +100,7 @@ SkipRule = Callable[[nn.Module, ActivationSite], Replacement]
 SKIPPERS: dict[str, SkipRule] = {}
 
 
-def register_skipper(*families: str):
+def register_skipper(*families: str) -> Callable[[SkipRule], SkipRule]:
     """Decorator: register ``rule(model, site) -> {module path: replacement}`` for ``families``."""
 
     def deco(rule: SkipRule) -> SkipRule:

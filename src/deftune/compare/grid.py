@@ -325,6 +325,8 @@ def _optional_float(value: Any) -> float | None:
 
 
 def run_key(row: dict[str, Any]) -> tuple:
+    """The identity of a results row: task, method, α, steps, seed, evaluation split, threshold
+    density (the recipe is checked separately, by :func:`check_recipes`)."""
     return (row["task"], row["method"], float(row["alpha"]), int(row["steps"]), int(row.get("seed", 0)),
             row.get("eval_split", "dev"), _optional_float(row.get("act_threshold_density")))
 
@@ -420,6 +422,7 @@ ROW_BUILDERS = {TrainConfig: _glue_row, GenConfig: _squad_row}
 
 
 def load_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The run rows of a results file (``[]`` when it does not exist yet)."""
     if not Path(path).is_file():
         return []
     data = read_json(path)

@@ -50,8 +50,8 @@ def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hash
         key = v if group is None else group(r)
         if v == 0.0 or base is None or key is None:
             continue
-        reduction = 100 * (base["density"] - r["density"]) / base["density"]
-        pairs.setdefault(key, []).append((method, seed, reduction, r["metric"]["value"] - base["metric"]["value"]))
+        pairs.setdefault(key, []).append((method, seed, reduction(base["density"], r["density"]),
+                                          r["metric"]["value"] - base["metric"]["value"]))
 
     def leaf(items: list[tuple[str, int, float, float]]) -> dict[str, float]:
         return {
@@ -75,6 +75,11 @@ def summarise(rows: list[dict[str, Any]], group: Callable[[dict[str, Any]], Hash
 
 def _meets(s: dict[str, float]) -> bool:
     return s["density_reduction_pct"] >= 40 and s["metric_delta"] >= -1
+
+
+def reduction(peft: float, deft: float) -> float:
+    """Relative reduction of DEFT's value against PEFT's, in percent (0 when PEFT's is 0)."""
+    return 100.0 * (peft - deft) / peft if peft else 0.0
 
 
 def density_change(reduction_pct: float) -> str:

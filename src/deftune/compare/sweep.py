@@ -78,6 +78,7 @@ def run_alpha_sweep(config: AlphaSweepConfig, *, progress: bool = True) -> list[
 
 
 def plot_alpha_sweep(rows: list[dict[str, Any]], path: Path) -> None:
+    """The sweet-spot plot: task metric and exact density against α (one point per run)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib.pyplot as plt
 

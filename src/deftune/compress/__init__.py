@@ -20,7 +20,7 @@ from deftune.compress.errors import relative_error, sqnr_db
 from deftune.compress.gptq import GPTQOptions, gptq_quantize
 from deftune.compress.layer import CompressedLinear, MaskCompressor, QuantCompressor
 from deftune.compress.model import (
-    METHODS,
+    COMPRESSIONS,
     CompressReport,
     LayerReport,
     QuantConfig,
@@ -30,7 +30,7 @@ from deftune.compress.model import (
     compressed_layers,
     decompress_,
     default_filter,
-    register_method,
+    register_compression,
     select_linears,
 )
 from deftune.compress.packed import PackedLinear, PackReport, pack_, pack_int4, unpack_int4
@@ -64,7 +64,7 @@ from deftune.compress.training import (
 )
 
 __all__ = [
-    "METHODS",
+    "COMPRESSIONS",
     "CompressionExtension",
     "DynamicSchedule",
     "DynamicSparsity",
@@ -115,7 +115,7 @@ __all__ = [
     "quantize",
     "reconstruct_mse",
     "register_mask",
-    "register_method",
+    "register_compression",
     "relative_error",
     "select_linears",
     "sparsity_of",

@@ -2,7 +2,7 @@
 
 It replaces the chosen ``nn.Linear`` layers, in place, by :class:`CompressedLinear` wrappers and
 returns a per-layer :class:`CompressReport`. The method is chosen by the config's type through a
-small registry (:func:`register_method`): :class:`QuantConfig` and :class:`SparsityConfig`. Each
+small registry (:func:`register_compression`): :class:`QuantConfig` and :class:`SparsityConfig`. Each
 method has a ``plan`` (one pattern per layer, e.g. a sparsity allocation) and an ``apply`` (the
 new latent weight and the compressor of one layer, optionally reconstructed on calibration data).
 
@@ -113,18 +113,27 @@ CompressConfig = QuantConfig | SparsityConfig
 
 
 @dataclass(frozen=True)
-class Method:
+class Compression:
     """``plan(config, weights) -> {name: pattern}``; ``apply(config, pattern, weight, calib) -> (W', f)``."""
 
     plan: Callable[[CompressConfig, Mapping[str, Tensor]], dict[str, Pattern]]
     apply: Callable[[CompressConfig, Pattern, Tensor, LayerCalibration | None], tuple[Tensor, nn.Module]]
 
 
-METHODS: dict[type, Method] = {}
+#: config type -> how to compress with it (:class:`QuantConfig`, :class:`SparsityConfig`, and any
+#: registered with :func:`register_compression`)
+COMPRESSIONS: dict[type, Compression] = {}
 
 
-def register_method(config_type: type, plan, apply) -> None:
-    METHODS[config_type] = Method(plan, apply)
+def register_compression(
+    config_type: type,
+    plan: Callable[[CompressConfig, Mapping[str, Tensor]], dict[str, Pattern]],
+    apply: Callable[[CompressConfig, Pattern, Tensor, LayerCalibration | None], tuple[Tensor, nn.Module]],
+) -> Compression:
+    """Make ``compress_`` accept configs of ``config_type``: ``plan`` gives each layer its pattern,
+    ``apply`` returns a layer's new latent weight and its compressor module."""
+    COMPRESSIONS[config_type] = Compression(plan, apply)
+    return COMPRESSIONS[config_type]
 
 
 def _quant_plan(cfg: QuantConfig, weights: Mapping[str, Tensor]) -> dict[str, Pattern]:
@@ -153,8 +162,8 @@ def _sparsity_apply(cfg: SparsityConfig, pattern: SparsityPattern, w: Tensor, ca
     return compressor(w), compressor  # pruned latent weights are zero, not just masked
 
 
-register_method(QuantConfig, _quant_plan, _quant_apply)
-register_method(SparsityConfig, _sparsity_plan, _sparsity_apply)
+register_compression(QuantConfig, _quant_plan, _quant_apply)
+register_compression(SparsityConfig, _sparsity_plan, _sparsity_apply)
 
 
 # ---- report --------------------------------------------------------------------------------------------
@@ -275,10 +284,10 @@ def _stages(names: Sequence[str], sequential: bool) -> list[list[str]]:
 
 def _checked_plan(
     model: nn.Module, config: CompressConfig, filter_fn: FilterFn | None
-) -> tuple[Method, dict[str, nn.Linear], dict[str, Pattern]]:
-    method = METHODS.get(type(config))
+) -> tuple[Compression, dict[str, nn.Linear], dict[str, Pattern]]:
+    method = COMPRESSIONS.get(type(config))
     if method is None:
-        raise TypeError(f"no compression method for {type(config).__name__}; registered: {[t.__name__ for t in METHODS]}")
+        raise TypeError(f"no compression method for {type(config).__name__}; registered: {[t.__name__ for t in COMPRESSIONS]}")
     targets = select_linears(model, filter_fn)
     if not targets:
         raise ValueError(
@@ -366,6 +375,7 @@ def compress_(
 
 
 def compressed_layers(model: nn.Module) -> dict[str, CompressedLinear]:
+    """``{module path: wrapper}`` of the layers :func:`compress_` replaced in ``model``."""
     return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
 
 

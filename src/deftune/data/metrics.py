@@ -13,7 +13,9 @@ MetricFn = Callable[[Sequence[float], Sequence[float]], float]
 METRICS: dict[str, MetricFn] = {}
 
 
-def register_metric(name: str):
+def register_metric(name: str) -> Callable[[MetricFn], MetricFn]:
+    """Decorator: register ``fn(pred, ref) -> value`` (higher is better) under ``name``."""
+
     def deco(fn: MetricFn) -> MetricFn:
         METRICS[name] = fn
         return fn
@@ -73,7 +75,8 @@ def spearman(pred, ref) -> float:
     return 100.0 * float(spearmanr(p, r)[0])
 
 
-def compute_metrics(names: Sequence[str], pred, ref) -> dict[str, float]:
+def compute_metrics(names: Sequence[str], pred: Sequence, ref: Sequence) -> dict[str, float]:
+    """``{name: value}`` of the registered metrics ``names`` for predictions ``pred`` against ``ref``."""
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; choose from {sorted(METRICS)}")

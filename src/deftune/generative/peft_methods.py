@@ -28,7 +28,7 @@ PeftFactory = Callable[["GenConfig", nn.Module, str], object]
 PEFT_METHODS: dict[str, PeftFactory] = {}
 
 
-def register_peft_method(name: str):
+def register_peft_method(name: str) -> Callable[[PeftFactory], PeftFactory]:
     """Decorator: register ``factory(cfg, model, task_type) -> peft config`` under ``name``."""
 
     def deco(factory: PeftFactory) -> PeftFactory:

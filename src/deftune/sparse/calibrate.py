@@ -75,7 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from deftune.arch import SITE_KINDS, ActivationSite, find_activation_sites
-from deftune.density import ActivationRecorder
+from deftune.density import ActivationRecorder, to_device
 from deftune.sparse.thresholds import ThresholdedActivation, Thresholds, thresholded
 
 # ---- configuration -----------------------------------------------------------------------------
@@ -334,10 +334,6 @@ class _HistogramRecorder(ActivationRecorder):
         self.histogram.add(site.name, a if mask is None else a[mask])  # (N, F)
 
 
-def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def collect_histograms(
     model: nn.Module,
@@ -368,7 +364,7 @@ def collect_histograms(
 
                 iterator = track(batches, description="calibrating")
             for batch in iterator:
-                model(**_to_device(batch, device))
+                model(**to_device(batch, device))
     finally:
         model.train(was_training)
     return histogram

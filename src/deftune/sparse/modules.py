@@ -22,7 +22,6 @@ The wrappers change ``state_dict`` keys (``mlp.base.gate_proj.weight``): restore
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from deftune.arch import ActivationSite, arch_spec, find_activation_sites
 from deftune.sparse.ops import DEFAULT_CONFIG, SparseMLPConfig, sparse_down_proj, sparse_gated_mlp, use_triton
 from deftune.sparse.reference import Activation, GatedMLPWeights, threshold_activation
-from deftune.sparse.thresholds import Thresholds
+from deftune.sparse.thresholds import Thresholds, check_threshold
 
 # Activation modules the kernels implement, by class name (torch.nn and transformers.activations).
 _ACTIVATION_NAMES: dict[str, str] = {
@@ -52,10 +51,8 @@ def activation_name(module: nn.Module) -> str | None:
 
 
 def _check_threshold(threshold: float) -> float:
-    t = float(threshold)
-    if not math.isfinite(t) or t < 0:
-        raise ValueError(f"threshold={threshold!r} must be a finite float >= 0 (|a| <= t is set to 0)")
-    return t
+    check_threshold(threshold)  # |a| <= t is set to 0
+    return float(threshold)
 
 
 class _TransposedCache:

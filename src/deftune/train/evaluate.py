@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,6 +15,9 @@ from deftune.arch import find_activation_sites
 from deftune.data.glue import EVAL_SUBSET_SEED, GlueTask, get_task, load_split, make_batches, subsample
 from deftune.data.metrics import compute_metrics
 from deftune.density import ActivationRecorder, DensityResult
+
+if TYPE_CHECKING:
+    from deftune.train.config import TrainConfig
 from deftune.progress import track
 
 
@@ -110,7 +114,7 @@ def evaluate_batches(
         model.train(was_training)
 
 
-def eval_batches(config, tokenizer, *, split: str = "dev") -> list[dict]:
+def eval_batches(config: TrainConfig, tokenizer, *, split: str = "dev") -> list[dict]:
     """The batches a run (:class:`deftune.train.TrainConfig`) is scored on: its task's ``split`` (the
     full dev set unless ``eval_subset``, a fixed draw; ``holdout``: the training examples a
     ``holdout`` run held out). Everything that reports a run's metric uses these."""
@@ -123,7 +127,8 @@ def eval_batches(config, tokenizer, *, split: str = "dev") -> list[dict]:
     )
 
 
-def evaluate_glue(model: nn.Module, tokenizer, config, *, split: str = "dev", progress: bool = False) -> EvalResult:
+def evaluate_glue(model: nn.Module, tokenizer, config: TrainConfig, *, split: str = "dev",
+                  progress: bool = False) -> EvalResult:
     """Evaluate a run's model on its task's ``split`` (:func:`eval_batches`)."""
     batches = eval_batches(config, tokenizer, split=split)
     return evaluate_batches(model, batches, get_task(config.task), thresholds=config.thresholds, progress=progress)

@@ -313,7 +313,7 @@ def _make_result(config: TrainConfig, ev: EvalResult, seconds: float, n_trainabl
     )
 
 
-def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extensions=(),
+def save_run(config: TrainConfig, model: nn.Module, result: RunResult, extensions: Sequence[TrainExtension] = (),
              thresholds: Thresholds | None = None) -> Path:
     """Write the run directory: adapter, ``deftune.json``, ``results.json``, extension state and
     the activation thresholds of a threshold-route run."""
