@@ -66,7 +66,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from deftune import models
-        from deftune.cli.calibrate import perplexity, squad_paragraphs, text_batches
+        from deftune.calibration_study import perplexity, squad_paragraphs, text_batches
 
         path = models.resolve(args.causal_lm)[0]
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

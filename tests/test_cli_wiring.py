@@ -150,7 +150,7 @@ def test_documented_defaults(argv, key, default):
 
 def test_calibrate_saves_the_first_models_thresholds(monkeypatch, tmp_path):
     """With two models and --output, the file holds the first model's thresholds."""
-    import deftune.cli.calibrate as cal
+    import deftune.calibration_study as cal
 
     saved = []
 

@@ -86,14 +86,14 @@ def test_gen_config_documented_defaults():
 
 
 def test_peft_options_reach_the_peft_config():
-    from deftune.generative.peft_methods import apply_method
+    from deftune.generative.peft_methods import apply_peft_method
 
     model, _ = load_generative("tiny-llama")
-    dora = apply_method(GenConfig(model="tiny-llama", method="dora"), model)
+    dora = apply_peft_method(GenConfig(model="tiny-llama", method="dora"), model)
     assert dora.peft_config["default"].use_dora
     assert any("lora_magnitude_vector" in n for n, _ in dora.named_parameters())
     model, _ = load_generative("tiny-llama")
-    loha = apply_method(GenConfig(model="tiny-llama", method="loha", lora_alpha=32), model)
+    loha = apply_peft_method(GenConfig(model="tiny-llama", method="loha", lora_alpha=32), model)
     assert loha.peft_config["default"].alpha == 32
 
 
@@ -110,9 +110,9 @@ def test_gradient_clipping_uses_the_configured_norm(examples, monkeypatch):
     from deftune.generative.train import train_loop
 
     model, tok = load_generative("tiny-llama")
-    from deftune.generative.peft_methods import apply_method
+    from deftune.generative.peft_methods import apply_peft_method
 
-    model = apply_method(GenConfig(model="tiny-llama"), model)
+    model = apply_peft_method(GenConfig(model="tiny-llama"), model)
     items = encode_all(examples[:5], tok, seq2seq=False, max_length=96)
     norms, widths = [], []
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -151,7 +151,7 @@ def test_batched_generation_equals_each_prompt_alone_with_absolute_positions(exa
 def test_gradient_accumulation_averages_its_micro_batches(examples, monkeypatch):
     """Two micro-batches of the same questions give the gradient of one (the loss is divided by
     grad_accum), so accumulation changes the batch, not the step size."""
-    from deftune.generative.peft_methods import apply_method
+    from deftune.generative.peft_methods import apply_peft_method
     from deftune.generative.train import train_loop
 
     ex = examples[0]
@@ -167,7 +167,7 @@ def test_gradient_accumulation_averages_its_micro_batches(examples, monkeypatch)
     for run, accum in (("one", 1), ("two", 2)):
         current["run"] = run
         model, tok = load_generative("tiny-llama")
-        model = apply_method(GenConfig(model="tiny-llama", lora_dropout=0.0), model)
+        model = apply_peft_method(GenConfig(model="tiny-llama", lora_dropout=0.0), model)
         with torch.no_grad():  # LoRA B starts at zero: give the A matrices a gradient too
             for n, p in model.named_parameters():
                 if "lora_B" in n:

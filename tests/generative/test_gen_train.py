@@ -14,7 +14,7 @@ from deftune.generative import GenConfig, relufy, train_generative
 from deftune.generative.evaluate import perplexity, teacher_forced_density
 from deftune.generative.format import training_batch
 from deftune.generative.models import load_generative
-from deftune.generative.peft_methods import PEFT_METHODS, apply_method
+from deftune.generative.peft_methods import PEFT_METHODS, apply_peft_method
 from deftune.generative.relufy import FATReLU, ShiftedReLU
 from deftune.generative.train import train_loop
 from deftune.regularizer import DensityRegularizer
@@ -52,7 +52,7 @@ def test_density_loss_lowers_relu_density(examples):
         model, tok = load_generative("tiny-llama-relu")
         cfg = GenConfig(model="tiny-llama-relu", alpha=alpha, steps=10, batch_size=4, lr=5e-2, lr_warmup_steps=0,
                         max_length=96, max_context_tokens=48, log_every=10)
-        model = apply_method(cfg, model)
+        model = apply_peft_method(cfg, model)
         items = encode_all(examples, tok, seq2seq=False, max_length=96)
         train_loop(model, items, cfg, tok.pad_token_id)
         densities[alpha] = teacher_forced_density(model, tok, items, batch_size=4).overall
@@ -65,7 +65,7 @@ def test_peft_method_matrix(method, name, examples):
     """Every registered method: only adapter weights train, and DEFT's loss reaches them."""
     model, tok = load_generative(name)
     seq2seq = name == "tiny-t5"
-    peft_model = apply_method(GenConfig(model=name, method=method), model)
+    peft_model = apply_peft_method(GenConfig(model=name, method=method), model)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all(("lora" in n or "ia3" in n or "hada" in n or "lokr" in n) for n in trainable)
     batch = training_batch(encode_all(examples[:2], tok, seq2seq), tok.pad_token_id, seq2seq)
@@ -294,7 +294,7 @@ def test_logged_lr_is_the_rate_of_its_step(examples):
     model, tok = load_generative("tiny-llama")
     cfg = GenConfig(model="tiny-llama", alpha=0.0, steps=3, batch_size=2, lr=0.3, lr_warmup_steps=3, log_every=1,
                     max_length=96, max_context_tokens=48)
-    model = apply_method(cfg, model)
+    model = apply_peft_method(cfg, model)
     log = train_loop(model, encode_all(examples, tok, seq2seq=False, max_length=96), cfg, tok.pad_token_id)
     assert [line["lr"] for line in log] == pytest.approx([0.1, 0.2, 0.3])  # warm-up (s + 1) / 3
 

@@ -297,7 +297,7 @@ def test_cli_help_lists_every_option(capsys):
      ({"labels": ("a", "b")}, "label"), ({"plot": "x.png"}, "--sweep"), ({"sweep": (2.0,)}, "target")],
 )
 def test_job_rejects_bad_values(kwargs, match):
-    from deftune.cli.calibrate import CalibrationJob
+    from deftune.calibration_study import CalibrationJob
 
     with pytest.raises(ValueError, match=match):
         CalibrationJob(**{"models": ("m",), **kwargs})
@@ -359,7 +359,7 @@ def test_cli_lm_sweep_writes_results_plot_and_thresholds(tiny_lm_folder, site):
 
 
 def test_squad_split_is_by_article(tmp_path):
-    from deftune.cli.calibrate import squad_paragraphs
+    from deftune.calibration_study import squad_paragraphs
 
     _write_tiny_squad(tmp_path / "squad.json")
     data = json.loads((tmp_path / "squad.json").read_text())["data"]
@@ -527,3 +527,12 @@ def test_kernel_config_block_sizes_are_powers_of_two_by_name(value):
 
     with pytest.raises(ValueError, match=rf"KernelConfig.gate_block_i={value} must be a power of two"):
         KernelConfig(gate_block_i=value)
+
+
+def test_squad_paragraphs_name_a_file_that_is_not_squad(tmp_path):
+    from deftune.calibration_study import squad_paragraphs
+    from deftune.data.glue import DataError
+
+    (tmp_path / "x.json").write_text('{"data": [{"title": "t", "paras": []}]}')
+    with pytest.raises(DataError, match="x.json: not a SQuAD v1.1 file.*paragraphs"):
+        squad_paragraphs(tmp_path / "x.json", "eval", 3)

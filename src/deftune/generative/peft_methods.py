@@ -1,7 +1,8 @@
 """PEFT methods for generative models: a name -> ``peft`` config factory registry.
 
 Each factory takes the run's :class:`~deftune.generative.config.GenConfig`, the base model and
-the peft ``TaskType`` and returns a ``peft`` config; :func:`apply_method` calls
+the peft ``TaskType`` and returns a ``peft`` config; :func:`apply_peft_method` (named apart from
+:func:`deftune.methods.apply_method`, the classifiers' verb, whose arguments run the other way) calls
 ``peft.get_peft_model`` with it (we wrap peft, never register a peft type). Prompt-learning
 methods (prompt / prefix tuning) are not listed: the greedy decoder in
 :mod:`deftune.generative.evaluate` drives the model's KV cache itself, which those methods
@@ -77,7 +78,7 @@ def _ia3(cfg: GenConfig, model: nn.Module, task_type: str):
     return peft.IA3Config(task_type=task_type)
 
 
-def apply_method(cfg: GenConfig, model: nn.Module) -> nn.Module:
+def apply_peft_method(cfg: GenConfig, model: nn.Module) -> nn.Module:
     """``model`` with the run's PEFT method applied (``full``: all parameters trainable)."""
     if cfg.method == "full":
         for p in model.parameters():

@@ -39,7 +39,7 @@ from deftune.generative.config import GenConfig
 from deftune.generative.evaluate import EvalReport, evaluate_generative, is_seq2seq
 from deftune.generative.format import DoesNotFit, Encoded, encode_example, resolve_style, training_batch
 from deftune.generative.models import load_generative
-from deftune.generative.peft_methods import apply_method
+from deftune.generative.peft_methods import apply_peft_method
 from deftune.generative.relufy import relufy
 from deftune.losses import ALPHA_SCHEDULES
 from deftune.progress import track
@@ -239,7 +239,7 @@ def _train_generative(cfg: GenConfig) -> GenRunResult:
     if cfg.act_threshold_density is not None:  # calibrated on the base model (LoRA starts as a no-op)
         thresholds = calibrate_on_training_prompts(model, data.train, cfg, tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed)
-    model = apply_method(cfg, model)
+    model = apply_peft_method(cfg, model)
     if thresholds is not None:  # after the adapter: an input threshold must sit on the adapted module
         apply_thresholds(model, thresholds)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
