@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 VOCAB = 100
 
@@ -37,8 +44,16 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """GPT-2: its projections are ``Conv1D`` (weight ``(in, out)``), which LoRA / IA3 must handle."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
 def tiny_batch(kind: str) -> dict[str, torch.Tensor]:
-    """Two sequences of 7 tokens; the second has 3 padding positions (right for BERT, left for LLaMA)."""
+    """Two sequences of 7 tokens; the second has 3 padding positions (right for BERT, left for the
+    causal LMs)."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
@@ -49,4 +64,4 @@ def tiny_batch(kind: str) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-BUILDERS = {"bert": tiny_bert, "llama": tiny_llama}
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}

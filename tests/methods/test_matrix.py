@@ -63,6 +63,7 @@ class Case:
 
 _LAST_BERT_MLP_OUT = r"layer\.1\.output\.dense"
 _LAST_LLAMA_MLP_OUT = r"layers\.1\.mlp\.down_proj"
+_LAST_GPT2_MLP_OUT = r"h\.1\.mlp\.c_proj"
 
 CASES = [
     Case("bert-lora", "bert", {"name": "lora"}, (r"\.lora_A\.", r"\.lora_B\.", HEAD)),
@@ -177,6 +178,12 @@ CASES = [
         beyond_density=_LAST_LLAMA_MLP_OUT,
     ),
 ]
+# GPT-2's Conv1D projections (weight (in, out)): merge, save / load and the density gradient must
+# hold for them too (peft needs fan_in_fan_out=True there)
+CASES += [
+    Case("gpt2-lora", "gpt2", {"name": "lora"}, (r"\.lora_A\.", r"\.lora_B\.")),
+    Case("gpt2-ia3", "gpt2", {"name": "ia3"}, (r"\.ia3_l\.",), beyond_density=_LAST_GPT2_MLP_OUT),
+]
 PARAMS = [pytest.param(c, id=c.id) for c in CASES]
 
 
@@ -230,7 +237,7 @@ def test_adapted_model_starts_at_base(case: Case):
     base = _logits(BUILDERS[case.model](), case.model)
     adapted = _logits(_adapted(case), case.model)
     # peft's causal-LM logits include the virtual positions of prompt / P-tuning
-    virtual = case.virtual_tokens if case.model == "llama" else 0
+    virtual = case.virtual_tokens if case.model != "bert" else 0
     assert adapted.shape[1] == base.shape[1] + virtual
     if case.starts_at_base:
         torch.testing.assert_close(adapted, base, rtol=0, atol=1e-6)
@@ -325,3 +332,16 @@ def test_virtual_tokens_lead_the_activations(case: Case):
     finally:
         handle.remove()
     assert shapes[0][1] == tiny_batch(case.model)["input_ids"].shape[1] + case.virtual_tokens
+
+
+@pytest.mark.parametrize("name", ["lora", "ia3"])
+def test_gpt2_conv1d_targets_are_declared_fan_in_fan_out(name):
+    """deftune tells peft that GPT-2's Conv1D weights are (in, out); peft would otherwise fix the
+    flag itself with a warning (for LoRA) or compute the wrong shape."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = apply_method(BUILDERS["gpt2"](), MethodConfig(name=name))
+    assert model.peft_config["default"].fan_in_fan_out is True
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
