@@ -201,6 +201,16 @@ PROTOCOLS = (
           ("a0.1", "α = 0.1", "the recipe's, fixed before the runs", (R + "glue.json",), S04, 0.1,
            "alpha"),
           ("a0.05", "α = 0.05", "sensitivity, seeds 0–4", (R + "glue.json",), S04, 0.05, "alpha"),
+          # eighteenth session: the remaining rows of the verdict table
+          ("a0.1-density-scales-five", "α = 0.1, scales moved by the density loss only, SGD lr 3", "seeds 0–4",
+           (R + "glue_density_scales_lr3.json",), S04, 0.1, "density_scales"),
+          ("a0.1-warmup200", "α = 0.1 warmed up over 200 of 250 steps", "exploratory, seeds 0–1",
+           (R + "glue_density_warmup200.json",), (0, 1), 0.1, "warmup200"),
+          ("a0.1-750-warmup600", "α = 0.1 warmed up over 600 of 750 steps", "exploratory, seeds 0–1; its "
+           "baseline is plain PEFT at 750 steps", (R + "glue_density_long_warmup600.json",), (0, 1), 0.1,
+           "long_warmup600"),
+          *((f"a{a}-target{t}", f"α = {a:g}, density target {t} per layer (hinge)", "exploratory, seeds 0–1",
+             (R + f"glue_density_target{t}.json",), (0, 1), a, f"target{t}") for t in ("0.45", "0.35") for a in (0.3, 1.0)),
       )),
 )
 
