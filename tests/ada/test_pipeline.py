@@ -184,9 +184,11 @@ def test_plain_model_merges_lora_and_takes_a_single_stack_name():
     assert SkipConfig(stacks="encoder").stacks == ("encoder",)
 
 
-def test_skip_scores_the_examples_the_run_was_scored_on(tiny_run, tmp_path):
-    """With ``eval_subset`` the run is scored on a fixed draw of the dev set; ``deftune skip`` must
-    score that same draw (it drew its own, with the run's seed, before)."""
+@pytest.mark.parametrize("scored_on", [{"eval_subset": 7}, {"holdout": 9}])
+def test_skip_scores_the_examples_the_run_was_scored_on(tiny_run, tmp_path, scored_on):
+    """With ``eval_subset`` the run is scored on a fixed draw of the dev set, with ``holdout`` on the
+    training examples it held out; ``deftune skip`` must score those same examples (it drew its
+    own dev subset, with the run's seed, and ignored the holdout before)."""
     import shutil
 
     from deftune.ada import SkipConfig
@@ -203,11 +205,14 @@ def test_skip_scores_the_examples_the_run_was_scored_on(tiny_run, tmp_path):
         f"{w} {v} film\t{(i * 7 + j) % 2}" for i, w in enumerate(["good", "bad", "great", "awful", "fun", "dull"])
         for j, v in enumerate(["plot", "film", "fun", "dull", "good"])) + "\n")
     config = json.loads((run_dir / CONFIG_FILE).read_text())
-    config["train"].update(eval_subset=7, data_dir=str(run_dir.parent / "glue"), seed=EVAL_SUBSET_SEED + 1)
+    config["train"].update(data_dir=str(run_dir.parent / "glue"), seed=EVAL_SUBSET_SEED + 1, **scored_on)
     (run_dir / CONFIG_FILE).write_text(json.dumps(config))
+    if "holdout" in scored_on:
+        shutil.copy(tiny_run[0].parent / "glue" / "SST-2" / "train.tsv", dev / "train.tsv")
     model, tokenizer, cfg, _ = prepare_run(run_dir)
-    assert len([x for b in eval_batches(cfg, tokenizer) for x in b["labels"]]) == 7
-    expected = evaluate_glue(model, tokenizer, cfg).metrics["accuracy"]
+    split = "holdout" if "holdout" in scored_on else "dev"
+    assert len([x for b in eval_batches(cfg, tokenizer) for x in b["labels"]]) == next(iter(scored_on.values()))
+    expected = evaluate_glue(model, tokenizer, cfg, split=split).metrics["accuracy"]
     result = skip_run(SkipRunConfig(run_dir=str(run_dir), skip=SkipConfig(policy="topk", keep=3), save=False,
                                     latency_repeats=0))
     assert result.before == pytest.approx(expected)

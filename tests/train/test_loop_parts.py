@@ -69,16 +69,19 @@ def test_the_batch_plan_splits_ranks_and_reshuffles_each_epoch():
 def test_a_run_draws_its_subsets_and_lengths_as_documented(tiny_setup, tmp_path, monkeypatch):
     """Training examples: a draw by the run's seed; dev: one fixed draw for every seed (paired across
     a grid); the dev set is tokenised to at least 128 tokens, whatever the training length."""
+    import deftune.train.evaluate as evaluate
     import deftune.train.loop as loop
 
     draws, lengths = [], []
     real_subsample, real_batches = loop.subsample, loop.make_batches
-    monkeypatch.setattr(loop, "subsample", lambda ex, n, seed=0: draws.append((n, seed)) or real_subsample(ex, n, seed))
-    monkeypatch.setattr(loop, "make_batches",
-                        lambda ex, tok, **kw: lengths.append(kw["max_length"]) or real_batches(ex, tok, **kw))
+    for module, kind in ((loop, "train"), (evaluate, "eval")):  # the dev batches come from eval_batches
+        monkeypatch.setattr(module, "subsample", lambda ex, n, seed=0, kind=kind:
+                            draws.append((kind, n, seed)) or real_subsample(ex, n, seed))
+        monkeypatch.setattr(module, "make_batches", lambda ex, tok, kind=kind, **kw:
+                            lengths.append((kind, kw["max_length"])) or real_batches(ex, tok, **kw))
     train_glue(tiny_train_config(tiny_setup, tmp_path, seed=3, train_subset=20, eval_subset=9, max_length=16), progress=False)
-    assert draws == [(20, 3), (9, EVAL_SUBSET_SEED)]
-    assert lengths == [16, 128]
+    assert sorted(draws) == [("eval", 9, EVAL_SUBSET_SEED), ("train", 20, 3)]
+    assert sorted(lengths) == [("eval", 128), ("train", 16)]
 
 
 def test_logged_steps_are_every_log_every_and_the_last(tiny_setup, tmp_path):

@@ -5,7 +5,8 @@ Each sub-command lives in its own module in this package and exposes
 * ``COMMAND``: the sub-command name;
 * ``HELP``: a one-line summary;
 * ``add_arguments(parser)``: its arguments (every one with a ``help=``);
-* ``run(args) -> int``: calls one typed library function and returns an exit code.
+* ``run(args) -> int``: builds a config from ``args``, calls the library (one typed function where
+  one does the whole job) and returns an exit code.
 
 Modules are discovered automatically, so adding a sub-command is adding one file.
 """

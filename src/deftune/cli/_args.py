@@ -19,7 +19,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if (action.nargs == 0 or action.required or action.default in (None, "", (), [])
+        if (action.nargs == 0 or action.required or action.default in (None, "", (), [], {})
                 or "(default" in text.lower() or "%(default)" in text or action.default is argparse.SUPPRESS):
             return action.help
         # the default as the option is typed: 1e-3,1e-2 and k=v,... rather than Python reprs
@@ -76,10 +76,10 @@ def floats(value: str) -> tuple[float, ...]:
 
 
 def _or_none(cast: type):
-    """``cast`` that also reads ``none`` as None (an optional field whose default is not None)."""
+    """``cast`` that also reads ``none`` (or an empty value) as None, for optional fields."""
 
     def parse(value: str):
-        return None if value.strip().lower() == "none" else cast(value)
+        return None if value.strip().lower() in ("", "none") else cast(value)
 
     parse.__name__ = cast.__name__  # argparse names the type in its "invalid int value" errors
     return parse

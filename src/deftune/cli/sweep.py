@@ -67,6 +67,8 @@ def _run_quant(args: argparse.Namespace) -> int:
 
 
 def _add_sparsity(p: argparse.ArgumentParser) -> None:
+    from deftune.compress.sparsity import ALLOCATIONS
+
     p.add_argument("--levels", type=floats, default=(0.3, 0.5, 0.7, 0.9), metavar="S,S,...", help="sparsity levels")
     p.add_argument("--pattern", dest="patterns", action="append", default=None,
                    help="pattern template, repeatable: unstructured, block:4x4, channel, nm:2:4 (default: unstructured and nm:2:4)")
@@ -74,7 +76,8 @@ def _add_sparsity(p: argparse.ArgumentParser) -> None:
                    help="oneshot, mse, recovery, gmp, rigl")
     p.add_argument("--train-levels", type=floats, default=(0.5,), metavar="S,S,...",
                    help="levels at which the training methods (recovery, gmp, rigl) run")
-    p.add_argument("--allocation", default="uniform", help="uniform, global or erk")
+    p.add_argument("--allocation", default="uniform", choices=ALLOCATIONS,
+                   help="how each level is spread over layers")
     p.add_argument("--steps", type=int, default=100, help="recovery fine-tuning steps")
     p.add_argument("--lr", type=float, default=5e-5, help="recovery peak learning rate")
     p.add_argument("--batch-size", type=int, default=32, help="recovery batch size")

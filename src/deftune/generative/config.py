@@ -41,7 +41,7 @@ class GenConfig:
         alpha_warmup_steps: length of the alpha ramp.
         site: ``act`` (activated gate, as the official code) or ``product`` (act(gate) * up).
         stack_weights: weight of each stack's density loss (``encoder`` / ``decoder``).
-        relufy: None (`none` on the command line), or an activation that replaces the MLP activation before training
+        relufy: None (``none`` on the command line), or an activation that replaces the MLP activation before training
             (``relu``, ``fatrelu``, ``shifted_relu``; see :mod:`deftune.generative.relufy`).
         relu_threshold: threshold of ``fatrelu`` / shift of ``shifted_relu``.
         act_threshold_density: None, or a target activation density in (0, 1]: per-layer

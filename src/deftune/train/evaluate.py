@@ -15,10 +15,10 @@ from deftune.arch import find_activation_sites
 from deftune.data.glue import EVAL_SUBSET_SEED, GlueTask, get_task, load_split, make_batches, subsample
 from deftune.data.metrics import compute_metrics
 from deftune.density import ActivationRecorder, DensityResult
+from deftune.progress import track
 
 if TYPE_CHECKING:
     from deftune.train.config import TrainConfig
-from deftune.progress import track
 
 
 @dataclass
@@ -114,11 +114,13 @@ def evaluate_batches(
         model.train(was_training)
 
 
-def eval_batches(config: TrainConfig, tokenizer, *, split: str = "dev") -> list[dict]:
-    """The batches a run (:class:`deftune.train.TrainConfig`) is scored on: its task's ``split`` (the
-    full dev set unless ``eval_subset``, a fixed draw; ``holdout``: the training examples a
-    ``holdout`` run held out). Everything that reports a run's metric uses these."""
+def eval_batches(config: TrainConfig, tokenizer, *, split: str | None = None) -> list[dict]:
+    """The batches a run (:class:`deftune.train.TrainConfig`) is scored on: ``split`` of its task,
+    by default the run's own ``eval_split`` (the dev set, or with ``holdout`` the training examples
+    the run held out); the full split unless ``eval_subset``, a fixed draw. ``train_glue``,
+    ``evaluate_glue`` and ``deftune skip`` all score these."""
     task = get_task(config.task)
+    split = config.eval_split if split is None else split
     examples = subsample(load_split(task, split, config.data_dir, holdout=config.holdout),
                          config.eval_subset, seed=EVAL_SUBSET_SEED)
     return make_batches(
@@ -127,7 +129,7 @@ def eval_batches(config: TrainConfig, tokenizer, *, split: str = "dev") -> list[
     )
 
 
-def evaluate_glue(model: nn.Module, tokenizer, config: TrainConfig, *, split: str = "dev",
+def evaluate_glue(model: nn.Module, tokenizer, config: TrainConfig, *, split: str | None = None,
                   progress: bool = False) -> EvalResult:
     """Evaluate a run's model on its task's ``split`` (:func:`eval_batches`)."""
     batches = eval_batches(config, tokenizer, split=split)

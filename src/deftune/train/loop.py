@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from deftune.act_scale import PARAM_NAME as SCALE_PARAM
 from deftune.act_scale import density_only_scales, scale_medians
-from deftune.data.glue import EVAL_SUBSET_SEED, get_task, load_split, make_batches, subsample
+from deftune.data.glue import get_task, load_split, make_batches, subsample
 from deftune.determinism import deterministic_algorithms
 from deftune.progress import track
 from deftune.regularizer import DensityRegularizer
@@ -49,7 +49,7 @@ from deftune.sparse import (
     ramped_thresholds,
 )
 from deftune.train.config import TrainConfig
-from deftune.train.evaluate import EvalResult, evaluate_batches
+from deftune.train.evaluate import EvalResult, eval_batches, evaluate_batches
 from deftune.train.model import build_model, count_trainable
 
 
@@ -167,11 +167,10 @@ def _train_glue(config: TrainConfig, extensions: Sequence[TrainExtension], progr
                       seed=config.seed)
     label_mean = sum(float(e.label) for e in train) / len(train) if task.is_regression else None
     model, tokenizer = build_model(config, label_mean)
+    dev_batches = eval_batches(config, tokenizer)  # the dev set, or the held-out training examples
     for ext in extensions:
         ext.prepare(model)
 
-    dev = subsample(load_split(task, config.eval_split, config.data_dir, holdout=config.holdout), config.eval_subset,
-                    seed=EVAL_SUBSET_SEED)  # the dev set, or the held-out training examples
     batches = make_batches(
         train, tokenizer, batch_size=config.batch_size, max_length=config.max_length,
         shuffle=True, seed=config.seed, regression=task.is_regression,
@@ -254,10 +253,6 @@ def _train_glue(config: TrainConfig, extensions: Sequence[TrainExtension], progr
     train_seconds = time.perf_counter() - start
 
     model = accelerator.unwrap_model(model)
-    dev_batches = make_batches(
-        dev, tokenizer, batch_size=config.eval_batch_size, max_length=max(128, config.max_length),
-        regression=task.is_regression,
-    )
     evaluation = evaluate_batches(model, dev_batches, task, thresholds=config.thresholds, progress=progress)
     result = _make_result(config, evaluation, train_seconds, count_trainable(model))
     if config.output_dir and accelerator.is_main_process:
