@@ -77,6 +77,7 @@ class ArchSpec:
     act: SitePattern
     product: SitePattern | None = None  # None: non-gated, the product site is the act site
     gated: bool = False
+    encoder_only: bool = False  # no decoder stack (BERT-like): not a generative model
     down_proj: str = ""  # attribute name of the down projection inside the MLP block
     # attribute names (inside the MLP block) of the projection whose output enters the activation
     # (the gate projection of gated MLPs); the first that exists is used (deftune.act_scale folds
@@ -108,6 +109,11 @@ def register_architecture(spec: ArchSpec, *, overwrite: bool = False) -> ArchSpe
     return spec
 
 
+def spec_of_model_type(model_type: str) -> ArchSpec | None:
+    """The registered :class:`ArchSpec` of a ``config.model_type`` (None when none is registered)."""
+    return _REGISTRY.get(model_type)
+
+
 def supported_model_types() -> list[str]:
     """The ``config.model_type`` values with a registered architecture (sorted)."""
     return sorted(_REGISTRY)
@@ -125,6 +131,7 @@ register_architecture(
         act=SitePattern(r"(?P<mlp>encoder\.layer\.(?P<layer>\d+))\.intermediate\.intermediate_act_fn$"),
         down_proj="output.dense",
         act_input=("intermediate.dense",),
+        encoder_only=True,
     )
 )
 register_architecture(
@@ -134,6 +141,7 @@ register_architecture(
         act=SitePattern(r"(?P<mlp>transformer\.layer\.(?P<layer>\d+)\.ffn)\.activation$"),
         down_proj="lin2",
         act_input=("lin1",),
+        encoder_only=True,
     )
 )
 _T5_STACKS: dict[str, Stack] = {"encoder": "encoder", "decoder": "decoder"}

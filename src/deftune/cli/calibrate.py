@@ -36,15 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     docs = field_docs(CalibrationJob)
     parser.add_argument("--model", dest="models", action="append", required=True, metavar="MODEL", help=docs["models"] + " (repeatable)")
     parser.add_argument("--label", dest="labels", action="append", default=None, metavar="LABEL", help=docs["labels"] + " (repeatable)")
-    parser.add_argument("--data", choices=DATA_SOURCES, default=CalibrationJob.data, help=docs["data"])
-    parser.add_argument("--target", type=float, default=CalibrationJob.target, help=docs["target"])
-    parser.add_argument("--mode", choices=sorted(THRESHOLD_MODES), default=CalibrationJob.mode, help=docs["mode"])
-    parser.add_argument("--site", choices=SITE_KINDS, default=CalibrationJob.site, help=docs["site"])
+    defaults = {f.name: f.default for f in dataclasses.fields(CalibrationJob)}
+    parser.add_argument("--data", choices=DATA_SOURCES, default=defaults["data"], help=docs["data"])
+    parser.add_argument("--target", type=float, default=defaults["target"], help=docs["target"])
+    parser.add_argument("--mode", choices=sorted(THRESHOLD_MODES), default=defaults["mode"], help=docs["mode"])
+    parser.add_argument("--site", choices=SITE_KINDS, default=defaults["site"], help=docs["site"])
     parser.add_argument("--output", default=None, help=docs["output"])
     parser.add_argument("--sweep", type=floats, default=(), metavar="D1,D2,...", help=docs["sweep"])
     for key in ("results", "plot", "name", "data_dir", "squad_file"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, default=None, help=docs[key])
-    defaults = {f.name: f.default for f in dataclasses.fields(CalibrationJob)}
     for key in ("refine_passes", "calib_size", "eval_size", "batch_size", "max_length", "seed", "threads"):
         parser.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=defaults[key], help=docs[key])
 

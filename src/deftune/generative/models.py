@@ -81,11 +81,6 @@ TINY_MODELS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-#: model types that only encode (BERT, RoBERTa, ...): transformers would load them as causal LMs
-#: (``BertLMHeadModel``) without complaint, but they were not trained to generate.
-ENCODER_ONLY_MODEL_TYPES = ("bert", "roberta", "electra", "xlm-roberta", "camembert", "mpnet", "distilbert")
-
-
 def load_generative(name: str, seed: int = 0):
     """``(model, tokenizer)`` for ``name`` in fp32, eval mode (see module docstring)."""
     import torch
@@ -94,11 +89,15 @@ def load_generative(name: str, seed: int = 0):
     if name in TINY_MODELS:
         torch.manual_seed(seed)
         return TINY_MODELS[name]().eval(), tiny_tokenizer()
+    from deftune.arch import spec_of_model_type
     from deftune.models import resolve
 
     path, overrides = resolve(name)
     config = AutoConfig.from_pretrained(path, **overrides)
-    if config.model_type in ENCODER_ONLY_MODEL_TYPES:
+    # an encoder-only model (BERT, RoBERTa, ...) would load as a causal LM (BertLMHeadModel) without
+    # complaint, but it was not trained to generate
+    spec = spec_of_model_type(config.model_type)
+    if spec is not None and spec.encoder_only:
         raise ValueError(
             f"model {name!r} is an encoder-only {config.model_type!r} model: generative QA needs a decoder "
             f"(smollm2, or a LLaMA / GPT-2 / OPT folder) or an encoder-decoder (T5); choose one of "
